@@ -1,1 +1,62 @@
-fn main(){}
+//! The `syncgraph` binary: parse the command line, start logging, then serve, migrate or print
+//! the schema.
+
+use clap::Parser;
+use syncgraph::config::{Cli, Command};
+use syncgraph::{App, db, graphql};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Schema => {
+            print!("{}", graphql::sdl());
+            Ok(())
+        }
+        Command::Migrate => {
+            let (db, _) = db::connect(&cli.config.database_url, 1).await?;
+            syncgraph::app::migrate(&db).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Serve => {
+            let app = App::build(&cli.config).await?;
+            app.run(shutdown_signal()).await
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

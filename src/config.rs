@@ -1,0 +1,89 @@
+//! Command line and environment: the only place that reads either.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A real-time GraphQL server: SQL changes streamed to subscribers, in order, resumable.
+#[derive(Debug, Parser)]
+#[command(name = "syncgraph", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// What to do; serving is the default.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations, then serve GraphQL over HTTP (the default).
+    Serve,
+    /// Print the GraphQL schema (SDL) and exit.
+    Schema,
+    /// Apply pending migrations and exit.
+    Migrate,
+}
+
+/// Settings shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_LISTEN",
+        default_value = "127.0.0.1:8000",
+        global = true
+    )]
+    pub listen: SocketAddr,
+    /// Database URL: `sqlite://PATH` (created if missing) or `postgres://...`.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
+    pub database_url: String,
+    /// Secret for signing tokens (HS256). Processes that share it accept each other's tokens.
+    /// Without it a random secret is generated and tokens do not survive a restart.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_JWT_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// Lifetime of issued tokens, in seconds.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_TOKEN_TTL_SECS",
+        default_value_t = 86_400,
+        global = true
+    )]
+    pub token_ttl_secs: u64,
+    /// Most database connections kept open by this process.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_DB_MAX_CONNECTIONS",
+        default_value_t = 10,
+        global = true
+    )]
+    pub db_max_connections: u32,
+}
+
+/// The embedded default: a SQLite file in the working directory, created if missing.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://syncgraph.db";
+
+impl Config {
+    /// A configuration for `database_url` with every other setting at its default.
+    pub fn for_database(database_url: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            database_url: database_url.into(),
+            jwt_secret: None,
+            token_ttl_secs: 86_400,
+            db_max_connections: 10,
+        }
+    }
+
+    /// Token lifetime as a `Duration`.
+    pub fn token_ttl(&self) -> Duration {
+        Duration::from_secs(self.token_ttl_secs)
+    }
+}

@@ -1,0 +1,78 @@
+//! Opening the database: the SQLite file or PostgreSQL behind one SeaORM connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, DatabaseBackend, DatabaseConnection, DbErr};
+
+/// How long a SQLite writer waits for another's lock before giving up.
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("unsupported database URL: expected sqlite://PATH or postgres://...")]
+    UnsupportedUrl,
+    #[error("cannot connect to the database")]
+    Connect(#[source] DbErr),
+}
+
+/// Counts every statement the connection runs; tests use it to prove batching.
+#[derive(Clone, Debug, Default)]
+pub struct StatementCounter(Arc<AtomicU64>);
+
+impl StatementCounter {
+    /// Statements run so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens `url` with the settings its backend needs.
+///
+/// SQLite: the file is created if missing, WAL journal, a busy timeout, foreign keys on, and a
+/// pool of several connections (SeaORM would default to one). PostgreSQL: a pool of
+/// `max_connections`.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+) -> Result<(DatabaseConnection, StatementCounter), ConnectError> {
+    let backend = backend_of(url).ok_or(ConnectError::UnsupportedUrl)?;
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(max_connections.max(1))
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(10))
+        .sqlx_logging(false);
+    if backend == DatabaseBackend::Sqlite {
+        options.map_sqlx_sqlite_opts(|opts| {
+            opts.create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true)
+        });
+    }
+    let mut db = sea_orm::Database::connect(options)
+        .await
+        .map_err(ConnectError::Connect)?;
+    let counter = StatementCounter::default();
+    let count = counter.0.clone();
+    db.set_metric_callback(move |_info| {
+        count.fetch_add(1, Ordering::Relaxed);
+    });
+    Ok((db, counter))
+}
+
+/// The backend a URL names, if it is one we serve.
+pub fn backend_of(url: &str) -> Option<DatabaseBackend> {
+    if url.starts_with("sqlite:") {
+        Some(DatabaseBackend::Sqlite)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Some(DatabaseBackend::Postgres)
+    } else {
+        None
+    }
+}

@@ -1,0 +1,183 @@
+//! The one place where domain errors become GraphQL errors.
+//!
+//! Every error a client can see carries `extensions.code` from the contract's list
+//! (API.md). Internal errors are logged here with their cause chain and reach the client only
+//! as `INTERNAL_SERVER_ERROR` with a generic message: no SQL text, stack or secret.
+//!
+//! `AppError` deliberately does not implement `Display`: async-graphql turns any `Display`
+//! value into an error message, and a bare `?` on a database error would leak its SQL. With
+//! no `Display`, the only way into a GraphQL error is the `From` impl below.
+
+use std::sync::Arc;
+
+use async_graphql::ErrorExtensions;
+
+use crate::auth::AuthError;
+use crate::store::StoreError;
+
+/// The codes of API.md, as sent in `extensions.code`.
+pub mod code {
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const FORBIDDEN: &str = "FORBIDDEN";
+    pub const NOT_FOUND: &str = "NOT_FOUND";
+    pub const CONFLICT: &str = "CONFLICT";
+    pub const BAD_USER_INPUT: &str = "BAD_USER_INPUT";
+    pub const CURSOR_EXPIRED: &str = "CURSOR_EXPIRED";
+    pub const INTERNAL_SERVER_ERROR: &str = "INTERNAL_SERVER_ERROR";
+}
+
+/// What a resolver can fail with.
+#[derive(Clone, Debug)]
+pub enum AppError {
+    /// No valid credentials.
+    Unauthenticated(&'static str),
+    /// Authenticated, but not allowed.
+    Forbidden(String),
+    /// The thing does not exist.
+    NotFound(String),
+    /// A stale `expectedVersion`; nothing was written.
+    Conflict { current_version: i32 },
+    /// The client sent something invalid; `field` names the argument or input field.
+    BadInput { field: String, message: String },
+    /// Something broke on our side; logged, shown generically.
+    Internal(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+/// What resolvers return.
+pub type AppResult<T> = Result<T, AppError>;
+
+impl AppError {
+    /// A `BAD_USER_INPUT` error about `field`.
+    pub fn bad_input(field: impl Into<String>, message: impl Into<String>) -> Self {
+        AppError::BadInput {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The `extensions.code` this error is sent with.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AppError::Unauthenticated(_) => code::UNAUTHENTICATED,
+            AppError::Forbidden(_) => code::FORBIDDEN,
+            AppError::NotFound(_) => code::NOT_FOUND,
+            AppError::Conflict { .. } => code::CONFLICT,
+            AppError::BadInput { .. } => code::BAD_USER_INPUT,
+            AppError::Internal(_) => code::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Db(_) => AppError::Internal(Arc::new(err)),
+            StoreError::DuplicateEmail => {
+                AppError::bad_input("email", "email: this email is already registered")
+            }
+            StoreError::NotFound(what) => AppError::NotFound(format!("{what} not found")),
+            StoreError::Forbidden(why) => AppError::Forbidden(why.to_owned()),
+            StoreError::Conflict { current_version } => AppError::Conflict { current_version },
+        }
+    }
+}
+
+impl From<AuthError> for AppError {
+    fn from(err: AuthError) -> Self {
+        AppError::Internal(Arc::new(err))
+    }
+}
+
+/// Logs `err` with every cause in its chain.
+fn log_internal(err: &(dyn std::error::Error + 'static)) {
+    let mut chain = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    tracing::error!(error = %chain, "internal error");
+}
+
+impl From<AppError> for async_graphql::Error {
+    fn from(err: AppError) -> Self {
+        let code = err.code();
+        match err {
+            AppError::Unauthenticated(message) => {
+                async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
+            }
+            AppError::Forbidden(message) | AppError::NotFound(message) => {
+                async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
+            }
+            AppError::Conflict { current_version } => async_graphql::Error::new(format!(
+                "version conflict: the current version is {current_version}"
+            ))
+            .extend_with(|_, e| {
+                e.set("code", code);
+                e.set("currentVersion", current_version);
+            }),
+            AppError::BadInput { field, message } => async_graphql::Error::new(message)
+                .extend_with(|_, e| {
+                    e.set("code", code);
+                    e.set("field", field.as_str());
+                }),
+            AppError::Internal(cause) => {
+                log_internal(cause.as_ref());
+                async_graphql::Error::new("internal server error")
+                    .extend_with(|_, e| e.set("code", code))
+            }
+        }
+    }
+}
+
+/// Gives every error that has no `extensions.code` yet one: such errors come from
+/// async-graphql itself (syntax, validation, variable coercion), so the client caused them.
+pub fn ensure_codes(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        let has_code = error
+            .extensions
+            .as_ref()
+            .is_some_and(|extensions| extensions.get("code").is_some());
+        if !has_code {
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", code::BAD_USER_INPUT);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn extension(err: &async_graphql::Error, key: &str) -> Option<async_graphql::Value> {
+        err.extensions.as_ref().and_then(|e| e.get(key)).cloned()
+    }
+
+    #[test]
+    fn database_errors_are_internal_and_hide_their_text() {
+        let db = sea_orm::DbErr::Custom("SELECT secret FROM users".into());
+        let err: async_graphql::Error = AppError::from(StoreError::Db(db)).into();
+        assert_eq!(err.message, "internal server error");
+        assert_eq!(
+            extension(&err, "code"),
+            Some(async_graphql::Value::from("INTERNAL_SERVER_ERROR"))
+        );
+    }
+
+    #[test]
+    fn conflict_carries_current_version() {
+        let err: async_graphql::Error = AppError::Conflict { current_version: 3 }.into();
+        assert_eq!(extension(&err, "code"), Some("CONFLICT".into()));
+        assert_eq!(extension(&err, "currentVersion"), Some(3.into()));
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let err: async_graphql::Error = AppError::bad_input("input.body", "body: too long").into();
+        assert_eq!(extension(&err, "code"), Some("BAD_USER_INPUT".into()));
+        assert_eq!(extension(&err, "field"), Some("input.body".into()));
+    }
+}

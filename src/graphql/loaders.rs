@@ -1,0 +1,81 @@
+//! Batched loading of relations (message author, channel members, channel documents): every
+//! key requested while one request resolves a level of the tree is fetched in one query.
+
+use std::collections::HashMap;
+
+use async_graphql::dataloader::{DataLoader, Loader};
+use entities::{document, user};
+use sea_orm::DatabaseConnection;
+
+use super::error::AppError;
+use crate::store;
+
+/// Loads relations through `store` in batches; one per request (its cache lives as long).
+pub struct StoreLoader {
+    db: DatabaseConnection,
+}
+
+/// The per-request loader handed to resolvers.
+pub type Loaders = DataLoader<StoreLoader>;
+
+/// A fresh loader (and so a fresh cache) for one request.
+pub fn loaders(db: DatabaseConnection) -> Loaders {
+    DataLoader::new(StoreLoader { db }, tokio::spawn)
+}
+
+/// Key: a user by id.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct UserId(pub i64);
+
+/// Key: the members of a channel.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct MembersOf(pub i64);
+
+/// Key: the documents of a channel.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct DocumentsOf(pub i64);
+
+impl Loader<UserId> for StoreLoader {
+    type Value = user::Model;
+    type Error = AppError;
+
+    async fn load(&self, keys: &[UserId]) -> Result<HashMap<UserId, user::Model>, AppError> {
+        let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
+        let users = store::user::find_many(&self.db, &ids).await?;
+        Ok(users.into_iter().map(|(id, u)| (UserId(id), u)).collect())
+    }
+}
+
+impl Loader<MembersOf> for StoreLoader {
+    type Value = Vec<user::Model>;
+    type Error = AppError;
+
+    async fn load(
+        &self,
+        keys: &[MembersOf],
+    ) -> Result<HashMap<MembersOf, Vec<user::Model>>, AppError> {
+        let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
+        let members = store::channel::members_of(&self.db, &ids).await?;
+        Ok(members
+            .into_iter()
+            .map(|(id, m)| (MembersOf(id), m))
+            .collect())
+    }
+}
+
+impl Loader<DocumentsOf> for StoreLoader {
+    type Value = Vec<document::Model>;
+    type Error = AppError;
+
+    async fn load(
+        &self,
+        keys: &[DocumentsOf],
+    ) -> Result<HashMap<DocumentsOf, Vec<document::Model>>, AppError> {
+        let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
+        let documents = store::channel::documents_of(&self.db, &ids).await?;
+        Ok(documents
+            .into_iter()
+            .map(|(id, d)| (DocumentsOf(id), d))
+            .collect())
+    }
+}

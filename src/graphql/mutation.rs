@@ -1,0 +1,250 @@
+//! The Mutation root.
+
+use async_graphql::{Context, ID, InputObject, Object};
+
+use super::error::{AppError, AppResult};
+use super::input::{self, *};
+use super::types::{AuthPayload, Channel, Document, Message, User};
+use super::{db, jwt_keys, viewer_id};
+use crate::{auth, store};
+
+/// Input of `signUp`.
+#[derive(InputObject)]
+pub struct SignUpInput {
+    /// Display name, 1 to 100 characters.
+    pub name: String,
+    /// Email address; must be unique (compared case-insensitively).
+    pub email: String,
+    /// Password, 8 to 128 characters.
+    pub password: String,
+}
+
+/// Input of `signIn`.
+#[derive(InputObject)]
+pub struct SignInInput {
+    /// Email address given at sign-up.
+    pub email: String,
+    /// Password given at sign-up.
+    pub password: String,
+}
+
+/// Input of `createChannel`.
+#[derive(InputObject)]
+pub struct CreateChannelInput {
+    /// Display name, 1 to 100 characters.
+    pub name: String,
+}
+
+/// Input of `addChannelMember`.
+#[derive(InputObject)]
+pub struct AddChannelMemberInput {
+    /// The channel; the caller must be a member.
+    pub channel_id: ID,
+    /// The user to add.
+    pub user_id: ID,
+}
+
+/// Input of `postMessage`.
+#[derive(InputObject)]
+pub struct PostMessageInput {
+    /// The channel; the caller must be a member.
+    pub channel_id: ID,
+    /// The text, 1 to 4,000 characters (surrounding whitespace is trimmed).
+    pub body: String,
+}
+
+/// Input of `editMessage`.
+#[derive(InputObject)]
+pub struct EditMessageInput {
+    /// The message; only its author may edit it.
+    pub id: ID,
+    /// The new text, 1 to 4,000 characters (surrounding whitespace is trimmed).
+    pub body: String,
+    /// The version the edit is based on; a stale one gives CONFLICT and writes nothing.
+    pub expected_version: i32,
+}
+
+/// Input of `deleteMessage`.
+#[derive(InputObject)]
+pub struct DeleteMessageInput {
+    /// The message; only its author may delete it.
+    pub id: ID,
+    /// When given, delete only if the message is still at this version (else CONFLICT).
+    pub expected_version: Option<i32>,
+}
+
+/// Input of `createDocument`.
+#[derive(InputObject)]
+pub struct CreateDocumentInput {
+    /// The channel; the caller must be a member.
+    pub channel_id: ID,
+    /// The title, 1 to 200 characters (surrounding whitespace is trimmed).
+    pub title: String,
+    /// The content, up to 100,000 characters; may be empty.
+    pub body: String,
+}
+
+/// Input of `updateDocument`.
+#[derive(InputObject)]
+pub struct UpdateDocumentInput {
+    /// The document; the caller must be a member of its channel.
+    pub id: ID,
+    /// A new title, 1 to 200 characters; unchanged when omitted.
+    pub title: Option<String>,
+    /// A new content, up to 100,000 characters; unchanged when omitted.
+    pub body: Option<String>,
+    /// The version the update is based on; a stale one gives CONFLICT and writes nothing.
+    pub expected_version: i32,
+}
+
+/// Writes. Each one commits before it returns.
+#[derive(Default)]
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    /// Creates an account and signs it in.
+    async fn sign_up(&self, ctx: &Context<'_>, input: SignUpInput) -> AppResult<AuthPayload> {
+        let name = required_text("input.name", &input.name, USER_NAME_MAX)?;
+        let email = input::email("input.email", &input.email)?;
+        input::password("input.password", &input.password)?;
+        let hash = auth::hash_password(input.password).await?;
+        let user = store::user::create(db(ctx)?, name, &email, &hash)
+            .await
+            .map_err(|err| match err {
+                store::StoreError::DuplicateEmail => AppError::bad_input(
+                    "input.email",
+                    "input.email: this email is already registered",
+                ),
+                other => other.into(),
+            })?;
+        let token = jwt_keys(ctx)?.issue(user.id)?;
+        Ok(AuthPayload {
+            token,
+            user: User(user),
+        })
+    }
+
+    /// Signs in with email and password; a wrong pair gives UNAUTHENTICATED.
+    async fn sign_in(&self, ctx: &Context<'_>, input: SignInInput) -> AppResult<AuthPayload> {
+        let email = input.email.trim().to_lowercase();
+        let user = store::user::find_by_email(db(ctx)?, &email).await?;
+        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        let valid = auth::verify_password(input.password, hash).await?;
+        match user {
+            Some(user) if valid => {
+                let token = jwt_keys(ctx)?.issue(user.id)?;
+                Ok(AuthPayload {
+                    token,
+                    user: User(user),
+                })
+            }
+            _ => Err(AppError::Unauthenticated("invalid email or password")),
+        }
+    }
+
+    /// Creates a channel; the caller becomes its first member.
+    async fn create_channel(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateChannelInput,
+    ) -> AppResult<Channel> {
+        let viewer = viewer_id(ctx)?;
+        let name = required_text("input.name", &input.name, CHANNEL_NAME_MAX)?;
+        Ok(Channel(
+            store::channel::create(db(ctx)?, name, viewer).await?,
+        ))
+    }
+
+    /// Adds a user to a channel the caller belongs to; adding a member again changes nothing.
+    async fn add_channel_member(
+        &self,
+        ctx: &Context<'_>,
+        input: AddChannelMemberInput,
+    ) -> AppResult<Channel> {
+        let viewer = viewer_id(ctx)?;
+        let channel_id = input::id("input.channelId", &input.channel_id)?;
+        let user_id = input::id("input.userId", &input.user_id)?;
+        Ok(Channel(
+            store::channel::add_member(db(ctx)?, viewer, channel_id, user_id).await?,
+        ))
+    }
+
+    /// Posts a message to a channel the caller belongs to.
+    async fn post_message(&self, ctx: &Context<'_>, input: PostMessageInput) -> AppResult<Message> {
+        let viewer = viewer_id(ctx)?;
+        let channel_id = input::id("input.channelId", &input.channel_id)?;
+        let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
+        Ok(Message(
+            store::message::create(db(ctx)?, channel_id, viewer, body).await?,
+        ))
+    }
+
+    /// Replaces the text of the caller's own message, if it is still at `expectedVersion`.
+    async fn edit_message(&self, ctx: &Context<'_>, input: EditMessageInput) -> AppResult<Message> {
+        let viewer = viewer_id(ctx)?;
+        let id = input::id("input.id", &input.id)?;
+        let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
+        Ok(Message(
+            store::message::edit(db(ctx)?, viewer, id, body, input.expected_version).await?,
+        ))
+    }
+
+    /// Deletes the caller's own message and returns its last state.
+    async fn delete_message(
+        &self,
+        ctx: &Context<'_>,
+        input: DeleteMessageInput,
+    ) -> AppResult<Message> {
+        let viewer = viewer_id(ctx)?;
+        let id = input::id("input.id", &input.id)?;
+        Ok(Message(
+            store::message::delete(db(ctx)?, viewer, id, input.expected_version).await?,
+        ))
+    }
+
+    /// Creates a shared document in a channel the caller belongs to.
+    async fn create_document(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateDocumentInput,
+    ) -> AppResult<Document> {
+        let viewer = viewer_id(ctx)?;
+        let channel_id = input::id("input.channelId", &input.channel_id)?;
+        let title = required_text("input.title", &input.title, DOCUMENT_TITLE_MAX)?;
+        let body = limited_text("input.body", &input.body, DOCUMENT_BODY_MAX)?;
+        Ok(Document(
+            store::document::create(db(ctx)?, viewer, channel_id, title, body).await?,
+        ))
+    }
+
+    /// Changes a document's title and/or body, if it is still at `expectedVersion`.
+    async fn update_document(
+        &self,
+        ctx: &Context<'_>,
+        input: UpdateDocumentInput,
+    ) -> AppResult<Document> {
+        let viewer = viewer_id(ctx)?;
+        let id = input::id("input.id", &input.id)?;
+        let title = input
+            .title
+            .as_deref()
+            .map(|t| required_text("input.title", t, DOCUMENT_TITLE_MAX))
+            .transpose()?;
+        let body = input
+            .body
+            .as_deref()
+            .map(|b| limited_text("input.body", b, DOCUMENT_BODY_MAX))
+            .transpose()?;
+        if title.is_none() && body.is_none() {
+            return Err(AppError::bad_input(
+                "input",
+                "input: give a title, a body or both",
+            ));
+        }
+        Ok(Document(
+            store::document::update(db(ctx)?, viewer, id, title, body, input.expected_version)
+                .await?,
+        ))
+    }
+}

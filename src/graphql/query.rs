@@ -1,0 +1,78 @@
+//! The Query root.
+
+use async_graphql::{Context, ID, Object};
+
+use super::error::AppResult;
+use super::input::{self, CursorKind};
+use super::types::{Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User};
+use super::{db, viewer, viewer_id};
+use crate::auth::Viewer;
+use crate::store;
+
+/// Reads.
+#[derive(Default)]
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// The signed-in user; null without a token.
+    async fn me(&self, ctx: &Context<'_>) -> AppResult<Option<User>> {
+        match viewer(ctx)? {
+            Viewer::Anonymous => Ok(None),
+            _ => {
+                let id = viewer_id(ctx)?;
+                Ok(store::user::find_by_id(db(ctx)?, id).await?.map(User))
+            }
+        }
+    }
+
+    /// The channels the viewer is a member of, oldest first (Relay connection; `first` at
+    /// most 100, default 20).
+    async fn channels(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> AppResult<ChannelConnection> {
+        let viewer = viewer_id(ctx)?;
+        let request =
+            input::page_request(CursorKind::Channel, first, after.as_deref(), None, None)?;
+        let page = store::channel::page_for_member(db(ctx)?, viewer, request).await?;
+        let edges: Vec<ChannelEdge> = page
+            .items
+            .into_iter()
+            .map(|c| ChannelEdge {
+                cursor: input::encode_cursor(CursorKind::Channel, c.id),
+                node: Channel(c),
+            })
+            .collect();
+        Ok(ChannelConnection {
+            page_info: PageInfo {
+                has_next_page: page.has_next_page,
+                has_previous_page: page.has_previous_page,
+                start_cursor: edges.first().map(|e| e.cursor.clone()),
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+
+    /// A channel by id; null when it does not exist or the viewer is not a member.
+    async fn channel(&self, ctx: &Context<'_>, id: ID) -> AppResult<Option<Channel>> {
+        let viewer = viewer_id(ctx)?;
+        let id = input::id("id", &id)?;
+        Ok(store::channel::find_for_member(db(ctx)?, id, viewer)
+            .await?
+            .map(Channel))
+    }
+
+    /// A document by id; null when it does not exist or the viewer is not a member of its
+    /// channel.
+    async fn document(&self, ctx: &Context<'_>, id: ID) -> AppResult<Option<Document>> {
+        let viewer = viewer_id(ctx)?;
+        let id = input::id("id", &id)?;
+        Ok(store::document::find_for_member(db(ctx)?, viewer, id)
+            .await?
+            .map(Document))
+    }
+}

@@ -1,0 +1,246 @@
+//! The GraphQL object types: thin wrappers over entity models whose relations resolve
+//! through the per-request loaders.
+
+use async_graphql::{Context, ID, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use entities::{channel, document, message, user};
+
+use super::error::AppResult;
+use super::input::{self, CursorKind};
+use super::loaders::{DocumentsOf, MembersOf, UserId};
+use super::{db, loaders};
+use crate::store;
+
+/// A person with an account.
+pub struct User(pub user::Model);
+
+#[Object]
+impl User {
+    /// Opaque identifier.
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    /// Display name.
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Email address, lower-cased.
+    async fn email(&self) -> &str {
+        &self.0.email
+    }
+}
+
+/// A shared space; only its members see it, its messages and its documents.
+pub struct Channel(pub channel::Model);
+
+#[Object]
+impl Channel {
+    /// Opaque identifier.
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    /// Display name.
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// When the channel was created.
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+
+    /// The members, in the order they joined.
+    async fn members(&self, ctx: &Context<'_>) -> AppResult<Vec<User>> {
+        let members = loaders(ctx)?.load_one(MembersOf(self.0.id)).await?;
+        Ok(members.unwrap_or_default().into_iter().map(User).collect())
+    }
+
+    /// The messages, oldest first, as a Relay connection. Page forward with `first`/`after`
+    /// or backward with `last`/`before` (the newest messages: `last: 20`). At most 100 per
+    /// page; 20 when neither `first` nor `last` is given.
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+    ) -> AppResult<MessageConnection> {
+        let request = input::page_request(
+            CursorKind::Message,
+            first,
+            after.as_deref(),
+            last,
+            before.as_deref(),
+        )?;
+        let page = store::message::page(db(ctx)?, self.0.id, request).await?;
+        let edges: Vec<MessageEdge> = page
+            .items
+            .into_iter()
+            .map(|m| MessageEdge {
+                cursor: input::encode_cursor(CursorKind::Message, m.id),
+                node: Message(m),
+            })
+            .collect();
+        Ok(MessageConnection {
+            page_info: PageInfo {
+                has_next_page: page.has_next_page,
+                has_previous_page: page.has_previous_page,
+                start_cursor: edges.first().map(|e| e.cursor.clone()),
+                end_cursor: edges.last().map(|e| e.cursor.clone()),
+            },
+            edges,
+        })
+    }
+
+    /// The shared documents, oldest first.
+    async fn documents(&self, ctx: &Context<'_>) -> AppResult<Vec<Document>> {
+        let documents = loaders(ctx)?.load_one(DocumentsOf(self.0.id)).await?;
+        Ok(documents
+            .unwrap_or_default()
+            .into_iter()
+            .map(Document)
+            .collect())
+    }
+}
+
+/// A chat message in a channel.
+pub struct Message(pub message::Model);
+
+#[Object]
+impl Message {
+    /// Opaque identifier.
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    /// The channel it was posted in.
+    async fn channel_id(&self) -> ID {
+        ID(self.0.channel_id.to_string())
+    }
+
+    /// Who posted it.
+    async fn author(&self, ctx: &Context<'_>) -> AppResult<User> {
+        let author = loaders(ctx)?.load_one(UserId(self.0.author_id)).await?;
+        author.map(User).ok_or_else(|| {
+            super::error::AppError::NotFound("the message's author no longer exists".into())
+        })
+    }
+
+    /// The text, 1 to 4,000 characters.
+    async fn body(&self) -> &str {
+        &self.0.body
+    }
+
+    /// Starts at 1 and rises by one with every change; pass it as `expectedVersion`.
+    async fn version(&self) -> i32 {
+        self.0.version
+    }
+
+    /// When it was posted.
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+
+    /// When it last changed.
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+/// A document that a channel's members edit together.
+pub struct Document(pub document::Model);
+
+#[Object]
+impl Document {
+    /// Opaque identifier.
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    /// The channel it belongs to.
+    async fn channel_id(&self) -> ID {
+        ID(self.0.channel_id.to_string())
+    }
+
+    /// The title, 1 to 200 characters.
+    async fn title(&self) -> &str {
+        &self.0.title
+    }
+
+    /// The content, up to 100,000 characters (may be empty).
+    async fn body(&self) -> &str {
+        &self.0.body
+    }
+
+    /// Starts at 1 and rises by one with every change; pass it as `expectedVersion`.
+    async fn version(&self) -> i32 {
+        self.0.version
+    }
+
+    /// When it last changed.
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+/// A signed-in session: send `token` as `Authorization: Bearer <token>`.
+#[derive(SimpleObject)]
+pub struct AuthPayload {
+    /// A JWT (HS256) that expires; sign in again for a new one.
+    pub token: String,
+    /// The signed-in user.
+    pub user: User,
+}
+
+/// Where a page sits in its list (Relay).
+#[derive(SimpleObject)]
+pub struct PageInfo {
+    /// More items follow the last one of this page.
+    pub has_next_page: bool,
+    /// More items precede the first one of this page.
+    pub has_previous_page: bool,
+    /// Cursor of the first item of this page.
+    pub start_cursor: Option<String>,
+    /// Cursor of the last item of this page.
+    pub end_cursor: Option<String>,
+}
+
+/// A message and its cursor.
+#[derive(SimpleObject)]
+pub struct MessageEdge {
+    /// Opaque position of this message in the list.
+    pub cursor: String,
+    /// The message.
+    pub node: Message,
+}
+
+/// A page of messages (Relay connection).
+#[derive(SimpleObject)]
+pub struct MessageConnection {
+    /// The messages of this page, oldest first.
+    pub edges: Vec<MessageEdge>,
+    /// Where this page sits in the list.
+    pub page_info: PageInfo,
+}
+
+/// A channel and its cursor.
+#[derive(SimpleObject)]
+pub struct ChannelEdge {
+    /// Opaque position of this channel in the list.
+    pub cursor: String,
+    /// The channel.
+    pub node: Channel,
+}
+
+/// A page of channels (Relay connection).
+#[derive(SimpleObject)]
+pub struct ChannelConnection {
+    /// The channels of this page, oldest first.
+    pub edges: Vec<ChannelEdge>,
+    /// Where this page sits in the list.
+    pub page_info: PageInfo,
+}

@@ -1,0 +1,214 @@
+//! The axum router: GraphQL over HTTP on `/graphql` (POST, and GET for queries), GraphiQL on
+//! `/` and `/graphiql`, and `/healthz`.
+//!
+//! Responses follow GraphQL over HTTP: a client that accepts
+//! `application/graphql-response+json` gets that media type, with status 400 when the request
+//! itself was invalid (unparsable, failed validation); otherwise `application/json` with 200.
+
+use async_graphql::parser::types::OperationType;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+
+use crate::auth::{JwtKeys, Viewer};
+use crate::graphql::Api;
+use crate::graphql::error::code;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
+const APPLICATION_JSON: &str = "application/json";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct HttpState {
+    pub api: Api,
+    pub keys: JwtKeys,
+}
+
+/// The application's routes.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/", get(graphiql))
+        .route("/graphiql", get(graphiql))
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn graphiql() -> Html<String> {
+    Html(
+        async_graphql::http::GraphiQLSource::build()
+            .endpoint("/graphql")
+            .subscription_endpoint("/graphql")
+            .title("syncgraph")
+            .finish(),
+    )
+}
+
+/// The media type to answer with, from the request's `Accept`.
+fn wants_graphql_response(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|value| value.contains(GRAPHQL_RESPONSE_JSON))
+}
+
+fn viewer(state: &HttpState, headers: &HeaderMap) -> Viewer {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or("invalid"));
+    Viewer::from_authorization(authorization, &state.keys)
+}
+
+/// A request the server could not even read as GraphQL: 400 with a coded error.
+fn bad_request(message: &str, graphql_response: bool) -> Response {
+    let body = serde_json::json!({
+        "errors": [{ "message": message, "extensions": { "code": code::BAD_USER_INPUT } }]
+    });
+    let content_type = if graphql_response {
+        GRAPHQL_RESPONSE_JSON
+    } else {
+        APPLICATION_JSON
+    };
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let graphql_response = wants_graphql_response(&headers);
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if !content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with(APPLICATION_JSON)
+    {
+        let body = serde_json::json!({
+            "errors": [{
+                "message": "send the request as application/json",
+                "extensions": { "code": code::BAD_USER_INPUT }
+            }]
+        });
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(APPLICATION_JSON),
+            )],
+            body.to_string(),
+        )
+            .into_response();
+    }
+    let request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(_) => {
+            return bad_request(
+                "the body is not a GraphQL request: expected JSON with a `query` string",
+                graphql_response,
+            );
+        }
+    };
+    run(&state, request, &headers, graphql_response).await
+}
+
+async fn graphql_get(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let graphql_response = wants_graphql_response(&headers);
+    let request = match async_graphql::http::parse_query_string(
+        query.as_deref().unwrap_or_default(),
+    ) {
+        Ok(request) => request,
+        Err(_) => {
+            return bad_request(
+                "the query string is not a GraphQL request: expected `query`, and JSON `variables`",
+                graphql_response,
+            );
+        }
+    };
+    if is_mutation(&request) {
+        let mut response = bad_request("mutations must be sent with POST", graphql_response);
+        *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    run(&state, request, &headers, graphql_response).await
+}
+
+/// True when the operation the request would run is a mutation.
+fn is_mutation(request: &async_graphql::Request) -> bool {
+    let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
+        return false;
+    };
+    let name = request.operation_name.as_deref();
+    document.operations.iter().any(|(op_name, op)| {
+        let selected = match name {
+            Some(name) => op_name.map(|n| n.as_str()) == Some(name),
+            None => true,
+        };
+        selected && op.node.ty == OperationType::Mutation
+    })
+}
+
+async fn run(
+    state: &HttpState,
+    request: async_graphql::Request,
+    headers: &HeaderMap,
+    graphql_response: bool,
+) -> Response {
+    let response = state.api.execute(request, viewer(state, headers)).await;
+    // A request error (syntax, validation) has no data and no error with a path.
+    let request_error = response.data == async_graphql::Value::Null
+        && !response.errors.is_empty()
+        && response.errors.iter().all(|e| e.path.is_empty());
+    let status = if graphql_response && request_error {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    let content_type = if graphql_response {
+        GRAPHQL_RESPONSE_JSON
+    } else {
+        APPLICATION_JSON
+    };
+    let body = serde_json::to_value(&response).map(|mut body| {
+        if request_error && let Some(object) = body.as_object_mut() {
+            // GraphQL over HTTP: a request that never executed has no `data` entry at all.
+            object.remove("data");
+        }
+        body.to_string()
+    });
+    match body {
+        Ok(body) => (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+            body,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot serialize a GraphQL response");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Shared documents: creation, lookup for members, and optimistic-concurrency updates in one
+//! conditional statement.
+
+use entities::document;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set};
+
+use super::message::channels_of;
+use super::{StoreError, channel};
+
+/// Creates a document in a channel `viewer` belongs to.
+pub async fn create(
+    db: &impl ConnectionTrait,
+    viewer: i64,
+    channel_id: i64,
+    title: &str,
+    body: &str,
+) -> Result<document::Model, StoreError> {
+    channel::require_member(db, channel_id, viewer).await?;
+    Ok(document::ActiveModel {
+        channel_id: Set(channel_id),
+        title: Set(title.to_owned()),
+        body: Set(body.to_owned()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?)
+}
+
+/// The document, when it exists and `viewer` is a member of its channel; one query.
+pub async fn find_for_member(
+    db: &impl ConnectionTrait,
+    viewer: i64,
+    id: i64,
+) -> Result<Option<document::Model>, StoreError> {
+    Ok(document::Entity::find_by_id(id)
+        .filter(document::Column::ChannelId.in_subquery(channels_of(viewer)))
+        .one(db)
+        .await?)
+}
+
+/// Sets the given fields if the document is still at `expected_version`.
+pub async fn update(
+    db: &impl ConnectionTrait,
+    viewer: i64,
+    id: i64,
+    title: Option<&str>,
+    body: Option<&str>,
+    expected_version: i32,
+) -> Result<document::Model, StoreError> {
+    let mut update = document::Entity::update_many()
+        .col_expr(
+            document::Column::Version,
+            Expr::col(document::Column::Version).add(1),
+        )
+        .col_expr(document::Column::UpdatedAt, Expr::value(chrono::Utc::now()));
+    if let Some(title) = title {
+        update = update.col_expr(document::Column::Title, Expr::value(title.to_owned()));
+    }
+    if let Some(body) = body {
+        update = update.col_expr(document::Column::Body, Expr::value(body.to_owned()));
+    }
+    let updated = update
+        .filter(document::Column::Id.eq(id))
+        .filter(document::Column::Version.eq(expected_version))
+        .filter(document::Column::ChannelId.in_subquery(channels_of(viewer)))
+        .exec_with_returning(db)
+        .await?;
+    if let Some(document) = updated.into_iter().next() {
+        return Ok(document);
+    }
+    let Some(current) = document::Entity::find_by_id(id).one(db).await? else {
+        return Err(StoreError::NotFound("document"));
+    };
+    if !channel::is_member(db, current.channel_id, viewer).await? {
+        return Err(StoreError::Forbidden(
+            "only members of the channel may do this",
+        ));
+    }
+    Err(StoreError::Conflict {
+        current_version: current.version,
+    })
+}
