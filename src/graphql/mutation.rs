@@ -101,6 +101,7 @@ pub struct UpdateDocumentInput {
 #[derive(Default)]
 pub struct MutationRoot;
 
+/// Writes. Each one commits before it returns.
 #[Object]
 impl MutationRoot {
     /// Creates an account and signs it in.

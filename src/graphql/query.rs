@@ -13,6 +13,7 @@ use crate::store;
 #[derive(Default)]
 pub struct QueryRoot;
 
+/// Reads.
 #[Object]
 impl QueryRoot {
     /// The signed-in user; null without a token.

@@ -14,6 +14,7 @@ use crate::store;
 /// A person with an account.
 pub struct User(pub user::Model);
 
+/// A person with an account.
 #[Object]
 impl User {
     /// Opaque identifier.
@@ -35,6 +36,7 @@ impl User {
 /// A shared space; only its members see it, its messages and its documents.
 pub struct Channel(pub channel::Model);
 
+/// A shared space; only its members see it, its messages and its documents.
 #[Object]
 impl Channel {
     /// Opaque identifier.
@@ -110,6 +112,7 @@ impl Channel {
 /// A chat message in a channel.
 pub struct Message(pub message::Model);
 
+/// A chat message in a channel.
 #[Object]
 impl Message {
     /// Opaque identifier.
@@ -154,6 +157,7 @@ impl Message {
 /// A document that a channel's members edit together.
 pub struct Document(pub document::Model);
 
+/// A document that a channel's members edit together.
 #[Object]
 impl Document {
     /// Opaque identifier.

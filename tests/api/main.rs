@@ -1,1 +1,14 @@
-fn main() {}
+//! syncgraph's integration tests: one binary, a module per feature. Every test runs on SQLite,
+//! and on PostgreSQL when `SYNCGRAPH_TEST_POSTGRES` holds a server URL.
+
+mod helpers;
+
+mod accounts;
+mod channels;
+mod cli;
+mod concurrency;
+mod documents;
+mod errors;
+mod http;
+mod messages;
+mod schema;

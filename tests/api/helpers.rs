@@ -1,0 +1,313 @@
+//! The test harness: a real server on 127.0.0.1:0 over a fresh database (a temp SQLite file,
+//! or a new PostgreSQL database when `SYNCGRAPH_TEST_POSTGRES` names a server), driven over
+//! real HTTP.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use serde_json::{Value, json};
+use syncgraph::db::StatementCounter;
+use syncgraph::{App, Config};
+use tokio::sync::oneshot;
+
+/// Every HTTP call in a test gives up after this long, so a hang fails instead.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which database a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates, for each `async fn name(server: TestServer) { ... }`, a module `name` with the
+/// tests `sqlite` and `postgres`.
+#[macro_export]
+macro_rules! both_backends {
+    ($(async fn $name:ident($server:ident: TestServer) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn body($server: $crate::helpers::TestServer) $body
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    $crate::helpers::run($crate::helpers::Backend::Sqlite, body).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    $crate::helpers::run($crate::helpers::Backend::Postgres, body).await;
+                }
+            }
+        )*
+    };
+}
+
+/// A running server and what a test needs to drive and inspect it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub backend: Backend,
+    /// The URL of this test's own database.
+    pub database_url: String,
+    /// The server's own connection pool; its statements are counted by `statements`.
+    pub db: DatabaseConnection,
+    pub statements: StatementCounter,
+    client: reqwest::Client,
+}
+
+/// The PostgreSQL server URL for tests, if configured. With `CI=true` it must be.
+fn postgres_server_url() -> Option<String> {
+    match std::env::var("SYNCGRAPH_TEST_POSTGRES") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "CI=true but SYNCGRAPH_TEST_POSTGRES is not set: the Postgres run cannot be skipped in CI"
+                );
+            }
+            None
+        }
+    }
+}
+
+/// `server_url` with its database name replaced by `name`.
+fn with_database(server_url: &str, name: &str) -> String {
+    let (base, params) = match server_url.split_once('?') {
+        Some((base, params)) => (base, format!("?{params}")),
+        None => (server_url, String::new()),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_part = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    format!("{host_part}/{name}{params}")
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh database for one test: its URL and how to drop it afterwards.
+enum FreshDatabase {
+    Sqlite {
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        admin: DatabaseConnection,
+        name: String,
+    },
+}
+
+async fn fresh_database(backend: Backend) -> Option<(String, FreshDatabase)> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}", dir.path().join("test.db").display());
+            Some((url, FreshDatabase::Sqlite { _dir: dir }))
+        }
+        Backend::Postgres => {
+            let server = postgres_server_url()?;
+            let admin = Database::connect(server.as_str())
+                .await
+                .unwrap_or_else(|e| panic!("SYNCGRAPH_TEST_POSTGRES is set but unreachable: {e}"));
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos();
+            let name = format!(
+                "syncgraph_test_{}_{}_{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+                nanos
+            );
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+            Some((
+                with_database(&server, &name),
+                FreshDatabase::Postgres { admin, name },
+            ))
+        }
+    }
+}
+
+impl FreshDatabase {
+    async fn drop_database(self) {
+        if let FreshDatabase::Postgres { admin, name } = self {
+            admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .expect("drop test database");
+        }
+    }
+}
+
+/// Runs `test` against a fresh server on `backend`, then stops the server and drops the
+/// database, whether the test passed or not.
+pub async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(TestServer) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some((database_url, database)) = fresh_database(backend).await else {
+        eprintln!("skipped: the Postgres run needs SYNCGRAPH_TEST_POSTGRES (a server URL)");
+        return;
+    };
+    let mut config = Config::for_database(database_url.clone());
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.jwt_secret = Some("test-secret".into());
+    config.db_max_connections = 5;
+    let app = App::build(&config).await.expect("build app");
+    let server = TestServer {
+        addr: app.local_addr().expect("local addr"),
+        backend,
+        database_url,
+        db: app.db().clone(),
+        statements: app.statements(),
+        client: reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .expect("http client"),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let serving = tokio::spawn(app.run(async {
+        stopped.await.ok();
+    }));
+    let outcome = tokio::spawn(test(server)).await;
+    stop.send(()).ok();
+    tokio::time::timeout(TIMEOUT, serving)
+        .await
+        .expect("server stops in time")
+        .expect("server task")
+        .expect("server ran cleanly");
+    database.drop_database().await;
+    if let Err(err) = outcome {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+impl TestServer {
+    /// `http://addr` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// The HTTP client (with a timeout).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// POSTs a GraphQL request without a token; returns the JSON response.
+    pub async fn graphql(&self, query: &str, variables: Value) -> Value {
+        self.graphql_with(None, query, variables).await
+    }
+
+    /// POSTs a GraphQL request with `Authorization: Bearer <token>`.
+    pub async fn graphql_as(&self, token: &str, query: &str, variables: Value) -> Value {
+        self.graphql_with(Some(token), query, variables).await
+    }
+
+    async fn graphql_with(&self, token: Option<&str>, query: &str, variables: Value) -> Value {
+        let mut request = self
+            .client
+            .post(self.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("send GraphQL request");
+        assert_eq!(
+            response.status(),
+            200,
+            "GraphQL over application/json answers 200"
+        );
+        response.json().await.expect("JSON response")
+    }
+
+    /// Signs up a user named `name` (email `<name>@example.com`); returns (token, id).
+    pub async fn sign_up(&self, name: &str) -> (String, String) {
+        let response = self
+            .graphql(
+                "mutation($input: SignUpInput!) { signUp(input: $input) { token user { id } } }",
+                json!({ "input": {
+                    "name": name,
+                    "email": format!("{}@example.com", name.to_lowercase()),
+                    "password": "correct horse battery",
+                }}),
+            )
+            .await;
+        let payload = data(&response, "signUp");
+        (
+            payload["token"].as_str().expect("token").to_owned(),
+            payload["user"]["id"].as_str().expect("id").to_owned(),
+        )
+    }
+
+    /// Creates a channel as `token`; returns its id.
+    pub async fn create_channel(&self, token: &str, name: &str) -> String {
+        let response = self
+            .graphql_as(
+                token,
+                "mutation($name: String!) { createChannel(input: { name: $name }) { id } }",
+                json!({ "name": name }),
+            )
+            .await;
+        data(&response, "createChannel")["id"]
+            .as_str()
+            .expect("channel id")
+            .to_owned()
+    }
+
+    /// Adds `user_id` to `channel_id` as `token`.
+    pub async fn add_member(&self, token: &str, channel_id: &str, user_id: &str) {
+        let response = self
+            .graphql_as(
+                token,
+                "mutation($c: ID!, $u: ID!) { addChannelMember(input: { channelId: $c, userId: $u }) { id } }",
+                json!({ "c": channel_id, "u": user_id }),
+            )
+            .await;
+        data(&response, "addChannelMember");
+    }
+
+    /// Posts a message as `token`; returns the message JSON (id, body, version).
+    pub async fn post_message(&self, token: &str, channel_id: &str, body: &str) -> Value {
+        let response = self
+            .graphql_as(
+                token,
+                "mutation($c: ID!, $b: String!) { postMessage(input: { channelId: $c, body: $b }) { id body version } }",
+                json!({ "c": channel_id, "b": body }),
+            )
+            .await;
+        data(&response, "postMessage").clone()
+    }
+
+    /// A separate connection to this test's database, standing in for any other SQL client.
+    pub async fn sql(&self) -> DatabaseConnection {
+        Database::connect(self.database_url.as_str())
+            .await
+            .expect("separate SQL connection")
+    }
+}
+
+/// `response.data.<field>`, failing with the whole response when there were errors.
+pub fn data<'a>(response: &'a Value, field: &str) -> &'a Value {
+    assert!(
+        response.get("errors").is_none(),
+        "unexpected errors: {response:#}"
+    );
+    &response["data"][field]
+}
+
+/// The `extensions.code` of the first error, failing when there is none.
+pub fn error_code(response: &Value) -> &str {
+    response["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error with a code: {response:#}"))
+}
