@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// A real-time GraphQL server: SQL changes streamed to subscribers, in order, resumable.
 #[derive(Debug, Parser)]
@@ -65,6 +65,18 @@ pub struct Config {
         global = true
     )]
     pub db_max_connections: u32,
+    /// Log line format (filter with RUST_LOG).
+    #[arg(long, env = "SYNCGRAPH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written to standard output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The embedded default: a SQLite file in the working directory, created if missing.
@@ -79,6 +91,7 @@ impl Config {
             jwt_secret: None,
             token_ttl_secs: 86_400,
             db_max_connections: 10,
+            log_format: LogFormat::Text,
         }
     }
 

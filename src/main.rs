@@ -2,18 +2,21 @@
 //! the schema.
 
 use clap::Parser;
-use syncgraph::config::{Cli, Command};
+use syncgraph::config::{Cli, Command, LogFormat};
 use syncgraph::{App, db, graphql};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match cli.config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Schema => {
             print!("{}", graphql::sdl());
