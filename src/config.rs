@@ -70,7 +70,7 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// How log lines are written to standard output.
+/// How log lines are written to standard error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.

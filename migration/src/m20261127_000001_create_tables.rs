@@ -95,7 +95,11 @@ DROP FUNCTION bump_version()
 // SQLite cannot assign to NEW in a trigger, so an AFTER UPDATE trigger repairs `version` when
 // the statement did not already raise it by exactly one. Writers that set
 // `version = version + 1` themselves (the server does, so RETURNING shows the new version)
-// do not fire it; `recursive_triggers` is off, so its own UPDATE does not fire it again.
+// do not fire it; `recursive_triggers` is off, so its own UPDATEs do not fire it again.
+// The repair is two steps, back to the old version and then one above it, so that exactly
+// one UPDATE of the row (the last) goes from `v` to `v + 1`: a change-capture trigger with
+// `WHEN NEW.version = OLD.version + 1` then sees every logical update once, with its final
+// image, whatever the writer set `version` to.
 // AUTOINCREMENT keeps ids of deleted rows from being reused.
 const SQLITE_UP: &str = r#"
 CREATE TABLE users (
@@ -149,6 +153,7 @@ CREATE INDEX documents_channel_id_id_idx ON documents (channel_id, id)
 CREATE TRIGGER messages_bump_version AFTER UPDATE ON messages
     FOR EACH ROW WHEN NEW.version IS NOT OLD.version + 1
 BEGIN
+    UPDATE messages SET version = OLD.version WHERE id = NEW.id;
     UPDATE messages
     SET version = OLD.version + 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
     WHERE id = NEW.id;
@@ -157,6 +162,7 @@ END
 CREATE TRIGGER documents_bump_version AFTER UPDATE ON documents
     FOR EACH ROW WHEN NEW.version IS NOT OLD.version + 1
 BEGIN
+    UPDATE documents SET version = OLD.version WHERE id = NEW.id;
     UPDATE documents
     SET version = OLD.version + 1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
     WHERE id = NEW.id;

@@ -78,6 +78,9 @@ impl From<StoreError> for AppError {
             StoreError::NotFound(what) => AppError::NotFound(format!("{what} not found")),
             StoreError::Forbidden(why) => AppError::Forbidden(why.to_owned()),
             StoreError::Conflict { current_version } => AppError::Conflict { current_version },
+            StoreError::UnknownViewer => {
+                AppError::Unauthenticated("the signed-in user no longer exists")
+            }
         }
     }
 }
@@ -131,8 +134,11 @@ impl From<AppError> for async_graphql::Error {
     }
 }
 
-/// Gives every error that has no `extensions.code` yet one: such errors come from
-/// async-graphql itself (syntax, validation, variable coercion), so the client caused them.
+/// Gives every error that has no `extensions.code` yet one: BAD_USER_INPUT. Every error of
+/// ours goes through `From<AppError>` and has a code, so an uncoded one comes from
+/// async-graphql's own checks of the request: syntax, validation, or coercion of variables
+/// and arguments (those carry a path, as they are found while resolving). Their messages
+/// describe the client's document, never our data.
 pub fn ensure_codes(response: &mut async_graphql::Response) {
     for error in &mut response.errors {
         let has_code = error

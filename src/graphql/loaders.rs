@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use async_graphql::dataloader::{DataLoader, Loader};
+use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use entities::{document, user};
 use sea_orm::DatabaseConnection;
 
@@ -15,12 +15,14 @@ pub struct StoreLoader {
     db: DatabaseConnection,
 }
 
-/// The per-request loader handed to resolvers.
-pub type Loaders = DataLoader<StoreLoader>;
+/// The per-request loader handed to resolvers. Its cache lives as long as the request, so a
+/// list resolver can load a whole page's relations with one `load_many` (one batch, however
+/// the scheduler interleaves the fields) and each item's `load_one` then hits the cache.
+pub type Loaders = DataLoader<StoreLoader, HashMapCache>;
 
 /// A fresh loader (and so a fresh cache) for one request.
 pub fn loaders(db: DatabaseConnection) -> Loaders {
-    DataLoader::new(StoreLoader { db }, tokio::spawn)
+    DataLoader::with_cache(StoreLoader { db }, tokio::spawn, HashMapCache::default())
 }
 
 /// Key: a user by id.

@@ -105,7 +105,11 @@ pub struct MutationRoot;
 #[Object]
 impl MutationRoot {
     /// Creates an account and signs it in.
-    async fn sign_up(&self, ctx: &Context<'_>, input: SignUpInput) -> AppResult<AuthPayload> {
+    async fn sign_up(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to do; see the input type.")] input: SignUpInput,
+    ) -> AppResult<AuthPayload> {
         let name = required_text("input.name", &input.name, USER_NAME_MAX)?;
         let email = input::email("input.email", &input.email)?;
         input::password("input.password", &input.password)?;
@@ -127,7 +131,11 @@ impl MutationRoot {
     }
 
     /// Signs in with email and password; a wrong pair gives UNAUTHENTICATED.
-    async fn sign_in(&self, ctx: &Context<'_>, input: SignInInput) -> AppResult<AuthPayload> {
+    async fn sign_in(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to do; see the input type.")] input: SignInInput,
+    ) -> AppResult<AuthPayload> {
         let email = input.email.trim().to_lowercase();
         let user = store::user::find_by_email(db(ctx)?, &email).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
@@ -148,7 +156,7 @@ impl MutationRoot {
     async fn create_channel(
         &self,
         ctx: &Context<'_>,
-        input: CreateChannelInput,
+        #[graphql(desc = "What to do; see the input type.")] input: CreateChannelInput,
     ) -> AppResult<Channel> {
         let viewer = viewer_id(ctx)?;
         let name = required_text("input.name", &input.name, CHANNEL_NAME_MAX)?;
@@ -161,7 +169,7 @@ impl MutationRoot {
     async fn add_channel_member(
         &self,
         ctx: &Context<'_>,
-        input: AddChannelMemberInput,
+        #[graphql(desc = "What to do; see the input type.")] input: AddChannelMemberInput,
     ) -> AppResult<Channel> {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
@@ -172,7 +180,11 @@ impl MutationRoot {
     }
 
     /// Posts a message to a channel the caller belongs to.
-    async fn post_message(&self, ctx: &Context<'_>, input: PostMessageInput) -> AppResult<Message> {
+    async fn post_message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to do; see the input type.")] input: PostMessageInput,
+    ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
@@ -182,7 +194,11 @@ impl MutationRoot {
     }
 
     /// Replaces the text of the caller's own message, if it is still at `expectedVersion`.
-    async fn edit_message(&self, ctx: &Context<'_>, input: EditMessageInput) -> AppResult<Message> {
+    async fn edit_message(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to do; see the input type.")] input: EditMessageInput,
+    ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
@@ -195,7 +211,7 @@ impl MutationRoot {
     async fn delete_message(
         &self,
         ctx: &Context<'_>,
-        input: DeleteMessageInput,
+        #[graphql(desc = "What to do; see the input type.")] input: DeleteMessageInput,
     ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
@@ -208,7 +224,7 @@ impl MutationRoot {
     async fn create_document(
         &self,
         ctx: &Context<'_>,
-        input: CreateDocumentInput,
+        #[graphql(desc = "What to do; see the input type.")] input: CreateDocumentInput,
     ) -> AppResult<Document> {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
@@ -223,7 +239,7 @@ impl MutationRoot {
     async fn update_document(
         &self,
         ctx: &Context<'_>,
-        input: UpdateDocumentInput,
+        #[graphql(desc = "What to do; see the input type.")] input: UpdateDocumentInput,
     ) -> AppResult<Document> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;

@@ -4,8 +4,9 @@ use async_graphql::{Context, ID, Object};
 
 use super::error::AppResult;
 use super::input::{self, CursorKind};
+use super::loaders::{DocumentsOf, MembersOf};
 use super::types::{Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User};
-use super::{db, viewer, viewer_id};
+use super::{db, loaders, viewer, viewer_id};
 use crate::auth::Viewer;
 use crate::store;
 
@@ -32,13 +33,22 @@ impl QueryRoot {
     async fn channels(
         &self,
         ctx: &Context<'_>,
-        first: Option<i32>,
-        after: Option<String>,
+        #[graphql(desc = "Page size, 0 to 100 (default 20).")] first: Option<i32>,
+        #[graphql(desc = "Cursor of the edge to start after.")] after: Option<String>,
     ) -> AppResult<ChannelConnection> {
         let viewer = viewer_id(ctx)?;
         let request =
             input::page_request(CursorKind::Channel, first, after.as_deref(), None, None)?;
         let page = store::channel::page_for_member(db(ctx)?, viewer, request).await?;
+        // Load the page's members and documents as one batch each when they are selected.
+        let node = ctx.look_ahead().field("edges").field("node");
+        let ids = || page.items.iter().map(|c| c.id);
+        if node.field("members").exists() {
+            loaders(ctx)?.load_many(ids().map(MembersOf)).await?;
+        }
+        if node.field("documents").exists() {
+            loaders(ctx)?.load_many(ids().map(DocumentsOf)).await?;
+        }
         let edges: Vec<ChannelEdge> = page
             .items
             .into_iter()
@@ -59,7 +69,11 @@ impl QueryRoot {
     }
 
     /// A channel by id; null when it does not exist or the viewer is not a member.
-    async fn channel(&self, ctx: &Context<'_>, id: ID) -> AppResult<Option<Channel>> {
+    async fn channel(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The channel's id.")] id: ID,
+    ) -> AppResult<Option<Channel>> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("id", &id)?;
         Ok(store::channel::find_for_member(db(ctx)?, id, viewer)
@@ -69,7 +83,11 @@ impl QueryRoot {
 
     /// A document by id; null when it does not exist or the viewer is not a member of its
     /// channel.
-    async fn document(&self, ctx: &Context<'_>, id: ID) -> AppResult<Option<Document>> {
+    async fn document(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The document's id.")] id: ID,
+    ) -> AppResult<Option<Document>> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("id", &id)?;
         Ok(store::document::find_for_member(db(ctx)?, viewer, id)

@@ -1,6 +1,8 @@
 //! The GraphQL object types: thin wrappers over entity models whose relations resolve
 //! through the per-request loaders.
 
+use std::collections::HashSet;
+
 use async_graphql::{Context, ID, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use entities::{channel, document, message, user};
@@ -66,10 +68,10 @@ impl Channel {
     async fn messages(
         &self,
         ctx: &Context<'_>,
-        first: Option<i32>,
-        after: Option<String>,
-        last: Option<i32>,
-        before: Option<String>,
+        #[graphql(desc = "Page size from the start (after `after`), 0 to 100.")] first: Option<i32>,
+        #[graphql(desc = "Cursor of the edge to start after.")] after: Option<String>,
+        #[graphql(desc = "Page size from the end (before `before`), 0 to 100.")] last: Option<i32>,
+        #[graphql(desc = "Cursor of the edge to end before.")] before: Option<String>,
     ) -> AppResult<MessageConnection> {
         let request = input::page_request(
             CursorKind::Message,
@@ -79,6 +81,18 @@ impl Channel {
             before.as_deref(),
         )?;
         let page = store::message::page(db(ctx)?, self.0.id, request).await?;
+        // Load the page's authors as one batch when they are selected; `Message.author` then
+        // reads them from the request's loader cache.
+        if ctx
+            .look_ahead()
+            .field("edges")
+            .field("node")
+            .field("author")
+            .exists()
+        {
+            let authors: HashSet<UserId> = page.items.iter().map(|m| UserId(m.author_id)).collect();
+            loaders(ctx)?.load_many(authors).await?;
+        }
         let edges: Vec<MessageEdge> = page
             .items
             .into_iter()

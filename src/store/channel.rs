@@ -28,7 +28,14 @@ where
         ..Default::default()
     }
     .insert(&txn)
-    .await?;
+    .await
+    .map_err(|err| {
+        if StoreError::is_foreign_key_violation(&err) {
+            StoreError::UnknownViewer
+        } else {
+            StoreError::Db(err)
+        }
+    })?;
     txn.commit().await?;
     Ok(channel)
 }

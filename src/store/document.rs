@@ -53,7 +53,10 @@ pub async fn update(
             document::Column::Version,
             Expr::col(document::Column::Version).add(1),
         )
-        .col_expr(document::Column::UpdatedAt, Expr::value(chrono::Utc::now()));
+        .col_expr(
+            document::Column::UpdatedAt,
+            super::now(db.get_database_backend()),
+        );
     if let Some(title) = title {
         update = update.col_expr(document::Column::Title, Expr::value(title.to_owned()));
     }

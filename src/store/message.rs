@@ -61,7 +61,10 @@ pub async fn edit(
             message::Column::Version,
             Expr::col(message::Column::Version).add(1),
         )
-        .col_expr(message::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .col_expr(
+            message::Column::UpdatedAt,
+            super::now(db.get_database_backend()),
+        )
         .filter(message::Column::Id.eq(id))
         .filter(message::Column::Version.eq(expected_version))
         .filter(message::Column::AuthorId.eq(viewer))

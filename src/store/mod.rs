@@ -6,7 +6,8 @@ pub mod document;
 pub mod message;
 pub mod user;
 
-use sea_orm::{DbErr, SqlErr};
+use sea_orm::sea_query::{Expr, SimpleExpr};
+use sea_orm::{DatabaseBackend, DbErr, SqlErr};
 
 /// What a store operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +27,33 @@ pub enum StoreError {
     /// `expectedVersion` was stale; nothing was written.
     #[error("version conflict: current version is {current_version}")]
     Conflict { current_version: i32 },
+    /// The acting user (from a still-valid token) no longer exists.
+    #[error("the signed-in user no longer exists")]
+    UnknownViewer,
 }
 
 impl StoreError {
     /// True when `err` is a unique-constraint violation.
     pub(crate) fn is_unique_violation(err: &DbErr) -> bool {
         matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+    }
+
+    /// True when `err` is a foreign-key violation.
+    pub(crate) fn is_foreign_key_violation(err: &DbErr) -> bool {
+        matches!(
+            err.sql_err(),
+            Some(SqlErr::ForeignKeyConstraintViolation(_))
+        )
+    }
+}
+
+/// The database's current time, in the column format of each backend: SQLite stores the
+/// same text as its column defaults (`2026-01-02T03:04:05.678Z`), so every timestamp in a
+/// table has one format whoever wrote it.
+pub(crate) fn now(backend: DatabaseBackend) -> SimpleExpr {
+    match backend {
+        DatabaseBackend::Sqlite => Expr::cust("strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"),
+        _ => Expr::cust("now()"),
     }
 }
 

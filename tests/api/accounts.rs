@@ -108,4 +108,20 @@ both_backends! {
             assert!(message.starts_with(field), "the message names the field: {message}");
         }
     }
+
+    async fn token_of_a_deleted_user_is_unauthenticated(server: TestServer) {
+        let (token, id) = server.sign_up("Gone").await;
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &server.sql().await,
+            &format!("DELETE FROM users WHERE id = {id}"),
+        )
+        .await
+        .unwrap();
+        let response = server
+            .graphql_as(&token, "mutation { createChannel(input: { name: \"x\" }) { id } }", json!({}))
+            .await;
+        assert_eq!(error_code(&response), "UNAUTHENTICATED");
+        let me = server.graphql_as(&token, "{ me { id } }", json!({})).await;
+        assert_eq!(data(&me, "me"), &serde_json::Value::Null);
+    }
 }

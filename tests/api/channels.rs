@@ -108,4 +108,25 @@ both_backends! {
             assert_eq!(response["errors"][0]["extensions"]["field"], "input.name");
         }
     }
+
+    async fn members_and_documents_of_a_channel_page_load_in_one_batch_each(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (_, bob_id) = server.sign_up("Bob").await;
+        for i in 0..6 {
+            let channel = server.create_channel(&ada, &format!("c{i}")).await;
+            server.add_member(&ada, &channel, &bob_id).await;
+        }
+        let query = "query($n: Int) { channels(first: $n) { edges { node { members { name } documents { id } } } } }";
+        let mut counts = Vec::new();
+        for n in [2, 6] {
+            let before = server.statements.get();
+            let response = server.graphql_as(&ada, query, json!({ "n": n })).await;
+            let edges = data(&response, "channels")["edges"].as_array().unwrap().clone();
+            assert_eq!(edges.len(), n);
+            assert!(edges.iter().all(|e| e["node"]["members"].as_array().unwrap().len() == 2));
+            counts.push(server.statements.get() - before);
+        }
+        // channel page + one members batch + one documents batch.
+        assert_eq!(counts, vec![3, 3], "statements for 2 and 6 channels");
+    }
 }

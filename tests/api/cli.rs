@@ -6,6 +6,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
+use crate::helpers::{Backend, fresh_database};
+
 const BIN: &str = env!("CARGO_BIN_EXE_syncgraph");
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -21,11 +23,11 @@ async fn schema_subcommand_prints_the_committed_sdl() {
     assert_eq!(String::from_utf8(output.stdout).unwrap(), committed);
 }
 
-#[tokio::test]
-async fn migrate_subcommand_creates_the_tables() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("migrated.db");
-    let url = format!("sqlite://{}", path.display());
+/// `syncgraph migrate` on a fresh database of `backend` creates every table.
+async fn migrate_creates_the_tables(backend: Backend) {
+    let Some((url, database)) = fresh_database(backend).await else {
+        return;
+    };
     let status = tokio::time::timeout(
         TIMEOUT,
         Command::new(BIN)
@@ -35,8 +37,8 @@ async fn migrate_subcommand_creates_the_tables() {
     .await
     .unwrap()
     .unwrap();
-    assert!(status.success());
     let (db, _) = syncgraph::db::connect(&url, 1).await.unwrap();
+    let mut missing = Vec::new();
     for table in [
         "users",
         "channels",
@@ -44,10 +46,31 @@ async fn migrate_subcommand_creates_the_tables() {
         "messages",
         "documents",
     ] {
-        sea_orm::ConnectionTrait::execute_unprepared(&db, &format!("SELECT count(*) FROM {table}"))
+        let query = format!("SELECT count(*) FROM {table}");
+        if sea_orm::ConnectionTrait::execute_unprepared(&db, &query)
             .await
-            .unwrap_or_else(|e| panic!("{table} exists: {e}"));
+            .is_err()
+        {
+            missing.push(table);
+        }
     }
+    db.close().await.ok();
+    database.drop_database().await;
+    assert!(status.success());
+    assert!(
+        missing.is_empty(),
+        "tables missing after migrate: {missing:?}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_subcommand_creates_the_tables_sqlite() {
+    migrate_creates_the_tables(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn migrate_subcommand_creates_the_tables_postgres() {
+    migrate_creates_the_tables(Backend::Postgres).await;
 }
 
 #[tokio::test]
@@ -71,21 +94,30 @@ async fn unsupported_database_url_is_a_clear_error() {
     assert!(stderr.contains("unsupported database URL"), "{stderr}");
 }
 
-#[tokio::test]
-async fn serves_then_stops_gracefully_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("served.db").display());
+/// The binary serves on `backend`, answers, and exits 0 on SIGTERM.
+async fn serves_then_stops_gracefully_on_sigterm(backend: Backend) {
+    let Some((url, database)) = fresh_database(backend).await else {
+        return;
+    };
+    let outcome = tokio::spawn(serve_then_sigterm(url)).await;
+    database.drop_database().await;
+    if let Err(err) = outcome {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+async fn serve_then_sigterm(url: String) {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--database-url", &url])
         .env_remove("SYNCGRAPH_JWT_SECRET")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut warned = false;
     let addr = tokio::time::timeout(TIMEOUT, async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -120,4 +152,14 @@ async fn serves_then_stops_gracefully_on_sigterm() {
         .expect("the server stops in time")
         .unwrap();
     assert!(status.success(), "graceful exit: {status}");
+}
+
+#[tokio::test]
+async fn serves_then_stops_gracefully_on_sigterm_sqlite() {
+    serves_then_stops_gracefully_on_sigterm(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn serves_then_stops_gracefully_on_sigterm_postgres() {
+    serves_then_stops_gracefully_on_sigterm(Backend::Postgres).await;
 }

@@ -93,7 +93,7 @@ fn with_database(server_url: &str, name: &str) -> String {
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh database for one test: its URL and how to drop it afterwards.
-enum FreshDatabase {
+pub enum FreshDatabase {
     Sqlite {
         _dir: tempfile::TempDir,
     },
@@ -103,7 +103,7 @@ enum FreshDatabase {
     },
 }
 
-async fn fresh_database(backend: Backend) -> Option<(String, FreshDatabase)> {
+async fn create_database(backend: Backend) -> Option<(String, FreshDatabase)> {
     match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temp dir");
@@ -138,7 +138,8 @@ async fn fresh_database(backend: Backend) -> Option<(String, FreshDatabase)> {
 }
 
 impl FreshDatabase {
-    async fn drop_database(self) {
+    /// Drops the database (Postgres) or removes its directory (SQLite).
+    pub async fn drop_database(self) {
         if let FreshDatabase::Postgres { admin, name } = self {
             admin
                 .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -148,17 +149,51 @@ impl FreshDatabase {
     }
 }
 
+/// Says once, on the real standard error (the test harness captures `eprintln!`), that the
+/// Postgres runs are skipped.
+fn say_postgres_skipped() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: Postgres runs skipped: set SYNCGRAPH_TEST_POSTGRES to a server URL to run them"
+        );
+    });
+}
+
+/// A fresh, empty database on `backend`, or `None` when Postgres is not configured (outside
+/// CI). Call `drop_database` when done.
+pub async fn fresh_database(backend: Backend) -> Option<(String, FreshDatabase)> {
+    let fresh = create_database(backend).await;
+    if fresh.is_none() {
+        say_postgres_skipped();
+    }
+    fresh
+}
+
 /// Runs `test` against a fresh server on `backend`, then stops the server and drops the
-/// database, whether the test passed or not.
+/// database, whether the test (or starting the server) panicked or not.
 pub async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(TestServer) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some((database_url, database)) = fresh_database(backend).await else {
+        return;
+    };
+    let outcome = tokio::spawn(serve_and_test(backend, database_url, test)).await;
+    database.drop_database().await;
+    if let Err(err) = outcome {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
+async fn serve_and_test<F, Fut>(backend: Backend, database_url: String, test: F)
 where
     F: FnOnce(TestServer) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some((database_url, database)) = fresh_database(backend).await else {
-        eprintln!("skipped: the Postgres run needs SYNCGRAPH_TEST_POSTGRES (a server URL)");
-        return;
-    };
     let mut config = Config::for_database(database_url.clone());
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.jwt_secret = Some("test-secret".into());
@@ -181,15 +216,14 @@ where
     }));
     let outcome = tokio::spawn(test(server)).await;
     stop.send(()).ok();
-    tokio::time::timeout(TIMEOUT, serving)
-        .await
-        .expect("server stops in time")
-        .expect("server task")
-        .expect("server ran cleanly");
-    database.drop_database().await;
+    let stopped = tokio::time::timeout(TIMEOUT, serving).await;
     if let Err(err) = outcome {
         std::panic::resume_unwind(err.into_panic());
     }
+    stopped
+        .expect("server stops in time")
+        .expect("server task")
+        .expect("server ran cleanly");
 }
 
 impl TestServer {

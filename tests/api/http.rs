@@ -78,7 +78,7 @@ both_backends! {
             .client()
             .post(server.url("/graphql"))
             .header("content-type", "application/json")
-            .body(format!(r#"{{"query":"{}"}}"#, " ".repeat(2 * 1024 * 1024)))
+            .body(format!(r#"{{"query":"{}"}}"#, " ".repeat(1024 * 1024 + 1024)))
             .send()
             .await
             .unwrap();

@@ -4,7 +4,7 @@ use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::both_backends;
-use crate::helpers::{data, error_code};
+use crate::helpers::{Backend, data, error_code};
 
 const EDIT: &str = "mutation($id: ID!, $b: String!, $v: Int!) { editMessage(input: { id: $id, body: $b, expectedVersion: $v }) { id body version updatedAt } }";
 const DELETE: &str = "mutation($id: ID!, $v: Int) { deleteMessage(input: { id: $id, expectedVersion: $v }) { id body version } }";
@@ -176,6 +176,24 @@ both_backends! {
         assert_eq!(stale["errors"][0]["extensions"]["currentVersion"], 3);
         let fresh = server.graphql_as(&ada, EDIT, json!({ "id": id, "b": "x", "v": 3 })).await;
         assert_eq!(data(&fresh, "editMessage")["version"], 4);
+
+        if server.backend == Backend::Sqlite {
+            // Timestamps keep one text format whoever wrote them (defaults, triggers, API).
+            let rows = sql
+                .query_all_raw(sea_orm::Statement::from_string(
+                    sea_orm::DatabaseBackend::Sqlite,
+                    "SELECT created_at, updated_at FROM messages UNION ALL SELECT created_at, created_at FROM users",
+                ))
+                .await
+                .unwrap();
+            for row in rows {
+                for column in ["created_at", "updated_at"] {
+                    let value: String = row.try_get("", column).unwrap();
+                    assert_eq!(value.len(), "2026-01-02T03:04:05.678Z".len(), "{value}");
+                    assert!(value.ends_with('Z'), "{value}");
+                }
+            }
+        }
     }
 
     async fn authors_of_a_page_load_in_one_batch(server: TestServer) {

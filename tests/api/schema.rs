@@ -28,7 +28,7 @@ async fn every_type_and_field_has_a_description() {
         db,
         syncgraph::auth::JwtKeys::new(b"x", std::time::Duration::from_secs(60)),
     );
-    let query = "{ __schema { types { name kind description fields { name description } inputFields { name description } } } }";
+    let query = "{ __schema { types { name kind description fields { name description args { name description } } inputFields { name description } } } }";
     let response = api
         .execute(Request::new(query), syncgraph::auth::Viewer::Anonymous)
         .await;
@@ -45,8 +45,17 @@ async fn every_type_and_field_has_a_description() {
         }
         for key in ["fields", "inputFields"] {
             for field in ty[key].as_array().into_iter().flatten() {
+                let field_name = field["name"].as_str().unwrap();
                 if field["description"].as_str().is_none_or(str::is_empty) {
-                    missing.push(format!("{name}.{}", field["name"].as_str().unwrap()));
+                    missing.push(format!("{name}.{field_name}"));
+                }
+                for arg in field["args"].as_array().into_iter().flatten() {
+                    if arg["description"].as_str().is_none_or(str::is_empty) {
+                        missing.push(format!(
+                            "{name}.{field_name}({})",
+                            arg["name"].as_str().unwrap()
+                        ));
+                    }
                 }
             }
         }
