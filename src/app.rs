@@ -1,36 +1,55 @@
-//! `App`: connects, migrates, binds the listener and serves until shutdown. Only `main` and
-//! tests use it; it is the only place that spawns long-lived tasks.
+//! `App`: connects, migrates, starts the change feed, binds the listener and serves until
+//! shutdown. Only `main` and tests use it; it is the only place that spawns long-lived tasks.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use migration::{Migrator, MigratorTrait};
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseBackend, DatabaseConnection};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::auth::JwtKeys;
+use crate::changes::{Doorbell, PostgresDoorbell, Pruner, Retention, Tailer};
 use crate::config::Config;
 use crate::db::{self, StatementCounter};
-use crate::graphql::Api;
+use crate::graphql::{Api, Live};
 use crate::http::{self, HttpState};
+use crate::pubsub::Broker;
+use crate::ws::WsConfig;
 
-/// A built, not yet running server.
+/// A built server whose change feed is already running (LISTEN active on Postgres).
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
     db: DatabaseConnection,
     statements: StatementCounter,
+    feed_db: DatabaseConnection,
+    feed_statements: StatementCounter,
     api: Api,
+    broker: Arc<Broker>,
+    doorbell: Doorbell,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl App {
-    /// Connects to the database, applies migrations and binds `config.listen`.
+    /// Connects to the database, applies migrations, starts the change feed and binds
+    /// `config.listen`.
     pub async fn build(config: &Config) -> anyhow::Result<App> {
         let (db, statements) = db::connect(&config.database_url, config.db_max_connections)
             .await
             .context("opening the database")?;
         migrate(&db).await?;
+        // The feed reads through its own small pool: requests never wait behind it, and
+        // statement counts of requests (tests) do not include its polling.
+        let (feed_db, feed_statements) = db::connect(&config.database_url, 3)
+            .await
+            .context("opening the database for the change feed")?;
         let keys = match &config.jwt_secret {
             Some(secret) if !secret.is_empty() => {
                 JwtKeys::new(secret.as_bytes(), config.token_ttl())
@@ -43,10 +62,60 @@ impl App {
                 JwtKeys::random(config.token_ttl())
             }
         };
-        let api = Api::new(db.clone(), keys.clone());
+
+        let (stop, stopped) = watch::channel(false);
+        let doorbell = Doorbell::default();
+        // LISTEN before deciding where the feed starts: every commit after that point
+        // either is at or below the start, or rings.
+        let postgres_doorbell = if db.get_database_backend() == DatabaseBackend::Postgres {
+            Some(
+                PostgresDoorbell::connect(&config.database_url, doorbell.clone())
+                    .await
+                    .context("listening for change notifications")?,
+            )
+        } else {
+            None
+        };
+        let start = Tailer::start_position(&feed_db)
+            .await
+            .context("finding where the change log stands")?;
+        let broker = Arc::new(Broker::new(start));
+        let mut tasks = Vec::new();
+        if let Some(postgres_doorbell) = postgres_doorbell {
+            tasks.push(tokio::spawn(postgres_doorbell.run(stopped.clone())));
+        }
+        let tailer = Tailer::new(
+            feed_db.clone(),
+            broker.clone(),
+            doorbell.clone(),
+            start,
+            Duration::from_millis(config.poll_ms.max(1)),
+        );
+        tasks.push(tokio::spawn(tailer.run(stopped.clone())));
+        let pruner = Pruner::new(
+            feed_db.clone(),
+            broker.clone(),
+            Retention {
+                max_age: Duration::from_secs(config.retention_secs),
+                max_rows: config.retention_rows,
+                interval: Duration::from_secs(config.prune_interval_secs.max(1)),
+            },
+        );
+        tasks.push(tokio::spawn(pruner.run(stopped.clone())));
+
+        let live = Live {
+            broker: broker.clone(),
+            doorbell: doorbell.clone(),
+        };
+        let api = Api::new(db.clone(), keys.clone(), live);
         let router = http::router(HttpState {
             api: api.clone(),
             keys,
+            ws: WsConfig {
+                init_timeout: Duration::from_millis(config.ws_init_timeout_ms),
+                keep_alive: Duration::from_secs(config.ws_keep_alive_secs.max(1)),
+            },
+            shutdown: stopped,
         });
         let listener = TcpListener::bind(config.listen)
             .await
@@ -56,7 +125,13 @@ impl App {
             router,
             db,
             statements,
+            feed_db,
+            feed_statements,
             api,
+            broker,
+            doorbell,
+            stop,
+            tasks,
         })
     }
 
@@ -70,9 +145,14 @@ impl App {
         &self.db
     }
 
-    /// Counts every statement run through `db`.
+    /// Counts every statement run through `db` (requests and subscriptions).
     pub fn statements(&self) -> StatementCounter {
         self.statements.clone()
+    }
+
+    /// Counts every statement the change feed (tailer, pruner) runs.
+    pub fn feed_statements(&self) -> StatementCounter {
+        self.feed_statements.clone()
     }
 
     /// The GraphQL API, for running operations without HTTP.
@@ -80,19 +160,41 @@ impl App {
         &self.api
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests
-    /// finish.
+    /// The hub (tests wait for subscribers on it).
+    pub fn broker(&self) -> Arc<Broker> {
+        self.broker.clone()
+    }
+
+    /// The tailer's doorbell.
+    pub fn doorbell(&self) -> Doorbell {
+        self.doorbell.clone()
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, ends every subscription
+    /// (each gets `complete`, then its socket closes with 1012), lets in-flight requests
+    /// finish and stops the feed.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
         tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/");
+        let stop = self.stop.clone();
+        let broker = self.broker.clone();
         axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                broker.close();
+                let _ = stop.send(true);
+            })
             .await
             .context("serving HTTP")?;
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         self.db.close_by_ref().await.ok();
+        self.feed_db.close_by_ref().await.ok();
         tracing::info!("stopped");
         Ok(())
     }

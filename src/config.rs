@@ -65,6 +65,50 @@ pub struct Config {
         global = true
     )]
     pub db_max_connections: u32,
+    /// Close a WebSocket with 4408 when no connection_init arrives within this, in ms.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_WS_INIT_TIMEOUT_MS",
+        default_value_t = 3_000,
+        global = true
+    )]
+    pub ws_init_timeout_ms: u64,
+    /// Server keep-alive pings on WebSockets every this many seconds.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_WS_KEEP_ALIVE_SECS",
+        default_value_t = 12,
+        global = true
+    )]
+    pub ws_keep_alive_secs: u64,
+    /// Keep captured changes at least this long (seconds) for resuming subscriptions.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_RETENTION_SECS",
+        default_value_t = 604_800,
+        global = true
+    )]
+    pub retention_secs: u64,
+    /// Keep at most this many captured changes.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_RETENTION_ROWS",
+        default_value_t = 1_000_000,
+        global = true
+    )]
+    pub retention_rows: u64,
+    /// Prune the change log every this many seconds.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_PRUNE_INTERVAL_SECS",
+        default_value_t = 60,
+        global = true
+    )]
+    pub prune_interval_secs: u64,
+    /// Look for changes without a wake-up this often, in ms (writes by other processes on
+    /// SQLite; a safety net on PostgreSQL).
+    #[arg(long, env = "SYNCGRAPH_POLL_MS", default_value_t = 100, global = true)]
+    pub poll_ms: u64,
     /// Log line format (filter with RUST_LOG).
     #[arg(long, env = "SYNCGRAPH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -92,6 +136,12 @@ impl Config {
             token_ttl_secs: 86_400,
             db_max_connections: 10,
             log_format: LogFormat::Text,
+            ws_init_timeout_ms: 3_000,
+            ws_keep_alive_secs: 12,
+            retention_secs: 604_800,
+            retention_rows: 1_000_000,
+            prune_interval_secs: 60,
+            poll_ms: 100,
         }
     }
 

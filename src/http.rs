@@ -1,5 +1,6 @@
-//! The axum router: GraphQL over HTTP on `/graphql` (POST, and GET for queries), GraphiQL on
-//! `/` and `/graphiql`, and `/healthz`.
+//! The axum router: GraphQL over HTTP on `/graphql` (POST, and GET for queries), the
+//! WebSocket upgrade on the same path (protocols in `ws`), GraphiQL on `/` and `/graphiql`,
+//! and `/healthz`.
 //!
 //! Responses follow GraphQL over HTTP: a client that accepts
 //! `application/graphql-response+json` gets that media type, with status 400 when the request
@@ -8,14 +9,18 @@
 use async_graphql::parser::types::OperationType;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
+use axum::extract::{FromRequestParts, Request, WebSocketUpgrade};
+use tokio::sync::watch;
+
 use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::Api;
 use crate::graphql::error::code;
+use crate::ws::{self, Protocol, WsConfig};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -23,11 +28,17 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 const APPLICATION_JSON: &str = "application/json";
 
+/// Largest accepted WebSocket message.
+pub const MAX_WS_MESSAGE_BYTES: usize = 1024 * 1024;
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct HttpState {
     pub api: Api,
     pub keys: JwtKeys,
+    pub ws: WsConfig,
+    /// Turns true when the server shuts down; WebSockets close then.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// The application's routes.
@@ -128,10 +139,60 @@ async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: 
     run(&state, request, &headers, graphql_response).await
 }
 
-async fn graphql_get(
-    State(state): State<HttpState>,
+/// GET /graphql: a WebSocket upgrade (graphql-transport-ws or legacy graphql-ws), or a
+/// query in the URL.
+async fn graphql_get(State(state): State<HttpState>, request: Request) -> Response {
+    let is_upgrade = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if is_upgrade {
+        return websocket(state, request).await;
+    }
+    let headers = request.headers().clone();
+    let query = request.uri().query().map(str::to_owned);
+    graphql_query_string(state, headers, query).await
+}
+
+async fn websocket(state: HttpState, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let offered = parts
+        .headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect::<Vec<_>>();
+    let Some(protocol) = Protocol::negotiate(offered) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "unsupported WebSocket subprotocol: use graphql-transport-ws or graphql-ws",
+        )
+            .into_response();
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    upgrade
+        .protocols([protocol.name()])
+        .max_message_size(MAX_WS_MESSAGE_BYTES)
+        .on_upgrade(move |socket| {
+            ws::serve(
+                socket,
+                protocol,
+                state.api,
+                state.keys,
+                state.ws,
+                state.shutdown,
+            )
+        })
+}
+
+async fn graphql_query_string(
+    state: HttpState,
     headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    query: Option<String>,
 ) -> Response {
     let graphql_response = wants_graphql_response(&headers);
     let request = match async_graphql::http::parse_query_string(

@@ -8,16 +8,23 @@
 //! - `store`: SeaORM reads and writes, one module per aggregate, returning `StoreError`.
 //! - `graphql`: the schema (`AppSchema`, `build_schema`), its resolvers, input validation and
 //!   the single mapping from domain errors to GraphQL errors.
-//! - `http`: the axum router: GraphQL over HTTP, GraphiQL, health.
+//! - `pubsub`: the hub: a bounded broadcast per topic (channel) of `ChangeEvent`s.
+//! - `changes`: the tailer that follows `change_log` gap-free and publishes to the hub, its
+//!   doorbell (Postgres LISTEN, in-process rings), retention pruning, log replay reads.
+//! - `http`: the axum router: GraphQL over HTTP, WebSocket upgrade, GraphiQL, health.
+//! - `ws`: the graphql-transport-ws and legacy graphql-ws protocols over one socket.
 //! - `app`: `App::build` wires everything, binds the listener and runs until shutdown.
 
 pub mod app;
 pub mod auth;
+pub mod changes;
 pub mod config;
 pub mod db;
 pub mod graphql;
 pub mod http;
+pub mod pubsub;
 pub mod store;
+pub mod ws;
 
 pub use app::App;
 pub use config::Config;

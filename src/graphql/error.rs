@@ -37,6 +37,8 @@ pub enum AppError {
     NotFound(String),
     /// A stale `expectedVersion`; nothing was written.
     Conflict { current_version: i32 },
+    /// The `after` cursor points before what the change log still holds.
+    CursorExpired,
     /// The client sent something invalid; `field` names the argument or input field.
     BadInput { field: String, message: String },
     /// Something broke on our side; logged, shown generically.
@@ -63,6 +65,7 @@ impl AppError {
             AppError::NotFound(_) => code::NOT_FOUND,
             AppError::Conflict { .. } => code::CONFLICT,
             AppError::BadInput { .. } => code::BAD_USER_INPUT,
+            AppError::CursorExpired => code::CURSOR_EXPIRED,
             AppError::Internal(_) => code::INTERNAL_SERVER_ERROR,
         }
     }
@@ -120,6 +123,11 @@ impl From<AppError> for async_graphql::Error {
                 e.set("code", code);
                 e.set("currentVersion", current_version);
             }),
+            AppError::CursorExpired => async_graphql::Error::new(
+                "the cursor is older than the change log's retention; \
+                 reload the current state and subscribe without `after`",
+            )
+            .extend_with(|_, e| e.set("code", code)),
             AppError::BadInput { field, message } => async_graphql::Error::new(message)
                 .extend_with(|_, e| {
                     e.set("code", code);

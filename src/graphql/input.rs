@@ -107,6 +107,8 @@ pub fn password(field: &str, value: &str) -> AppResult<()> {
 pub enum CursorKind {
     Message,
     Channel,
+    /// A position in the change log (subscription events).
+    Event,
 }
 
 impl CursorKind {
@@ -114,6 +116,7 @@ impl CursorKind {
         match self {
             CursorKind::Message => "message:",
             CursorKind::Channel => "channel:",
+            CursorKind::Event => "event:",
         }
     }
 }

@@ -6,33 +6,48 @@ pub mod input;
 pub mod loaders;
 pub mod mutation;
 pub mod query;
+pub mod subscription;
 pub mod types;
 
 use std::sync::Arc;
 
-use async_graphql::{Context, EmptySubscription, Schema};
+use async_graphql::{Context, Schema};
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use sea_orm::DatabaseConnection;
 
 use crate::auth::{JwtKeys, Viewer};
+use crate::changes::Doorbell;
+use crate::pubsub::Broker;
 use error::{AppError, AppResult};
 use loaders::Loaders;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
+pub use subscription::SubscriptionRoot;
 
 /// The executable schema.
-pub type AppSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// Builds the schema over a database connection and this process's token keys.
-pub fn build_schema(db: DatabaseConnection, keys: JwtKeys) -> AppSchema {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+/// The change feed as resolvers see it: the hub to subscribe to, and the doorbell that
+/// mutations ring after they commit.
+#[derive(Clone)]
+pub struct Live {
+    pub broker: Arc<Broker>,
+    pub doorbell: Doorbell,
+}
+
+/// Builds the schema over a database connection, this process's token keys and the feed.
+pub fn build_schema(db: DatabaseConnection, keys: JwtKeys, live: Live) -> AppSchema {
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(db)
         .data(keys)
+        .data(live)
         .finish()
 }
 
 /// The schema's SDL, as committed in `schema.graphql`.
 pub fn sdl() -> String {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .finish()
         .sdl()
 }
@@ -45,10 +60,10 @@ pub struct Api {
 }
 
 impl Api {
-    /// The API over `db`, signing tokens with `keys`.
-    pub fn new(db: DatabaseConnection, keys: JwtKeys) -> Self {
+    /// The API over `db`, signing tokens with `keys`, streaming from `live`.
+    pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live) -> Self {
         Self {
-            schema: build_schema(db.clone(), keys),
+            schema: build_schema(db.clone(), keys, live),
             db,
         }
     }
@@ -70,6 +85,23 @@ impl Api {
         error::ensure_codes(&mut response);
         response
     }
+
+    /// Runs one operation of any kind as `viewer` and streams its responses (one for a
+    /// query or mutation, one per event for a subscription), every error with a code.
+    pub fn execute_stream(
+        &self,
+        request: async_graphql::Request,
+        viewer: Viewer,
+    ) -> BoxStream<'static, async_graphql::Response> {
+        let request = request.data(viewer).data(loaders::loaders(self.db.clone()));
+        self.schema
+            .execute_stream(request)
+            .map(|mut response| {
+                error::ensure_codes(&mut response);
+                response
+            })
+            .boxed()
+    }
 }
 
 fn missing(what: &'static str) -> AppError {
@@ -87,6 +119,18 @@ pub(crate) fn db<'a>(ctx: &Context<'a>) -> AppResult<&'a DatabaseConnection> {
 /// This process's token keys.
 pub(crate) fn jwt_keys<'a>(ctx: &Context<'a>) -> AppResult<&'a JwtKeys> {
     ctx.data::<JwtKeys>().map_err(|_| missing("JwtKeys"))
+}
+
+/// The change feed.
+pub(crate) fn live<'a>(ctx: &Context<'a>) -> AppResult<&'a Live> {
+    ctx.data::<Live>().map_err(|_| missing("Live"))
+}
+
+/// Rings the doorbell after a mutation committed, so the tailer reads the change at once.
+pub(crate) fn committed(ctx: &Context<'_>) {
+    if let Ok(live) = ctx.data::<Live>() {
+        live.doorbell.ring();
+    }
 }
 
 /// The per-request loaders.

@@ -5,7 +5,7 @@ use async_graphql::{Context, ID, InputObject, Object};
 use super::error::{AppError, AppResult};
 use super::input::{self, *};
 use super::types::{AuthPayload, Channel, Document, Message, User};
-use super::{db, jwt_keys, viewer_id};
+use super::{committed, db, jwt_keys, viewer_id};
 use crate::{auth, store};
 
 /// Input of `signUp`.
@@ -160,9 +160,9 @@ impl MutationRoot {
     ) -> AppResult<Channel> {
         let viewer = viewer_id(ctx)?;
         let name = required_text("input.name", &input.name, CHANNEL_NAME_MAX)?;
-        Ok(Channel(
-            store::channel::create(db(ctx)?, name, viewer).await?,
-        ))
+        let written = Channel(store::channel::create(db(ctx)?, name, viewer).await?);
+        committed(ctx);
+        Ok(written)
     }
 
     /// Adds a user to a channel the caller belongs to; adding a member again changes nothing.
@@ -174,9 +174,10 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let user_id = input::id("input.userId", &input.user_id)?;
-        Ok(Channel(
-            store::channel::add_member(db(ctx)?, viewer, channel_id, user_id).await?,
-        ))
+        let written =
+            Channel(store::channel::add_member(db(ctx)?, viewer, channel_id, user_id).await?);
+        committed(ctx);
+        Ok(written)
     }
 
     /// Posts a message to a channel the caller belongs to.
@@ -188,9 +189,10 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
-        Ok(Message(
-            store::message::create(db(ctx)?, channel_id, viewer, body).await?,
-        ))
+        let written =
+            Message::new(store::message::create(db(ctx)?, channel_id, viewer, body).await?);
+        committed(ctx);
+        Ok(written)
     }
 
     /// Replaces the text of the caller's own message, if it is still at `expectedVersion`.
@@ -202,9 +204,11 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
-        Ok(Message(
+        let written = Message::new(
             store::message::edit(db(ctx)?, viewer, id, body, input.expected_version).await?,
-        ))
+        );
+        committed(ctx);
+        Ok(written)
     }
 
     /// Deletes the caller's own message and returns its last state.
@@ -215,9 +219,11 @@ impl MutationRoot {
     ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
-        Ok(Message(
+        let written = Message::new(
             store::message::delete(db(ctx)?, viewer, id, input.expected_version).await?,
-        ))
+        );
+        committed(ctx);
+        Ok(written)
     }
 
     /// Creates a shared document in a channel the caller belongs to.
@@ -230,9 +236,10 @@ impl MutationRoot {
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let title = required_text("input.title", &input.title, DOCUMENT_TITLE_MAX)?;
         let body = limited_text("input.body", &input.body, DOCUMENT_BODY_MAX)?;
-        Ok(Document(
-            store::document::create(db(ctx)?, viewer, channel_id, title, body).await?,
-        ))
+        let written =
+            Document(store::document::create(db(ctx)?, viewer, channel_id, title, body).await?);
+        committed(ctx);
+        Ok(written)
     }
 
     /// Changes a document's title and/or body, if it is still at `expectedVersion`.
@@ -259,9 +266,11 @@ impl MutationRoot {
                 "input: give a title, a body or both",
             ));
         }
-        Ok(Document(
+        let written = Document(
             store::document::update(db(ctx)?, viewer, id, title, body, input.expected_version)
                 .await?,
-        ))
+        );
+        committed(ctx);
+        Ok(written)
     }
 }

@@ -2,15 +2,17 @@
 //! through the per-request loaders.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_graphql::{Context, ID, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use entities::{channel, document, message, user};
 
-use super::error::AppResult;
+use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::loaders::{DocumentsOf, MembersOf, UserId};
 use super::{db, loaders};
+use crate::pubsub::ChangeEvent;
 use crate::store;
 
 /// A person with an account.
@@ -98,7 +100,7 @@ impl Channel {
             .into_iter()
             .map(|m| MessageEdge {
                 cursor: input::encode_cursor(CursorKind::Message, m.id),
-                node: Message(m),
+                node: Message::new(m),
             })
             .collect();
         Ok(MessageConnection {
@@ -124,47 +126,82 @@ impl Channel {
 }
 
 /// A chat message in a channel.
-pub struct Message(pub message::Model);
+pub struct Message {
+    model: message::Model,
+    /// The change this message comes from, when it is rendered for a subscription: its memo
+    /// shares the author lookup among every subscriber of that change.
+    event: Option<Arc<ChangeEvent>>,
+}
+
+impl Message {
+    /// A message read from the database.
+    pub fn new(model: message::Model) -> Self {
+        Self { model, event: None }
+    }
+
+    /// A message decoded from a change event's row image.
+    pub fn from_event(model: message::Model, event: Arc<ChangeEvent>) -> Self {
+        Self {
+            model,
+            event: Some(event),
+        }
+    }
+}
 
 /// A chat message in a channel.
 #[Object]
 impl Message {
     /// Opaque identifier.
     async fn id(&self) -> ID {
-        ID(self.0.id.to_string())
+        ID(self.model.id.to_string())
     }
 
     /// The channel it was posted in.
     async fn channel_id(&self) -> ID {
-        ID(self.0.channel_id.to_string())
+        ID(self.model.channel_id.to_string())
     }
 
     /// Who posted it.
     async fn author(&self, ctx: &Context<'_>) -> AppResult<User> {
-        let author = loaders(ctx)?.load_one(UserId(self.0.author_id)).await?;
-        author.map(User).ok_or_else(|| {
-            super::error::AppError::NotFound("the message's author no longer exists".into())
-        })
+        let author_id = self.model.author_id;
+        let author = match &self.event {
+            Some(event) => {
+                let db = db(ctx)?.clone();
+                let author = event
+                    .memo
+                    .get_or_try_init("author", author_id, || async move {
+                        store::user::find_by_id(&db, author_id)
+                            .await
+                            .map_err(AppError::from)
+                    })
+                    .await?;
+                author.as_ref().clone()
+            }
+            None => loaders(ctx)?.load_one(UserId(author_id)).await?,
+        };
+        author
+            .map(User)
+            .ok_or_else(|| AppError::NotFound("the message's author no longer exists".into()))
     }
 
     /// The text, 1 to 4,000 characters.
     async fn body(&self) -> &str {
-        &self.0.body
+        &self.model.body
     }
 
     /// Starts at 1 and rises by one with every change; pass it as `expectedVersion`.
     async fn version(&self) -> i32 {
-        self.0.version
+        self.model.version
     }
 
     /// When it was posted.
     async fn created_at(&self) -> DateTime<Utc> {
-        self.0.created_at
+        self.model.created_at
     }
 
     /// When it last changed.
     async fn updated_at(&self) -> DateTime<Utc> {
-        self.0.updated_at
+        self.model.updated_at
     }
 }
 

@@ -27,6 +27,14 @@ pub async fn create(
     .await?)
 }
 
+/// The document with `id`, if any (callers check access).
+pub async fn find(
+    db: &impl ConnectionTrait,
+    id: i64,
+) -> Result<Option<document::Model>, StoreError> {
+    Ok(document::Entity::find_by_id(id).one(db).await?)
+}
+
 /// The document, when it exists and `viewer` is a member of its channel; one query.
 pub async fn find_for_member(
     db: &impl ConnectionTrait,

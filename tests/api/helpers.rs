@@ -58,6 +58,10 @@ pub struct TestServer {
     /// The server's own connection pool; its statements are counted by `statements`.
     pub db: DatabaseConnection,
     pub statements: StatementCounter,
+    /// Statements of the change feed (tailer, pruner), counted apart.
+    pub feed_statements: StatementCounter,
+    /// The hub, to wait (with a deadline) until subscriptions are registered.
+    pub broker: std::sync::Arc<syncgraph::pubsub::Broker>,
     client: reqwest::Client,
 }
 
@@ -149,6 +153,12 @@ impl FreshDatabase {
     }
 }
 
+/// Settings every test server shares: short protocol timers, so their tests are quick.
+pub fn test_settings(config: &mut Config) {
+    config.ws_init_timeout_ms = 500;
+    config.ws_keep_alive_secs = 1;
+}
+
 /// Says once, on the real standard error (the test harness captures `eprintln!`), that the
 /// Postgres runs are skipped.
 fn say_postgres_skipped() {
@@ -198,6 +208,7 @@ where
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.jwt_secret = Some("test-secret".into());
     config.db_max_connections = 5;
+    test_settings(&mut config);
     let app = App::build(&config).await.expect("build app");
     let server = TestServer {
         addr: app.local_addr().expect("local addr"),
@@ -205,6 +216,8 @@ where
         database_url,
         db: app.db().clone(),
         statements: app.statements(),
+        feed_statements: app.feed_statements(),
+        broker: app.broker(),
         client: reqwest::Client::builder()
             .timeout(TIMEOUT)
             .build()

@@ -2,6 +2,7 @@
 //! and on PostgreSQL when `SYNCGRAPH_TEST_POSTGRES` holds a server URL.
 
 mod helpers;
+mod ws_client;
 
 mod accounts;
 mod channels;
@@ -12,3 +13,4 @@ mod errors;
 mod http;
 mod messages;
 mod schema;
+mod subscriptions;

@@ -24,9 +24,14 @@ async fn every_type_and_field_has_a_description() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("schema.db").display());
     let (db, _) = syncgraph::db::connect(&url, 1).await.unwrap();
+    let live = syncgraph::graphql::Live {
+        broker: std::sync::Arc::new(syncgraph::pubsub::Broker::new(0)),
+        doorbell: syncgraph::changes::Doorbell::default(),
+    };
     let api = syncgraph::graphql::Api::new(
         db,
         syncgraph::auth::JwtKeys::new(b"x", std::time::Duration::from_secs(60)),
+        live,
     );
     let query = "{ __schema { types { name kind description fields { name description args { name description } } inputFields { name description } } } }";
     let response = api

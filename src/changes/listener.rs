@@ -1,0 +1,87 @@
+//! Postgres doorbell: a dedicated LISTEN connection on channel `change_log`. NOTIFY only
+//! wakes the tailer; notifications are lost while disconnected, so every (re)connect rings
+//! once more, after LISTEN is active, and the tailer re-reads from its last position.
+
+use std::time::Duration;
+
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tokio::sync::watch;
+
+use super::{ChangeError, Doorbell};
+
+/// The NOTIFY channel the `log_change()` trigger signals.
+pub const CHANNEL: &str = "change_log";
+
+/// The name the LISTEN connection shows in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "syncgraph-listener";
+
+/// A LISTEN connection that rings the doorbell.
+pub struct PostgresDoorbell {
+    options: PgConnectOptions,
+    listener: PgListener,
+    doorbell: Doorbell,
+}
+
+async fn listen(options: &PgConnectOptions) -> Result<PgListener, ChangeError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options.clone());
+    let mut listener = PgListener::connect_with(&pool)
+        .await
+        .map_err(ChangeError::Listen)?;
+    listener
+        .listen(CHANNEL)
+        .await
+        .map_err(ChangeError::Listen)?;
+    Ok(listener)
+}
+
+impl PostgresDoorbell {
+    /// Connects and LISTENs; returns once LISTEN is active.
+    pub async fn connect(url: &str, doorbell: Doorbell) -> Result<Self, ChangeError> {
+        let options: PgConnectOptions = url
+            .parse::<PgConnectOptions>()
+            .map_err(ChangeError::Listen)?
+            .application_name(APPLICATION_NAME);
+        let listener = listen(&options).await?;
+        Ok(Self {
+            options,
+            listener,
+            doorbell,
+        })
+    }
+
+    /// Rings on every notification until `shutdown` turns true; reconnects with backoff.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                received = self.listener.try_recv() => match received {
+                    Ok(Some(_)) => self.doorbell.ring(),
+                    Ok(None) | Err(_) => {
+                        tracing::warn!("lost the LISTEN connection; reconnecting");
+                        let mut pause = Duration::from_millis(100);
+                        loop {
+                            match listen(&self.options).await {
+                                Ok(listener) => {
+                                    self.listener = listener;
+                                    break;
+                                }
+                                Err(err) => {
+                                    tracing::warn!(error = %err, "cannot LISTEN yet");
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(pause) => {}
+                                        _ = shutdown.changed() => return,
+                                    }
+                                    pause = (pause * 2).min(Duration::from_secs(5));
+                                }
+                            }
+                        }
+                        // Whatever was notified while we were away is read now.
+                        self.doorbell.ring();
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

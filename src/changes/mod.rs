@@ -1,0 +1,46 @@
+//! The change feed's reading side: the tailer that follows `change_log` in position order
+//! with a gap-free algorithm and publishes to the hub, the doorbell that wakes it, the
+//! retention pruner, and the log reads that subscriptions replay from. No GraphQL here.
+
+mod listener;
+mod log;
+mod prune;
+mod tailer;
+
+use std::sync::Arc;
+
+use sea_orm::DbErr;
+use tokio::sync::Notify;
+
+pub use listener::PostgresDoorbell;
+pub use log::{pruned_through, read_scope};
+pub use prune::{Pruner, Retention};
+pub use tailer::Tailer;
+
+/// What reading or following the change log can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("database error while reading the change log")]
+    Db(#[from] DbErr),
+    #[error("cannot listen for change notifications")]
+    Listen(#[source] sea_orm::sqlx::Error),
+    #[error("undecodable change_log row at position {position}: {reason}")]
+    Decode { position: i64, reason: String },
+}
+
+/// Wakes the tailer: rung after our own commits (every backend) and by Postgres NOTIFY. A
+/// ring with nobody waiting is kept, so a wake-up between a read and the wait is not lost.
+#[derive(Clone, Debug, Default)]
+pub struct Doorbell(Arc<Notify>);
+
+impl Doorbell {
+    /// Wakes the tailer (now, or at its next wait).
+    pub fn ring(&self) {
+        self.0.notify_one();
+    }
+
+    /// Waits for a ring.
+    pub async fn wait(&self) {
+        self.0.notified().await;
+    }
+}

@@ -1,0 +1,183 @@
+//! The tailer: follows `change_log` in position order and publishes a gap-free sequence.
+//!
+//! Postgres positions come from a sequence, and transactions commit in any order: position
+//! 10 may become visible after 11. So the tailer publishes only the contiguous prefix of
+//! what it reads. At a gap it takes a fresh transaction id X in its own short transaction,
+//! waits until `pg_snapshot_xmin(pg_current_snapshot())` has passed X, and reads again:
+//! every transaction that held a position up to the highest one seen had taken its xid
+//! before its position (the trigger calls `pg_current_xact_id()` first), so before X; once
+//! the horizon passed X they have all committed or rolled back, and a position still missing
+//! is a rollback, skipped for good. ARCHITECTURE.md has the whole argument.
+//!
+//! SQLite has one writer at a time and positions are assigned inside it, so position order
+//! is commit order and a missing position can only be a rollback: no wait is needed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, Statement};
+use tokio::sync::watch;
+
+use super::log::{max_position, read_range};
+use super::{ChangeError, Doorbell};
+use crate::pubsub::{Broker, ChangeEvent};
+
+/// Rows read per step.
+const BATCH: u64 = 1_000;
+
+/// Follows the log and publishes to the broker.
+pub struct Tailer {
+    db: DatabaseConnection,
+    broker: Arc<Broker>,
+    doorbell: Doorbell,
+    /// Every position up to here is decided and published.
+    last: i64,
+    /// How often to look without a ring (writes by other processes on SQLite; a safety net
+    /// on Postgres).
+    poll: Duration,
+}
+
+impl Tailer {
+    /// The position through which the log is decided right now: the highest position, once
+    /// every transaction that might still hold a lower one has ended. The broker starts
+    /// there; older changes are history, served by replay.
+    pub async fn start_position(db: &DatabaseConnection) -> Result<i64, ChangeError> {
+        let max = max_position(db).await?;
+        if db.get_database_backend() == DatabaseBackend::Postgres {
+            wait_for_horizon(db).await?;
+        }
+        Ok(max)
+    }
+
+    /// A tailer that continues after `last` (from `start_position`).
+    pub fn new(
+        db: DatabaseConnection,
+        broker: Arc<Broker>,
+        doorbell: Doorbell,
+        last: i64,
+        poll: Duration,
+    ) -> Self {
+        Self {
+            db,
+            broker,
+            doorbell,
+            last,
+            poll,
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.step().await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    backoff = Duration::from_millis(50);
+                    tokio::select! {
+                        _ = self.doorbell.wait() => {}
+                        _ = tokio::time::sleep(self.poll) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, last = self.last, "change log read failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Reads once and publishes what is decided; true when there may be more to read now.
+    pub async fn step(&mut self) -> Result<bool, ChangeError> {
+        let rows = read_range(&self.db, self.last, None, BATCH).await?;
+        let Some(highest) = rows.last().map(|row| row.position) else {
+            return Ok(false);
+        };
+        let full = rows.len() as u64 == BATCH;
+        let contiguous = rows
+            .iter()
+            .zip(self.last + 1..)
+            .take_while(|(row, expected)| row.position == *expected)
+            .count();
+        if contiguous == rows.len() {
+            self.publish(rows, highest);
+            return Ok(full);
+        }
+        let mut rows = rows;
+        rows.truncate(contiguous);
+        if let Some(through) = rows.last().map(|row| row.position) {
+            self.publish(rows, through);
+        }
+        // A gap below `highest`: wait until whoever held it has ended, then everything up
+        // to `highest` is decided; what is still missing was rolled back.
+        if self.db.get_database_backend() == DatabaseBackend::Postgres {
+            wait_for_horizon(&self.db).await?;
+        }
+        loop {
+            let rows = read_range(&self.db, self.last, Some(highest), BATCH).await?;
+            let done = (rows.len() as u64) < BATCH;
+            match rows.last().map(|row| row.position) {
+                Some(through) => self.publish(rows, through),
+                None => break,
+            }
+            if done {
+                break;
+            }
+        }
+        // Positions up to `highest` that never appeared are permanent gaps.
+        self.publish(Vec::new(), highest);
+        Ok(true)
+    }
+
+    fn publish(&mut self, rows: Vec<ChangeEvent>, through: i64) {
+        let events = rows.into_iter().map(Arc::new).collect();
+        self.broker.publish(events, through);
+        self.last = self.last.max(through);
+    }
+}
+
+/// Waits until every transaction that had an xid when this was called has ended: takes a
+/// fresh xid X in its own transaction, then polls the snapshot horizon until it passes X.
+async fn wait_for_horizon(db: &DatabaseConnection) -> Result<(), ChangeError> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT pg_current_xact_id()::text AS xid",
+        ))
+        .await?;
+    let xid: String = match row {
+        Some(row) => row.try_get("", "xid")?,
+        None => return Ok(()),
+    };
+    let xid: u64 = xid.parse().map_err(|_| ChangeError::Decode {
+        position: 0,
+        reason: format!("transaction id {xid:?}"),
+    })?;
+    let check = format!("SELECT pg_snapshot_xmin(pg_current_snapshot()) > '{xid}'::xid8 AS passed");
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                check.clone(),
+            ))
+            .await?;
+        let passed = match row {
+            Some(row) => row.try_get::<bool>("", "passed")?,
+            None => false,
+        };
+        if passed {
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}

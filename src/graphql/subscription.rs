@@ -1,0 +1,333 @@
+//! The Subscription root: `messageEvents` and `documentEvents`.
+//!
+//! Each subscription subscribes to its channel's topic first, then reads how far the log has
+//! been published (`P`), then checks access (so a removal after `P` arrives as an event) and
+//! the cursor. The stream replays the log from the cursor up to `P`, then follows the topic,
+//! dropping what it already covered by position. When the topic's buffer overflows (a slow
+//! reader), it re-reads the log from its last position instead of failing or buffering.
+//! Losing membership ends the stream with FORBIDDEN before any later event is delivered:
+//! the channel's topic carries membership changes in the same order as everything else.
+
+use std::sync::Arc;
+
+use async_graphql::{Context, Enum, ID, SimpleObject, Subscription};
+use entities::{channel_member, document, message};
+use futures_util::Stream;
+use sea_orm::DatabaseConnection;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::error::{AppError, AppResult};
+use super::input::{self, CursorKind};
+use super::types::{Document, Message};
+use super::{db, live, viewer_id};
+use crate::changes;
+use crate::pubsub::{Broker, ChangeEvent, Op};
+use crate::store;
+
+/// Log rows read per page when replaying.
+const REPLAY_PAGE: u64 = 500;
+
+/// What happened to a row.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The row was inserted.
+    Created,
+    /// The row was updated.
+    Updated,
+    /// The row was deleted (the event carries its last state).
+    Deleted,
+}
+
+impl From<Op> for ChangeKind {
+    fn from(op: Op) -> Self {
+        match op {
+            Op::Insert => ChangeKind::Created,
+            Op::Update => ChangeKind::Updated,
+            Op::Delete => ChangeKind::Deleted,
+        }
+    }
+}
+
+/// A change to a message of a channel.
+#[derive(SimpleObject)]
+pub struct MessageEvent {
+    /// Resume after this event with `messageEvents(after: cursor)`.
+    pub cursor: String,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The message as of this change (its last state when deleted).
+    pub message: Message,
+}
+
+/// A change to a shared document.
+#[derive(SimpleObject)]
+pub struct DocumentEvent {
+    /// Resume after this event with `documentEvents(after: cursor)`.
+    pub cursor: String,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The document as of this change (its last state when deleted).
+    pub document: Document,
+}
+
+/// Live changes.
+#[derive(Default)]
+pub struct SubscriptionRoot;
+
+/// Live changes, in one order, resumable from any event's cursor.
+#[Subscription]
+impl SubscriptionRoot {
+    /// Every change to the channel's messages, as it commits, whoever wrote it. With
+    /// `after`, first replays every later change in order, then continues live, with no gap
+    /// and no duplicate. Members only (FORBIDDEN otherwise); losing membership ends the
+    /// stream with FORBIDDEN. A cursor older than the log's retention: CURSOR_EXPIRED.
+    async fn message_events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The channel to follow.")] channel_id: ID,
+        #[graphql(desc = "Resume after this event's cursor.")] after: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = AppResult<MessageEvent>> + use<>> {
+        let viewer = viewer_id(ctx)?;
+        let channel_id = input::id("channelId", &channel_id)?;
+        let after = parse_after(after.as_deref())?;
+        let follow = Follow::start(ctx, channel_id, viewer, after).await?;
+        Ok(follow.into_stream(move |event| {
+            if event.table != "messages" {
+                return Ok(Render::Skip);
+            }
+            let model: message::Model = decode(event)?;
+            Ok(Render::Deliver(MessageEvent {
+                cursor: input::encode_cursor(CursorKind::Event, event.position),
+                kind: event.op.into(),
+                message: Message::from_event(model, event.clone()),
+            }))
+        }))
+    }
+
+    /// Every change to one document, as it commits, whoever wrote it; ends after its
+    /// deletion. `after`, access and errors as for `messageEvents`.
+    async fn document_events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The document to follow.")] document_id: ID,
+        #[graphql(desc = "Resume after this event's cursor.")] after: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = AppResult<DocumentEvent>> + use<>> {
+        let viewer = viewer_id(ctx)?;
+        let document_id = input::id("documentId", &document_id)?;
+        let after = parse_after(after.as_deref())?;
+        let document = store::document::find(db(ctx)?, document_id)
+            .await
+            .map_err(AppError::from)?
+            .ok_or_else(|| AppError::NotFound("document not found".into()))?;
+        let follow = Follow::start(ctx, document.channel_id, viewer, after).await?;
+        Ok(follow.into_stream(move |event| {
+            if event.table != "documents" || event.row_id != document_id {
+                return Ok(Render::Skip);
+            }
+            let model: document::Model = decode(event)?;
+            let rendered = DocumentEvent {
+                cursor: input::encode_cursor(CursorKind::Event, event.position),
+                kind: event.op.into(),
+                document: Document(model),
+            };
+            Ok(if event.op == Op::Delete {
+                Render::DeliverThenEnd(rendered)
+            } else {
+                Render::Deliver(rendered)
+            })
+        }))
+    }
+}
+
+fn parse_after(after: Option<&str>) -> AppResult<Option<i64>> {
+    after
+        .map(|cursor| input::decode_cursor("after", CursorKind::Event, cursor))
+        .transpose()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(event: &ChangeEvent) -> AppResult<T> {
+    serde_json::from_value(event.row.clone()).map_err(|err| {
+        AppError::Internal(Arc::new(changes::ChangeError::Decode {
+            position: event.position,
+            reason: err.to_string(),
+        }))
+    })
+}
+
+/// What a subscription makes of one event of its topic.
+enum Render<T> {
+    Skip,
+    Deliver(T),
+    DeliverThenEnd(T),
+}
+
+/// A checked subscription to one channel's topic, ready to stream.
+struct Follow {
+    db: DatabaseConnection,
+    broker: Arc<Broker>,
+    receiver: tokio::sync::broadcast::Receiver<Arc<ChangeEvent>>,
+    channel_id: i64,
+    viewer: i64,
+    /// Every position up to here has been considered.
+    seen: i64,
+    /// Replay the log up to here before following the topic.
+    target: i64,
+}
+
+impl Follow {
+    /// Subscribes, then checks membership and the cursor.
+    async fn start(
+        ctx: &Context<'_>,
+        channel_id: i64,
+        viewer: i64,
+        after: Option<i64>,
+    ) -> AppResult<Follow> {
+        let db = db(ctx)?.clone();
+        let broker = live(ctx)?.broker.clone();
+        let receiver = broker.subscribe(channel_id);
+        let published = broker.published();
+        store::channel::require_member(&db, channel_id, viewer).await?;
+        if let Some(after) = after {
+            let pruned = changes::pruned_through(&db).await.map_err(internal)?;
+            if after < pruned {
+                return Err(AppError::CursorExpired);
+            }
+        }
+        Ok(Follow {
+            db,
+            broker,
+            receiver,
+            channel_id,
+            viewer,
+            seen: after.unwrap_or(published),
+            target: published,
+        })
+    }
+
+    /// Replays, then follows, rendering each event with `render`.
+    fn into_stream<T, F>(mut self, render: F) -> impl Stream<Item = AppResult<T>> + use<T, F>
+    where
+        T: Send + 'static,
+        F: Fn(&Arc<ChangeEvent>) -> AppResult<Render<T>> + Send + 'static,
+    {
+        async_stream::stream! {
+            // Changes up to the first target happened before access was checked: membership
+            // changes among them are history, not revocations.
+            let mut history = true;
+            loop {
+                while self.seen < self.target {
+                    let page = changes::read_scope(
+                        &self.db, self.channel_id, self.seen, self.target, REPLAY_PAGE,
+                    )
+                    .await;
+                    let page = match page {
+                        Ok(page) => page,
+                        Err(err) => {
+                            yield Err(internal(err));
+                            return;
+                        }
+                    };
+                    let complete = (page.len() as u64) < REPLAY_PAGE;
+                    for event in page {
+                        let event = Arc::new(event);
+                        self.seen = event.position;
+                        match self.handle(&event, history, &render) {
+                            Step::Skip => {}
+                            Step::Yield(item) => yield item,
+                            Step::End(item) => {
+                                if let Some(item) = item {
+                                    yield item;
+                                }
+                                return;
+                            }
+                        }
+                    }
+                    if complete {
+                        self.seen = self.target;
+                    }
+                }
+                history = false;
+                match self.receiver.recv().await {
+                    Ok(event) => {
+                        if event.position <= self.seen {
+                            continue;
+                        }
+                        self.seen = event.position;
+                        match self.handle(&event, false, &render) {
+                            Step::Skip => {}
+                            Step::Yield(item) => yield item,
+                            Step::End(item) => {
+                                if let Some(item) = item {
+                                    yield item;
+                                }
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow for the topic's buffer: read the log instead.
+                        self.target = self.broker.published();
+                        match changes::pruned_through(&self.db).await {
+                            Ok(pruned) if self.seen < pruned => {
+                                yield Err(AppError::CursorExpired);
+                                return;
+                            }
+                            Ok(_) => {}
+                            Err(err) => {
+                                yield Err(internal(err));
+                                return;
+                            }
+                        }
+                    }
+                    // The server is shutting down.
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+
+    fn handle<T, F>(&self, event: &Arc<ChangeEvent>, history: bool, render: &F) -> Step<T>
+    where
+        F: Fn(&Arc<ChangeEvent>) -> AppResult<Render<T>>,
+    {
+        if !history && self.revokes(event) {
+            return Step::End(Some(Err(AppError::Forbidden(
+                "you are no longer a member of this channel".into(),
+            ))));
+        }
+        if event.table == "channels" && event.op == Op::Delete && event.row_id == self.channel_id {
+            return Step::End(None);
+        }
+        match render(event) {
+            Ok(Render::Skip) => Step::Skip,
+            Ok(Render::Deliver(item)) => Step::Yield(Ok(item)),
+            Ok(Render::DeliverThenEnd(item)) => Step::End(Some(Ok(item))),
+            Err(err) => Step::End(Some(Err(err))),
+        }
+    }
+
+    /// True when `event` removes the viewer from the channel.
+    fn revokes(&self, event: &ChangeEvent) -> bool {
+        if event.table != "channel_members" || event.row_id != self.viewer {
+            return false;
+        }
+        match event.op {
+            Op::Delete => true,
+            // Moving the membership row to another channel or user is a removal too.
+            Op::Update => serde_json::from_value::<channel_member::Model>(event.row.clone())
+                .map(|m| m.channel_id != self.channel_id || m.user_id != self.viewer)
+                .unwrap_or(true),
+            Op::Insert => false,
+        }
+    }
+}
+
+enum Step<T> {
+    Skip,
+    Yield(AppResult<T>),
+    End(Option<AppResult<T>>),
+}
+
+fn internal(err: changes::ChangeError) -> AppError {
+    AppError::Internal(Arc::new(err))
+}

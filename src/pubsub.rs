@@ -1,0 +1,253 @@
+//! The hub: one bounded broadcast per topic (a channel id), carrying `ChangeEvent`s decoded
+//! from `change_log`. A change reaches only its topic's subscribers. No database, no GraphQL.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OnceCell, broadcast};
+
+/// How many events a topic buffers for a slow subscriber before it lags (and then re-reads
+/// the log instead).
+pub const TOPIC_CAPACITY: usize = 256;
+
+/// What happened to a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    /// The operation as `change_log.op` spells it.
+    pub fn parse(op: &str) -> Option<Op> {
+        match op {
+            "INSERT" => Some(Op::Insert),
+            "UPDATE" => Some(Op::Update),
+            "DELETE" => Some(Op::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One committed change, as captured in `change_log`.
+#[derive(Debug)]
+pub struct ChangeEvent {
+    /// Its place in the one global order.
+    pub position: i64,
+    /// The live table it happened in.
+    pub table: String,
+    pub op: Op,
+    /// The row's id column (for `channel_members`, the user id).
+    pub row_id: i64,
+    /// The topic: the channel the row belongs to.
+    pub scope: Option<i64>,
+    /// The row image (the last state on DELETE).
+    pub row: serde_json::Value,
+    /// Values derived from this event once and shared by every subscriber that renders it.
+    pub memo: Memo,
+}
+
+/// One memoised value, computed once.
+type Slot = Arc<OnceCell<Arc<dyn Any + Send + Sync>>>;
+
+/// A per-event store of derived values (for example the message's author), so that fanning
+/// one change out to many subscribers costs one lookup, not one per subscriber.
+#[derive(Default)]
+pub struct Memo {
+    slots: Mutex<HashMap<(TypeId, &'static str, i64), Slot>>,
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
+}
+
+impl Memo {
+    /// The value under (`T`, `key`, `id`), computed by `init` by the first caller; concurrent
+    /// callers wait for that one computation. A failed `init` is not remembered.
+    pub async fn get_or_try_init<T, E, F, Fut>(
+        &self,
+        key: &'static str,
+        id: i64,
+        init: F,
+    ) -> Result<Arc<T>, E>
+    where
+        T: Any + Send + Sync,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let cell = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .entry((TypeId::of::<T>(), key, id))
+                .or_default()
+                .clone()
+        };
+        let value = cell
+            .get_or_try_init(|| async {
+                init()
+                    .await
+                    .map(|value| Arc::new(value) as Arc<dyn Any + Send + Sync>)
+            })
+            .await?
+            .clone();
+        // The slot is keyed by the type, so the value is always a `T`.
+        Ok(value
+            .downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("memo slots are keyed by type")))
+    }
+}
+
+/// Topics, each a bounded broadcast, plus how far the log has been published.
+pub struct Broker {
+    topics: Mutex<HashMap<i64, broadcast::Sender<Arc<ChangeEvent>>>>,
+    published: AtomicI64,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Broker {
+    /// A hub whose log position starts at `published` (every change up to it is history).
+    pub fn new(published: i64) -> Self {
+        Self {
+            topics: Mutex::new(HashMap::new()),
+            published: AtomicI64::new(published),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn topics(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<i64, broadcast::Sender<Arc<ChangeEvent>>>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver for `topic`'s future events. Subscribe first, then read `published()`:
+    /// every event after that position reaches the receiver.
+    pub fn subscribe(&self, topic: i64) -> broadcast::Receiver<Arc<ChangeEvent>> {
+        let mut topics = self.topics();
+        if self.closed.load(Ordering::Acquire) {
+            // After shutdown: a receiver whose sender is already gone, so it ends at once.
+            return broadcast::channel(1).1;
+        }
+        topics
+            .entry(topic)
+            .or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0)
+            .subscribe()
+    }
+
+    /// The position through which every change has been decided and handed to the topics:
+    /// the log up to here can be read without gaps.
+    pub fn published(&self) -> i64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// Publishes a gap-free, ordered batch that ends at `through`. The position advances
+    /// before the events are sent, so a subscriber that reads `published()` after
+    /// subscribing either replays an event from the log or receives it live (or both, and
+    /// drops the duplicate by position), never neither.
+    pub fn publish(&self, events: Vec<Arc<ChangeEvent>>, through: i64) {
+        self.published.fetch_max(through, Ordering::AcqRel);
+        let mut topics = self.topics();
+        for event in events {
+            let Some(topic) = event.scope else { continue };
+            if let Some(sender) = topics.get(&topic)
+                && sender.send(event).is_err()
+            {
+                // Nobody listens any more.
+                topics.remove(&topic);
+            }
+        }
+    }
+
+    /// How many receivers `topic` has (tests wait on it before writing).
+    pub fn receiver_count(&self, topic: i64) -> usize {
+        self.topics()
+            .get(&topic)
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Ends every topic: receivers see `Closed` once they drained their buffer.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.topics().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(position: i64, scope: i64) -> Arc<ChangeEvent> {
+        Arc::new(ChangeEvent {
+            position,
+            table: "messages".into(),
+            op: Op::Insert,
+            row_id: position,
+            scope: Some(scope),
+            row: serde_json::Value::Null,
+            memo: Memo::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn events_reach_only_their_topic() {
+        let broker = Broker::new(0);
+        let mut one = broker.subscribe(1);
+        let mut two = broker.subscribe(2);
+        broker.publish(vec![event(1, 1), event(2, 2), event(3, 1)], 3);
+        assert_eq!(broker.published(), 3);
+        assert_eq!(one.recv().await.unwrap().position, 1);
+        assert_eq!(one.recv().await.unwrap().position, 3);
+        assert_eq!(two.recv().await.unwrap().position, 2);
+        assert!(two.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_slow_receiver_lags_instead_of_growing() {
+        let broker = Broker::new(0);
+        let mut slow = broker.subscribe(1);
+        let events: Vec<_> = (1..=(TOPIC_CAPACITY as i64 + 10))
+            .map(|p| event(p, 1))
+            .collect();
+        broker.publish(events, TOPIC_CAPACITY as i64 + 10);
+        assert!(matches!(
+            slow.recv().await,
+            Err(broadcast::error::RecvError::Lagged(10))
+        ));
+    }
+
+    #[tokio::test]
+    async fn memo_computes_once_for_concurrent_callers() {
+        let memo = Memo::default();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let get = || {
+            memo.get_or_try_init::<String, (), _, _>("author", 7, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok("Ada".to_owned())
+            })
+        };
+        let (a, b) = tokio::join!(get(), get());
+        assert_eq!(*a.unwrap(), "Ada");
+        assert_eq!(*b.unwrap(), "Ada");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn close_ends_receivers() {
+        let broker = Broker::new(0);
+        let mut receiver = broker.subscribe(1);
+        broker.close();
+        assert!(matches!(
+            receiver.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        let mut late = broker.subscribe(1);
+        assert!(late.recv().await.is_err());
+    }
+}

@@ -1,0 +1,500 @@
+//! GraphQL over WebSocket, spec-exact, on `/graphql`: `graphql-transport-ws` (the graphql-ws
+//! library's protocol) and the legacy `graphql-ws` (subscriptions-transport-ws).
+//!
+//! Why our own module: async-graphql-axum's handler differs from the graphql-ws protocol in
+//! ways clients notice (DESIGN.md "Protocol layer"): it closes with 1002/1011 where the
+//! protocol says 4400/4401/4403 (and the graphql-ws client treats 1002/1011 as fatal and stops
+//! reconnecting), replaces a running operation on a duplicate id instead of closing with
+//! 4409, has no connection_init timeout (4408) and sends no server pings. The library still
+//! executes every operation (`Schema::execute_stream`); this module is only the framing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::auth::{JwtKeys, Viewer};
+use crate::graphql::Api;
+
+/// `Sec-WebSocket-Protocol` of the graphql-ws library.
+pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
+/// `Sec-WebSocket-Protocol` of the legacy subscriptions-transport-ws library.
+pub const GRAPHQL_WS: &str = "graphql-ws";
+
+/// Close codes of the graphql-transport-ws protocol.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const SERVICE_RESTART: u16 = 1012;
+    pub const BAD_REQUEST: u16 = 4400;
+    pub const UNAUTHORIZED: u16 = 4401;
+    pub const FORBIDDEN: u16 = 4403;
+    pub const INIT_TIMEOUT: u16 = 4408;
+    pub const SUBSCRIBER_EXISTS: u16 = 4409;
+    pub const TOO_MANY_INITS: u16 = 4429;
+}
+
+/// Which of the two protocols a socket speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    TransportWs,
+    Legacy,
+}
+
+impl Protocol {
+    /// The protocol to speak given the client's offered subprotocols (comma-separated
+    /// header values), preferring graphql-transport-ws; `None` for anything else.
+    pub fn negotiate<'a>(offered: impl IntoIterator<Item = &'a str>) -> Option<Protocol> {
+        let offered: Vec<&str> = offered
+            .into_iter()
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .collect();
+        if offered.contains(&GRAPHQL_TRANSPORT_WS) {
+            Some(Protocol::TransportWs)
+        } else if offered.contains(&GRAPHQL_WS) {
+            Some(Protocol::Legacy)
+        } else {
+            None
+        }
+    }
+
+    /// The subprotocol name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::TransportWs => GRAPHQL_TRANSPORT_WS,
+            Protocol::Legacy => GRAPHQL_WS,
+        }
+    }
+}
+
+/// Timing of the protocol.
+#[derive(Clone, Copy, Debug)]
+pub struct WsConfig {
+    /// Close with 4408 when no connection_init arrives within this.
+    pub init_timeout: Duration,
+    /// Server pings (`ka` on the legacy protocol) this often after the ack.
+    pub keep_alive: Duration,
+}
+
+/// What the server sends: a text frame, or a close frame that ends the connection.
+enum Outgoing {
+    Text(String),
+    Close(u16, String),
+}
+
+/// Messages of graphql-transport-ws from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum TransportMessage {
+    ConnectionInit {
+        #[serde(default)]
+        payload: Option<Value>,
+    },
+    Ping {
+        #[serde(default)]
+        payload: Option<Value>,
+    },
+    Pong {
+        #[serde(default)]
+        #[allow(dead_code)]
+        payload: Option<Value>,
+    },
+    Subscribe {
+        id: String,
+        payload: Box<async_graphql::Request>,
+    },
+    Complete {
+        id: String,
+    },
+}
+
+/// Messages of the legacy protocol from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum LegacyMessage {
+    ConnectionInit {
+        #[serde(default)]
+        payload: Option<Value>,
+    },
+    Start {
+        id: String,
+        payload: Box<async_graphql::Request>,
+    },
+    Stop {
+        id: String,
+    },
+    ConnectionTerminate,
+}
+
+/// The `authorization` value of a connection_init payload (the key in any letter case).
+fn authorization(payload: Option<&Value>) -> Option<&str> {
+    payload?
+        .as_object()?
+        .iter()
+        .find(|(key, _)| key.eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, value)| value.as_str())
+}
+
+/// One connection's state.
+struct Connection {
+    protocol: Protocol,
+    api: Api,
+    keys: JwtKeys,
+    out: mpsc::Sender<Outgoing>,
+    /// `Some` once connection_init was accepted.
+    viewer: Option<Viewer>,
+    operations: HashMap<String, JoinHandle<()>>,
+    finished: mpsc::UnboundedSender<(String, u64)>,
+    /// Distinguishes a finished operation from a newer one that reuses its id.
+    generation: u64,
+    generations: HashMap<String, u64>,
+}
+
+/// Serves one upgraded socket until either side closes or the server shuts down.
+pub async fn serve(
+    socket: WebSocket,
+    protocol: Protocol,
+    api: Api,
+    keys: JwtKeys,
+    config: WsConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (mut sink, mut stream) = socket.split();
+    // Bounded: a client that does not read makes its operations wait (and, past the
+    // topic's buffer, re-read the log) instead of growing this queue.
+    let (out, mut outgoing) = mpsc::channel::<Outgoing>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outgoing.recv().await {
+            match message {
+                Outgoing::Text(text) => {
+                    if sink.send(Frame::Text(Utf8Bytes::from(text))).await.is_err() {
+                        return;
+                    }
+                }
+                Outgoing::Close(code, reason) => {
+                    let frame = CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from(reason),
+                    };
+                    let _ = sink.send(Frame::Close(Some(frame))).await;
+                    let _ = sink.close().await;
+                    return;
+                }
+            }
+        }
+    });
+    let (finished, mut finished_ids) = mpsc::unbounded_channel();
+    let mut connection = Connection {
+        protocol,
+        api,
+        keys,
+        out,
+        viewer: None,
+        operations: HashMap::new(),
+        finished,
+        generation: 0,
+        generations: HashMap::new(),
+    };
+    let init_deadline = tokio::time::sleep(config.init_timeout);
+    tokio::pin!(init_deadline);
+    let mut keep_alive = tokio::time::interval(config.keep_alive);
+    keep_alive.reset();
+    loop {
+        tokio::select! {
+            frame = stream.next() => {
+                let Some(Ok(frame)) = frame else { break };
+                let keep_going = match frame {
+                    Frame::Text(text) => connection.on_text(text.as_str()).await,
+                    Frame::Binary(_) => {
+                        connection.close(close::BAD_REQUEST, "Binary frames are not supported").await;
+                        false
+                    }
+                    Frame::Close(_) => false,
+                    Frame::Ping(_) | Frame::Pong(_) => true,
+                };
+                if !keep_going {
+                    break;
+                }
+            }
+            _ = &mut init_deadline, if connection.viewer.is_none() => {
+                connection.close(close::INIT_TIMEOUT, "Connection initialisation timeout").await;
+                break;
+            }
+            _ = keep_alive.tick(), if connection.viewer.is_some() => {
+                let ping = match connection.protocol {
+                    Protocol::TransportWs => json!({ "type": "ping" }),
+                    Protocol::Legacy => json!({ "type": "ka" }),
+                };
+                connection.send(ping).await;
+            }
+            Some((id, generation)) = finished_ids.recv() => {
+                if connection.generations.get(&id) == Some(&generation) {
+                    connection.generations.remove(&id);
+                    connection.operations.remove(&id);
+                }
+            }
+            _ = shutdown.changed() => {
+                // The hub is closed: each operation sends `complete` as its stream ends.
+                for (_, operation) in connection.operations.drain() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), operation).await;
+                }
+                connection.close(close::SERVICE_RESTART, "Server restarting").await;
+                break;
+            }
+        }
+    }
+    for (_, operation) in connection.operations.drain() {
+        operation.abort();
+    }
+    drop(connection);
+    let _ = writer.await;
+}
+
+impl Connection {
+    async fn send(&self, message: Value) {
+        let _ = self.out.send(Outgoing::Text(message.to_string())).await;
+    }
+
+    async fn close(&self, code: u16, reason: &str) {
+        let _ = self
+            .out
+            .send(Outgoing::Close(code, reason.to_owned()))
+            .await;
+    }
+
+    /// Handles one text frame; false when the connection is to end.
+    async fn on_text(&mut self, text: &str) -> bool {
+        match self.protocol {
+            Protocol::TransportWs => match serde_json::from_str::<TransportMessage>(text) {
+                Ok(message) => self.on_transport(message).await,
+                Err(_) => {
+                    self.close(close::BAD_REQUEST, "Invalid message received")
+                        .await;
+                    false
+                }
+            },
+            Protocol::Legacy => match serde_json::from_str::<LegacyMessage>(text) {
+                Ok(message) => self.on_legacy(message).await,
+                Err(_) => {
+                    // The legacy server answers an unreadable message with an error and
+                    // keeps the connection.
+                    self.send(json!({
+                        "type": "error",
+                        "payload": { "message": "Invalid message received" }
+                    }))
+                    .await;
+                    true
+                }
+            },
+        }
+    }
+
+    /// Accepts connection_init: the viewer from its payload, or `None` for a bad token.
+    fn authenticate(&self, payload: Option<&Value>) -> Option<Viewer> {
+        match Viewer::from_authorization(authorization(payload), &self.keys) {
+            Viewer::InvalidToken => None,
+            viewer => Some(viewer),
+        }
+    }
+
+    async fn on_transport(&mut self, message: TransportMessage) -> bool {
+        match message {
+            TransportMessage::ConnectionInit { payload } => {
+                if self.viewer.is_some() {
+                    self.close(close::TOO_MANY_INITS, "Too many initialisation requests")
+                        .await;
+                    return false;
+                }
+                if payload
+                    .as_ref()
+                    .is_some_and(|p| !p.is_object() && !p.is_null())
+                {
+                    self.close(close::BAD_REQUEST, "Invalid connection_init payload")
+                        .await;
+                    return false;
+                }
+                match self.authenticate(payload.as_ref()) {
+                    Some(viewer) => {
+                        self.viewer = Some(viewer);
+                        self.send(json!({ "type": "connection_ack" })).await;
+                        true
+                    }
+                    None => {
+                        self.close(close::FORBIDDEN, "Forbidden").await;
+                        false
+                    }
+                }
+            }
+            TransportMessage::Ping { payload } => {
+                let pong = match payload {
+                    Some(payload) => json!({ "type": "pong", "payload": payload }),
+                    None => json!({ "type": "pong" }),
+                };
+                self.send(pong).await;
+                true
+            }
+            TransportMessage::Pong { .. } => true,
+            TransportMessage::Subscribe { id, payload } => {
+                let Some(viewer) = self.viewer else {
+                    self.close(close::UNAUTHORIZED, "Unauthorized").await;
+                    return false;
+                };
+                if self.operations.contains_key(&id) {
+                    self.close(
+                        close::SUBSCRIBER_EXISTS,
+                        &format!("Subscriber for {id} already exists"),
+                    )
+                    .await;
+                    return false;
+                }
+                self.start(id, *payload, viewer);
+                true
+            }
+            TransportMessage::Complete { id } => {
+                self.stop(&id);
+                true
+            }
+        }
+    }
+
+    async fn on_legacy(&mut self, message: LegacyMessage) -> bool {
+        match message {
+            LegacyMessage::ConnectionInit { payload } => {
+                match self.authenticate(payload.as_ref()) {
+                    Some(viewer) => {
+                        self.viewer = Some(viewer);
+                        self.send(json!({ "type": "connection_ack" })).await;
+                        self.send(json!({ "type": "ka" })).await;
+                        true
+                    }
+                    None => {
+                        self.send(json!({
+                            "type": "connection_error",
+                            "payload": { "message": "Forbidden" }
+                        }))
+                        .await;
+                        self.close(close::FORBIDDEN, "Forbidden").await;
+                        false
+                    }
+                }
+            }
+            LegacyMessage::Start { id, payload } => {
+                let Some(viewer) = self.viewer else {
+                    self.send(json!({
+                        "type": "error",
+                        "id": id,
+                        "payload": { "message": "Send connection_init first" }
+                    }))
+                    .await;
+                    return true;
+                };
+                // The legacy protocol replaces an operation that reuses a running id.
+                self.stop(&id);
+                self.start(id, *payload, viewer);
+                true
+            }
+            LegacyMessage::Stop { id } => {
+                self.stop(&id);
+                true
+            }
+            LegacyMessage::ConnectionTerminate => {
+                self.close(close::NORMAL, "Normal closure").await;
+                false
+            }
+        }
+    }
+
+    fn stop(&mut self, id: &str) {
+        if let Some(operation) = self.operations.remove(id) {
+            operation.abort();
+        }
+        self.generations.remove(id);
+    }
+
+    /// Runs an operation: `next` (legacy `data`) per response, then `complete`; a request
+    /// that fails before producing data gets one `error` message instead.
+    fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
+        self.generation += 1;
+        let generation = self.generation;
+        let protocol = self.protocol;
+        let out = self.out.clone();
+        let finished = self.finished.clone();
+        let mut responses = self.api.execute_stream(request, viewer);
+        let task_id = id.clone();
+        let operation = tokio::spawn(async move {
+            let id = task_id;
+            let data_type = match protocol {
+                Protocol::TransportWs => "next",
+                Protocol::Legacy => "data",
+            };
+            let mut first = true;
+            while let Some(response) = responses.next().await {
+                let failed_before_data = first
+                    && response.data == async_graphql::Value::Null
+                    && !response.errors.is_empty();
+                first = false;
+                let message = if failed_before_data {
+                    json!({ "type": "error", "id": id, "payload": response.errors })
+                } else {
+                    json!({ "type": data_type, "id": id, "payload": response })
+                };
+                if out.send(Outgoing::Text(message.to_string())).await.is_err() {
+                    return;
+                }
+                if failed_before_data {
+                    // `error` ends the operation; no `complete` follows it.
+                    let _ = finished.send((id, generation));
+                    return;
+                }
+            }
+            let complete = json!({ "type": "complete", "id": id });
+            let _ = out.send(Outgoing::Text(complete.to_string())).await;
+            let _ = finished.send((id, generation));
+        });
+        self.generations.insert(id.clone(), generation);
+        self.operations.insert(id, operation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation_prefers_the_current_protocol_and_refuses_others() {
+        assert_eq!(
+            Protocol::negotiate(["graphql-ws, graphql-transport-ws"]),
+            Some(Protocol::TransportWs)
+        );
+        assert_eq!(Protocol::negotiate(["graphql-ws"]), Some(Protocol::Legacy));
+        assert_eq!(Protocol::negotiate(["mqtt"]), None);
+        assert_eq!(Protocol::negotiate([]), None);
+    }
+
+    #[test]
+    fn authorization_key_is_matched_in_any_case() {
+        let payload = json!({ "Authorization": "Bearer x" });
+        assert_eq!(authorization(Some(&payload)), Some("Bearer x"));
+        let payload = json!({ "headers": { "authorization": "Bearer x" } });
+        assert_eq!(authorization(Some(&payload)), None);
+        assert_eq!(authorization(None), None);
+    }
+
+    #[test]
+    fn client_messages_decode() {
+        let message: TransportMessage = serde_json::from_str(
+            r#"{"type":"subscribe","id":"1","payload":{"query":"subscription { x }"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(message, TransportMessage::Subscribe { id, .. } if id == "1"));
+        assert!(serde_json::from_str::<TransportMessage>(r#"{"type":"nope"}"#).is_err());
+        assert!(
+            serde_json::from_str::<TransportMessage>(r#"{"type":"subscribe","id":"1"}"#).is_err()
+        );
+    }
+}
