@@ -12,5 +12,6 @@ mod documents;
 mod errors;
 mod http;
 mod messages;
+mod protocol;
 mod schema;
 mod subscriptions;

@@ -69,8 +69,14 @@ impl WsClient {
 
     /// The next frame (text as JSON, or a close), failing after `RECEIVE_TIMEOUT`.
     pub async fn recv_frame(&mut self) -> Frame {
+        self.recv_frame_by(tokio::time::Instant::now() + RECEIVE_TIMEOUT)
+            .await
+    }
+
+    /// The next frame, failing at `deadline`.
+    async fn recv_frame_by(&mut self, deadline: tokio::time::Instant) -> Frame {
         loop {
-            let frame = tokio::time::timeout(RECEIVE_TIMEOUT, self.socket.next())
+            let frame = tokio::time::timeout_at(deadline, self.socket.next())
                 .await
                 .expect("a message arrives in time");
             match frame {
@@ -99,10 +105,15 @@ impl WsClient {
         }
     }
 
-    /// The next JSON message other than keep-alives (answering pings with pongs).
+    /// The next JSON message other than keep-alives (answering pings with pongs), failing
+    /// after `RECEIVE_TIMEOUT` however many keep-alives arrive meanwhile.
     pub async fn recv(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
         loop {
-            let message = self.recv_raw().await;
+            let message = match self.recv_frame_by(deadline).await {
+                Frame::Json(value) => value,
+                other => panic!("expected a message, got {other:?}"),
+            };
             match message["type"].as_str() {
                 Some("ping") => self.send(json!({ "type": "pong" })).await,
                 Some("ka") => {}
@@ -113,8 +124,9 @@ impl WsClient {
 
     /// Waits for the server to close; returns (code, reason).
     pub async fn expect_close(&mut self) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
         loop {
-            match self.recv_frame().await {
+            match self.recv_frame_by(deadline).await {
                 Frame::Close(close) => return close,
                 Frame::Json(message)
                     if matches!(message["type"].as_str(), Some("ping") | Some("ka")) => {}
@@ -175,6 +187,8 @@ impl WsClient {
 pub enum Frame {
     Json(Value),
     Close((u16, String)),
+    /// A transport error (read through `Debug` in failure messages).
+    #[allow(dead_code)]
     Error(String),
 }
 
