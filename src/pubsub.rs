@@ -108,6 +108,16 @@ pub struct Broker {
     topics: Mutex<HashMap<i64, broadcast::Sender<Arc<ChangeEvent>>>>,
     published: AtomicI64,
     closed: std::sync::atomic::AtomicBool,
+    streaming: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a subscription as streaming (checks passed, events flowing) while it lives.
+pub struct Streaming(Arc<Broker>);
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.streaming.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Broker {
@@ -117,6 +127,7 @@ impl Broker {
             topics: Mutex::new(HashMap::new()),
             published: AtomicI64::new(published),
             closed: std::sync::atomic::AtomicBool::new(false),
+            streaming: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -169,6 +180,17 @@ impl Broker {
         self.topics()
             .get(&topic)
             .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Marks a subscription as streaming until the guard drops.
+    pub fn streaming(self: &Arc<Self>) -> Streaming {
+        self.streaming.fetch_add(1, Ordering::AcqRel);
+        Streaming(self.clone())
+    }
+
+    /// How many subscriptions are streaming (past their access checks).
+    pub fn streaming_count(&self) -> usize {
+        self.streaming.load(Ordering::Acquire)
     }
 
     /// Ends every topic: receivers see `Closed` once they drained their buffer.

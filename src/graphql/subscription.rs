@@ -211,6 +211,7 @@ impl Follow {
         F: Fn(&Arc<ChangeEvent>) -> AppResult<Render<T>> + Send + 'static,
     {
         async_stream::stream! {
+            let _streaming = self.broker.streaming();
             // Changes up to the first target happened before access was checked: membership
             // changes among them are history, not revocations.
             let mut history = true;

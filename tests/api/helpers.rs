@@ -239,7 +239,62 @@ where
         .expect("server ran cleanly");
 }
 
+/// Another server process's worth of state (its own pool, tailer, hub, listener) on the
+/// same database: stands in for a second process, or for the same server after a restart.
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub broker: std::sync::Arc<syncgraph::pubsub::Broker>,
+    stop: Option<oneshot::Sender<()>>,
+    serving: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Peer {
+    /// Shuts the peer down gracefully and waits (with a deadline) until it has stopped.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        if let Some(serving) = self.serving.take() {
+            tokio::time::timeout(TIMEOUT, serving)
+                .await
+                .expect("peer stops in time")
+                .expect("peer task")
+                .expect("peer ran cleanly");
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+    }
+}
+
 impl TestServer {
+    /// Starts another server on this test's database (same JWT secret).
+    pub async fn start_peer(&self) -> Peer {
+        let mut config = Config::for_database(self.database_url.clone());
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.jwt_secret = Some("test-secret".into());
+        config.db_max_connections = 5;
+        test_settings(&mut config);
+        let app = App::build(&config).await.expect("build peer");
+        let addr = app.local_addr().expect("peer addr");
+        let broker = app.broker();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = tokio::spawn(app.run(async {
+            stopped.await.ok();
+        }));
+        Peer {
+            addr,
+            broker,
+            stop: Some(stop),
+            serving: Some(serving),
+        }
+    }
+
     /// `http://addr` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)

@@ -10,6 +10,7 @@ mod cli;
 mod concurrency;
 mod documents;
 mod errors;
+mod feed;
 mod http;
 mod messages;
 mod protocol;

@@ -49,6 +49,15 @@ impl WsClient {
             .expect("WebSocket connects")
     }
 
+    /// Connects to another server (a peer) and completes connection_init.
+    pub async fn connect_to(addr: std::net::SocketAddr, token: Option<&str>) -> WsClient {
+        let mut client = Self::try_connect(addr, "graphql-transport-ws")
+            .await
+            .expect("WebSocket connects");
+        client.init(token).await;
+        client
+    }
+
     /// Connects with graphql-transport-ws and completes connection_init (with a token).
     pub async fn connect_as(server: &TestServer, token: Option<&str>) -> WsClient {
         let mut client = Self::connect(server).await;
@@ -225,6 +234,19 @@ pub async fn caught_up(server: &TestServer) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the feed publishes position {position} in time"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits (with a deadline) until `count` subscriptions have passed their checks and stream.
+pub async fn wait_for_streams(broker: &syncgraph::pubsub::Broker, count: usize) {
+    let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+    while broker.streaming_count() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{count} subscriptions streaming in time (have {})",
+            broker.streaming_count()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -1,0 +1,265 @@
+//! The change feed under load and faults: fan-out cost, concurrent writers, a lost LISTEN
+//! connection, several processes, restarts, and a subscriber that stops reading.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+use serde_json::json;
+
+use crate::both_backends;
+use crate::helpers::{Backend, TestServer, run};
+use crate::subscriptions::{MESSAGE_EVENTS, event, sql_insert};
+use crate::ws_client::{WsClient, caught_up, wait_for_streams, wait_for_subscribers};
+
+const BODIES: &str = "subscription($c: ID!, $after: String) { messageEvents(channelId: $c, after: $after) { cursor kind message { id body } } }";
+
+/// Reads `n` events of operation `id`; returns (cursor, body) pairs.
+async fn collect(ws: &mut WsClient, id: &str, n: usize) -> Vec<(String, String)> {
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        let payload = ws.next_payload(id).await;
+        let e = event(&payload);
+        events.push((
+            e["cursor"].as_str().unwrap().to_owned(),
+            e["message"]["body"].as_str().unwrap().to_owned(),
+        ));
+    }
+    events
+}
+
+both_backends! {
+    async fn one_change_reaches_a_thousand_subscribers_with_constant_queries(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "busy").await;
+        caught_up(&server).await;
+        let sql = server.sql().await;
+
+        // One subscriber: how many statements does one change cost the server?
+        let mut single = WsClient::connect_as(&server, Some(&ada)).await;
+        single.subscribe("s", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        wait_for_streams(&server.broker, 1).await;
+        let before = server.statements.get();
+        sql_insert(&sql, &channel, &ada_id, "to one").await;
+        let payload = single.next_payload("s").await;
+        assert_eq!(event(&payload)["message"]["author"]["name"], "Ada");
+        let for_one = server.statements.get() - before;
+
+        // A thousand more, over ten connections.
+        let mut sockets = Vec::new();
+        for _ in 0..10 {
+            let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+            for i in 0..100 {
+                ws.subscribe(&format!("s{i}"), MESSAGE_EVENTS, json!({ "c": channel })).await;
+            }
+            sockets.push(ws);
+        }
+        wait_for_streams(&server.broker, 1_001).await;
+        let before = server.statements.get();
+        sql_insert(&sql, &channel, &ada_id, "to all").await;
+        for ws in &mut sockets {
+            let mut ids = HashSet::new();
+            for _ in 0..100 {
+                let message = ws.recv().await;
+                assert_eq!(message["type"], "next", "{message}");
+                let e = event(&message["payload"]);
+                assert_eq!(e["message"]["body"], "to all");
+                assert_eq!(e["message"]["author"]["name"], "Ada");
+                assert!(ids.insert(message["id"].as_str().unwrap().to_owned()), "one event per subscription");
+            }
+        }
+        assert_eq!(event(&single.next_payload("s").await)["message"]["body"], "to all");
+        let for_thousand = server.statements.get() - before;
+        assert_eq!(for_one, for_thousand, "statements per change do not grow with subscribers");
+        assert!(for_thousand <= 2, "{for_thousand} statements for one change");
+    }
+
+    async fn eight_concurrent_writers_give_every_subscriber_and_a_replay_one_sequence(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "race").await;
+        caught_up(&server).await;
+        let mut live = Vec::new();
+        for _ in 0..3 {
+            let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+            ws.subscribe("live", BODIES, json!({ "c": channel })).await;
+            live.push(ws);
+        }
+        wait_for_subscribers(&server.broker, &channel, 3).await;
+        sql_insert(&server.sql().await, &channel, &ada_id, "marker").await;
+        let mut marker = String::new();
+        for ws in &mut live {
+            let events = collect(ws, "live", 1).await;
+            assert_eq!(events[0].1, "marker");
+            marker = events[0].0.clone();
+        }
+
+        // Eight writers, each on its own connection, each holding its transaction open for
+        // a pseudo-random moment before COMMIT, so commits interleave out of position order.
+        let mut writers = Vec::new();
+        for writer in 0..8u64 {
+            let sql = server.sql().await;
+            let channel = channel.clone();
+            let author = ada_id.clone();
+            writers.push(tokio::spawn(async move {
+                let mut seed = writer * 2_654_435_761 + 1;
+                for i in 0..10 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let txn = sql.begin().await.unwrap();
+                    sql_insert(&txn, &channel, &author, &format!("w{writer}-{i}")).await;
+                    tokio::time::sleep(Duration::from_millis(seed % 15)).await;
+                    txn.commit().await.unwrap();
+                }
+            }));
+        }
+        for writer in writers {
+            tokio::time::timeout(crate::helpers::TIMEOUT, writer).await.unwrap().unwrap();
+        }
+        let mut sequences = Vec::new();
+        for ws in &mut live {
+            sequences.push(collect(ws, "live", 80).await);
+        }
+        let mut replay = WsClient::connect_as(&server, Some(&ada)).await;
+        replay.subscribe("replay", BODIES, json!({ "c": channel, "after": marker })).await;
+        sequences.push(collect(&mut replay, "replay", 80).await);
+
+        for sequence in &sequences[1..] {
+            assert_eq!(sequence, &sequences[0], "every subscriber and the replay agree");
+        }
+        let bodies: HashSet<&str> = sequences[0].iter().map(|(_, b)| b.as_str()).collect();
+        assert_eq!(bodies.len(), 80, "no duplicate, none missing");
+        let positions: Vec<i64> = sequences[0].iter().map(|(c, _)| crate::subscriptions::position_of(c)).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "one increasing order");
+        for writer in 0..8 {
+            let mine: Vec<&str> = sequences[0]
+                .iter()
+                .map(|(_, b)| b.as_str())
+                .filter(|b| b.starts_with(&format!("w{writer}-")))
+                .collect();
+            let expected: Vec<String> = (0..10).map(|i| format!("w{writer}-{i}")).collect();
+            assert_eq!(mine, expected, "each writer's changes in its commit order");
+        }
+    }
+
+    async fn another_process_on_the_same_database_delivers_exactly_once(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "shared").await;
+        let peer = server.start_peer().await;
+        let mut ws = WsClient::connect_to(peer.addr, Some(&ada)).await;
+        ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&peer.broker, &channel, 1).await;
+        // Through the other process's API, and through plain SQL.
+        server.post_message(&ada, &channel, "via api").await;
+        sql_insert(&server.sql().await, &channel, &ada_id, "via sql").await;
+        let events = collect(&mut ws, "1", 2).await;
+        assert_eq!(events.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(), ["via api", "via sql"]);
+        // Nothing more: the next message is the answer to a ping.
+        ws.send(json!({ "type": "ping", "payload": "last" })).await;
+        assert_eq!(ws.recv().await, json!({ "type": "pong", "payload": "last" }));
+        ws.close().await;
+        peer.stop().await;
+    }
+
+    async fn after_a_restart_the_last_cursor_resumes_without_loss(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "restart").await;
+        let first = server.start_peer().await;
+        let mut ws = WsClient::connect_to(first.addr, Some(&ada)).await;
+        ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&first.broker, &channel, 1).await;
+        server.post_message(&ada, &channel, "before").await;
+        let last = collect(&mut ws, "1", 1).await.remove(0);
+        assert_eq!(last.1, "before");
+
+        // Shutdown completes the subscription, then closes with 1012 (clients reconnect).
+        let stopping = tokio::spawn(first.stop());
+        assert_eq!(ws.recv().await, json!({ "type": "complete", "id": "1" }));
+        assert_eq!(ws.expect_close().await.0, 1012);
+        tokio::time::timeout(crate::helpers::TIMEOUT, stopping).await.unwrap().unwrap();
+
+        for body in ["while down 1", "while down 2"] {
+            server.post_message(&ada, &channel, body).await;
+        }
+        let second = server.start_peer().await;
+        let mut ws = WsClient::connect_to(second.addr, Some(&ada)).await;
+        ws.subscribe("again", BODIES, json!({ "c": channel, "after": last.0 })).await;
+        let replayed = collect(&mut ws, "again", 2).await;
+        assert_eq!(replayed.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(), ["while down 1", "while down 2"]);
+        server.post_message(&ada, &channel, "after").await;
+        assert_eq!(collect(&mut ws, "again", 1).await[0].1, "after");
+        ws.close().await;
+        second.stop().await;
+    }
+
+    async fn a_subscriber_that_stops_reading_gets_every_change_when_it_reads_again(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "flood").await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("slow", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        // The client reads nothing while 20,000 changes are written: far more than the
+        // topic buffers, so the server must fall back to the log, not buffer them.
+        let bulk = match server.backend {
+            Backend::Postgres => format!(
+                "INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {ada_id}, 'bulk ' || i FROM generate_series(1, 20000) AS i"
+            ),
+            Backend::Sqlite => format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
+                 INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {ada_id}, 'bulk ' || i FROM n"
+            ),
+        };
+        server.sql().await.execute_unprepared(&bulk).await.unwrap();
+        caught_up(&server).await;
+        let events = collect(&mut ws, "slow", 20_000).await;
+        for (i, (_, body)) in events.iter().enumerate() {
+            assert_eq!(body, &format!("bulk {}", i + 1), "every change, in order, once");
+        }
+        ws.send(json!({ "type": "ping" })).await;
+        assert_eq!(ws.recv().await["type"], "pong", "and nothing more");
+    }
+}
+
+/// Postgres only: the LISTEN connection is killed while writes go on; the tailer re-reads
+/// after reconnecting and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_listen_connection_loses_nothing_postgres() {
+    run(Backend::Postgres, |server: TestServer| async move {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "killed").await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        let sql = server.sql().await;
+        let listener_pids = "SELECT pid FROM pg_stat_activity WHERE application_name = 'syncgraph-listener' AND datname = current_database()";
+        let pids = |rows: Vec<sea_orm::QueryResult>| -> Vec<i32> {
+            rows.iter().map(|r| r.try_get::<i32>("", "pid").unwrap()).collect()
+        };
+        let before = pids(sql.query_all_raw(Statement::from_string(sea_orm::DatabaseBackend::Postgres, listener_pids)).await.unwrap());
+        assert_eq!(before.len(), 1, "one LISTEN connection");
+        for i in 0..30 {
+            if i == 10 {
+                sql.execute_unprepared(&format!("SELECT pg_terminate_backend({})", before[0])).await.unwrap();
+            }
+            sql_insert(&sql, &channel, &ada_id, &format!("n{i}")).await;
+        }
+        let events = collect(&mut ws, "1", 30).await;
+        let expected: Vec<String> = (0..30).map(|i| format!("n{i}")).collect();
+        assert_eq!(events.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(), expected);
+        // A new LISTEN connection took over.
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        loop {
+            let now = pids(sql.query_all_raw(Statement::from_string(sea_orm::DatabaseBackend::Postgres, listener_pids)).await.unwrap());
+            if now.len() == 1 && now != before {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the listener reconnects");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
