@@ -18,8 +18,12 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use std::sync::atomic::Ordering;
+
+use async_graphql::parser::types::OperationType;
+
 use crate::auth::{JwtKeys, Viewer};
-use crate::graphql::Api;
+use crate::graphql::{Api, StreamStarted};
 
 /// `Sec-WebSocket-Protocol` of the graphql-ws library.
 pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
@@ -416,14 +420,19 @@ impl Connection {
         self.generations.remove(id);
     }
 
-    /// Runs an operation: `next` (legacy `data`) per response, then `complete`; a request
-    /// that fails before producing data gets one `error` message instead.
+    /// Runs an operation: `next` (legacy `data`) per response, then `complete`. An operation
+    /// that fails before it runs (syntax, validation) or a subscription that fails to start
+    /// (access, cursor) gets one `error` message instead, as in the graphql-ws reference
+    /// server; errors after that arrive as `next` with `errors`.
     fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
         self.generation += 1;
         let generation = self.generation;
         let protocol = self.protocol;
         let out = self.out.clone();
         let finished = self.finished.clone();
+        let is_subscription = operation_type(&request) == Some(OperationType::Subscription);
+        let started = StreamStarted::default();
+        let request = request.data(started.clone());
         let mut responses = self.api.execute_stream(request, viewer);
         let task_id = id.clone();
         let operation = tokio::spawn(async move {
@@ -434,9 +443,11 @@ impl Connection {
             };
             let mut first = true;
             while let Some(response) = responses.next().await {
-                let failed_before_data = first
-                    && response.data == async_graphql::Value::Null
-                    && !response.errors.is_empty();
+                let failed =
+                    response.data == async_graphql::Value::Null && !response.errors.is_empty();
+                let never_ran = response.errors.iter().all(|e| e.path.is_empty());
+                let never_started = is_subscription && !started.0.load(Ordering::Acquire);
+                let failed_before_data = first && failed && (never_ran || never_started);
                 first = false;
                 let message = if failed_before_data {
                     json!({ "type": "error", "id": id, "payload": response.errors })
@@ -459,6 +470,17 @@ impl Connection {
         self.generations.insert(id.clone(), generation);
         self.operations.insert(id, operation);
     }
+}
+
+/// The type of the operation `request` would run, if its document parses.
+fn operation_type(request: &async_graphql::Request) -> Option<OperationType> {
+    let document = async_graphql::parser::parse_query(&request.query).ok()?;
+    let name = request.operation_name.as_deref();
+    document
+        .operations
+        .iter()
+        .find(|(op_name, _)| name.is_none() || op_name.map(|n| n.as_str()) == name)
+        .map(|(_, op)| op.node.ty)
 }
 
 #[cfg(test)]

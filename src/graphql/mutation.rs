@@ -44,6 +44,15 @@ pub struct AddChannelMemberInput {
     pub user_id: ID,
 }
 
+/// Input of `removeChannelMember`.
+#[derive(InputObject)]
+pub struct RemoveChannelMemberInput {
+    /// The channel; the caller must be a member.
+    pub channel_id: ID,
+    /// The member to remove (the caller may remove themselves).
+    pub user_id: ID,
+}
+
 /// Input of `postMessage`.
 #[derive(InputObject)]
 pub struct PostMessageInput {
@@ -178,6 +187,21 @@ impl MutationRoot {
             Channel(store::channel::add_member(db(ctx)?, viewer, channel_id, user_id).await?);
         committed(ctx);
         Ok(written)
+    }
+
+    /// Removes a member from a channel the caller belongs to and returns the removed user.
+    /// Their subscriptions to the channel end with FORBIDDEN.
+    async fn remove_channel_member(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to do; see the input type.")] input: RemoveChannelMemberInput,
+    ) -> AppResult<User> {
+        let viewer = viewer_id(ctx)?;
+        let channel_id = input::id("input.channelId", &input.channel_id)?;
+        let user_id = input::id("input.userId", &input.user_id)?;
+        let removed = store::channel::remove_member(db(ctx)?, viewer, channel_id, user_id).await?;
+        committed(ctx);
+        Ok(User(removed))
     }
 
     /// Posts a message to a channel the caller belongs to.

@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::types::{Document, Message};
-use super::{db, live, viewer_id};
+use super::{StreamStarted, db, live, viewer_id};
 use crate::changes;
 use crate::pubsub::{Broker, ChangeEvent, Op};
 use crate::store;
@@ -172,6 +172,8 @@ struct Follow {
     seen: i64,
     /// Replay the log up to here before following the topic.
     target: i64,
+    /// Told when the stream starts (see `StreamStarted`).
+    started: Option<StreamStarted>,
 }
 
 impl Follow {
@@ -201,6 +203,7 @@ impl Follow {
             viewer,
             seen: after.unwrap_or(published),
             target: published,
+            started: ctx.data_opt::<StreamStarted>().cloned(),
         })
     }
 
@@ -212,6 +215,9 @@ impl Follow {
     {
         async_stream::stream! {
             let _streaming = self.broker.streaming();
+            if let Some(started) = &self.started {
+                started.0.store(true, std::sync::atomic::Ordering::Release);
+            }
             // Changes up to the first target happened before access was checked: membership
             // changes among them are history, not revocations.
             let mut history = true;

@@ -125,6 +125,26 @@ pub async fn add_member(
         .ok_or(StoreError::NotFound("channel"))
 }
 
+/// Removes `user_id` from `channel_id` on behalf of `caller`, who must be a member (members
+/// may remove themselves or others). Returns the removed user.
+pub async fn remove_member(
+    db: &impl ConnectionTrait,
+    caller: i64,
+    channel_id: i64,
+    user_id: i64,
+) -> Result<user::Model, StoreError> {
+    require_member(db, channel_id, caller).await?;
+    let removed = channel_member::Entity::delete_by_id((channel_id, user_id))
+        .exec(db)
+        .await?;
+    if removed.rows_affected == 0 {
+        return Err(StoreError::NotFound("member"));
+    }
+    super::user::find_by_id(db, user_id)
+        .await?
+        .ok_or(StoreError::NotFound("user"))
+}
+
 /// The members of each channel, in one query, ordered by when they joined.
 pub async fn members_of(
     db: &impl ConnectionTrait,

@@ -305,6 +305,35 @@ both_backends! {
         replay.close().await;
         ws.close().await;
     }
+
+    async fn removing_a_member_through_the_api_ends_their_subscription_with_forbidden(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (bob, bob_id) = server.sign_up("Bob").await;
+        let channel = server.create_channel(&ada, "team").await;
+        server.add_member(&ada, &channel, &bob_id).await;
+        caught_up(&server).await;
+        let mut bob_ws = WsClient::connect_as(&server, Some(&bob)).await;
+        bob_ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        let mut ada_ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ada_ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 2).await;
+
+        let remove = "mutation($c: ID!, $u: ID!) { removeChannelMember(input: { channelId: $c, userId: $u }) { id } }";
+        let removed = server.graphql_as(&ada, remove, json!({ "c": channel, "u": bob_id })).await;
+        assert_eq!(data(&removed, "removeChannelMember")["id"], bob_id.as_str());
+        server.post_message(&ada, &channel, "after bob left").await;
+
+        let message = bob_ws.recv().await;
+        assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN", "{message}");
+        assert_eq!(bob_ws.recv().await, json!({ "type": "complete", "id": "1" }));
+        // Ada still gets it.
+        assert_eq!(event(&ada_ws.next_payload("1").await)["message"]["body"], "after bob left");
+        // Bob can neither subscribe again nor remove anyone.
+        bob_ws.subscribe("2", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        assert_eq!(bob_ws.recv().await["payload"][0]["extensions"]["code"], "FORBIDDEN");
+        let again = server.graphql_as(&bob, remove, json!({ "c": channel, "u": bob_id })).await;
+        assert_eq!(again["errors"][0]["extensions"]["code"], "FORBIDDEN");
+    }
 }
 
 /// The event cursor for log position `position` (cursors are opaque to clients; tests know
