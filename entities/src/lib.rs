@@ -3,6 +3,7 @@
 pub mod channel;
 pub mod channel_member;
 pub mod document;
+pub mod live;
 pub mod message;
 pub mod user;
 

@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use async_graphql::{Context, Enum, ID, SimpleObject, Subscription};
-use entities::{channel_member, document, message};
+use entities::live::LiveModel;
+use entities::{channel, channel_member, document, message};
 use futures_util::Stream;
 use sea_orm::DatabaseConnection;
 use tokio::sync::broadcast::error::RecvError;
@@ -92,10 +93,10 @@ impl SubscriptionRoot {
         let after = parse_after(after.as_deref())?;
         let follow = Follow::start(ctx, channel_id, viewer, after).await?;
         Ok(follow.into_stream(move |event| {
-            if event.table != "messages" {
+            let Some(model) = decode::<message::Model>(event) else {
                 return Ok(Render::Skip);
-            }
-            let model: message::Model = decode(event)?;
+            };
+            let model = model?;
             Ok(Render::Deliver(MessageEvent {
                 cursor: input::encode_cursor(CursorKind::Event, event.position),
                 kind: event.op.into(),
@@ -121,10 +122,13 @@ impl SubscriptionRoot {
             .ok_or_else(|| AppError::NotFound("document not found".into()))?;
         let follow = Follow::start(ctx, document.channel_id, viewer, after).await?;
         Ok(follow.into_stream(move |event| {
-            if event.table != "documents" || event.row_id != document_id {
+            if event.row_id != document_id {
                 return Ok(Render::Skip);
             }
-            let model: document::Model = decode(event)?;
+            let Some(model) = decode::<document::Model>(event) else {
+                return Ok(Render::Skip);
+            };
+            let model = model?;
             let rendered = DocumentEvent {
                 cursor: input::encode_cursor(CursorKind::Event, event.position),
                 kind: event.op.into(),
@@ -145,13 +149,17 @@ fn parse_after(after: Option<&str>) -> AppResult<Option<i64>> {
         .transpose()
 }
 
-fn decode<T: serde::de::DeserializeOwned>(event: &ChangeEvent) -> AppResult<T> {
-    serde_json::from_value(event.row.clone()).map_err(|err| {
+/// The event's row as `M`, when the event is a change of `M`'s table.
+fn decode<M: LiveModel>(event: &ChangeEvent) -> Option<AppResult<M>> {
+    if event.table != M::TABLE {
+        return None;
+    }
+    Some(serde_json::from_value(event.row.clone()).map_err(|err| {
         AppError::Internal(Arc::new(changes::ChangeError::Decode {
             position: event.position,
             reason: err.to_string(),
         }))
-    })
+    }))
 }
 
 /// What a subscription makes of one event of its topic.
@@ -302,7 +310,10 @@ impl Follow {
                 "you are no longer a member of this channel".into(),
             ))));
         }
-        if event.table == "channels" && event.op == Op::Delete && event.row_id == self.channel_id {
+        if event.table == channel::Model::TABLE
+            && event.op == Op::Delete
+            && event.row_id == self.channel_id
+        {
             return Step::End(None);
         }
         match render(event) {
@@ -315,16 +326,20 @@ impl Follow {
 
     /// True when `event` removes the viewer from the channel.
     fn revokes(&self, event: &ChangeEvent) -> bool {
-        if event.table != "channel_members" || event.row_id != self.viewer {
+        let Some(member) = decode::<channel_member::Model>(event) else {
             return false;
-        }
-        match event.op {
-            Op::Delete => true,
-            // Moving the membership row to another channel or user is a removal too.
-            Op::Update => serde_json::from_value::<channel_member::Model>(event.row.clone())
-                .map(|m| m.channel_id != self.channel_id || m.user_id != self.viewer)
-                .unwrap_or(true),
-            Op::Insert => false,
+        };
+        match (event.op, member) {
+            (Op::Delete, Ok(member)) => member.user_id == self.viewer,
+            // An UPDATE of a membership row into this channel (its topic) for someone else
+            // may have moved the viewer's row: treat an UPDATE touching the viewer as removal.
+            (Op::Update, Ok(member)) => {
+                event.row_id == self.viewer
+                    && (member.channel_id != self.channel_id || member.user_id != self.viewer)
+            }
+            (Op::Insert, _) => false,
+            // An unreadable membership change: end the stream rather than risk a leak.
+            (_, Err(_)) => event.row_id == self.viewer,
         }
     }
 }
