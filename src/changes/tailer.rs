@@ -44,7 +44,17 @@ impl Tailer {
     pub async fn start_position(db: &DatabaseConnection) -> Result<i64, ChangeError> {
         let max = max_position(db).await?;
         if db.get_database_backend() == DatabaseBackend::Postgres {
-            wait_for_horizon(db).await?;
+            let wait = wait_for_horizon(db);
+            tokio::pin!(wait);
+            if let Ok(done) = tokio::time::timeout(Duration::from_secs(5), &mut wait).await {
+                done?;
+            } else {
+                tracing::warn!(
+                    "waiting for transactions older than this start to end before serving \
+                     changes (a long transaction in the cluster delays the feed)"
+                );
+                wait.await?;
+            }
         }
         Ok(max)
     }

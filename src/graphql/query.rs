@@ -57,13 +57,9 @@ impl QueryRoot {
                 node: Channel(c),
             })
             .collect();
+        let cursors = edges.iter().map(|e| e.cursor.as_str());
         Ok(ChannelConnection {
-            page_info: PageInfo {
-                has_next_page: page.has_next_page,
-                has_previous_page: page.has_previous_page,
-                start_cursor: edges.first().map(|e| e.cursor.clone()),
-                end_cursor: edges.last().map(|e| e.cursor.clone()),
-            },
+            page_info: PageInfo::new(page.has_next_page, page.has_previous_page, cursors),
             edges,
         })
     }

@@ -103,13 +103,9 @@ impl Channel {
                 node: Message::new(m),
             })
             .collect();
+        let cursors = edges.iter().map(|e| e.cursor.as_str());
         Ok(MessageConnection {
-            page_info: PageInfo {
-                has_next_page: page.has_next_page,
-                has_previous_page: page.has_previous_page,
-                start_cursor: edges.first().map(|e| e.cursor.clone()),
-                end_cursor: edges.last().map(|e| e.cursor.clone()),
-            },
+            page_info: PageInfo::new(page.has_next_page, page.has_previous_page, cursors),
             edges,
         })
     }
@@ -262,6 +258,27 @@ pub struct PageInfo {
     pub start_cursor: Option<String>,
     /// Cursor of the last item of this page.
     pub end_cursor: Option<String>,
+}
+
+impl PageInfo {
+    /// The page info of a page whose edges have `cursors`, in order.
+    pub fn new<'a>(
+        has_next_page: bool,
+        has_previous_page: bool,
+        mut cursors: impl DoubleEndedIterator<Item = &'a str>,
+    ) -> Self {
+        let start_cursor = cursors.next().map(str::to_owned);
+        let end_cursor = cursors
+            .next_back()
+            .map(str::to_owned)
+            .or(start_cursor.clone());
+        Self {
+            has_next_page,
+            has_previous_page,
+            start_cursor,
+            end_cursor,
+        }
+    }
 }
 
 /// A message and its cursor.
