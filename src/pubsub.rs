@@ -11,7 +11,7 @@ use tokio::sync::{OnceCell, broadcast};
 
 /// How many events a topic buffers for a slow subscriber before it lags (and then re-reads
 /// the log instead).
-pub const TOPIC_CAPACITY: usize = 256;
+pub const TOPIC_CAPACITY: usize = 1024;
 
 /// What happened to a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +111,33 @@ pub struct Broker {
     streaming: std::sync::atomic::AtomicUsize,
 }
 
+/// A subscription to one topic; dropping the last one removes the topic.
+pub struct TopicReceiver {
+    receiver: broadcast::Receiver<Arc<ChangeEvent>>,
+    broker: Arc<Broker>,
+    topic: i64,
+}
+
+impl TopicReceiver {
+    /// The next event (or `Lagged` / `Closed`).
+    pub async fn recv(&mut self) -> Result<Arc<ChangeEvent>, broadcast::error::RecvError> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for TopicReceiver {
+    fn drop(&mut self) {
+        let mut topics = self.broker.topics();
+        // Under the lock no one can subscribe meanwhile; ours is still counted.
+        if topics
+            .get(&self.topic)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            topics.remove(&self.topic);
+        }
+    }
+}
+
 /// Counts a subscription as streaming (checks passed, events flowing) while it lives.
 pub struct Streaming(Arc<Broker>);
 
@@ -138,17 +165,24 @@ impl Broker {
     }
 
     /// A receiver for `topic`'s future events. Subscribe first, then read `published()`:
-    /// every event after that position reaches the receiver.
-    pub fn subscribe(&self, topic: i64) -> broadcast::Receiver<Arc<ChangeEvent>> {
+    /// every event after that position reaches the receiver. The topic is removed when its
+    /// last receiver is dropped.
+    pub fn subscribe(self: &Arc<Self>, topic: i64) -> TopicReceiver {
         let mut topics = self.topics();
-        if self.closed.load(Ordering::Acquire) {
+        let receiver = if self.closed.load(Ordering::Acquire) {
             // After shutdown: a receiver whose sender is already gone, so it ends at once.
-            return broadcast::channel(1).1;
+            broadcast::channel(1).1
+        } else {
+            topics
+                .entry(topic)
+                .or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0)
+                .subscribe()
+        };
+        TopicReceiver {
+            receiver,
+            broker: self.clone(),
+            topic,
         }
-        topics
-            .entry(topic)
-            .or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0)
-            .subscribe()
     }
 
     /// The position through which every change has been decided and handed to the topics:
@@ -218,7 +252,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_reach_only_their_topic() {
-        let broker = Broker::new(0);
+        let broker = Arc::new(Broker::new(0));
         let mut one = broker.subscribe(1);
         let mut two = broker.subscribe(2);
         broker.publish(vec![event(1, 1), event(2, 2), event(3, 1)], 3);
@@ -226,12 +260,12 @@ mod tests {
         assert_eq!(one.recv().await.unwrap().position, 1);
         assert_eq!(one.recv().await.unwrap().position, 3);
         assert_eq!(two.recv().await.unwrap().position, 2);
-        assert!(two.try_recv().is_err());
+        assert!(two.receiver.try_recv().is_err());
     }
 
     #[tokio::test]
     async fn a_slow_receiver_lags_instead_of_growing() {
-        let broker = Broker::new(0);
+        let broker = Arc::new(Broker::new(0));
         let mut slow = broker.subscribe(1);
         let events: Vec<_> = (1..=(TOPIC_CAPACITY as i64 + 10))
             .map(|p| event(p, 1))
@@ -261,8 +295,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_last_receiver_removes_its_topic() {
+        let broker = Arc::new(Broker::new(0));
+        let first = broker.subscribe(1);
+        let second = broker.subscribe(1);
+        drop(first);
+        assert_eq!(broker.receiver_count(1), 1);
+        drop(second);
+        assert!(broker.topics().is_empty());
+    }
+
+    #[tokio::test]
     async fn close_ends_receivers() {
-        let broker = Broker::new(0);
+        let broker = Arc::new(Broker::new(0));
         let mut receiver = broker.subscribe(1);
         broker.close();
         assert!(matches!(

@@ -18,12 +18,8 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use std::sync::atomic::Ordering;
-
-use async_graphql::parser::types::OperationType;
-
 use crate::auth::{JwtKeys, Viewer};
-use crate::graphql::{Api, StreamStarted};
+use crate::graphql::Api;
 
 /// `Sec-WebSocket-Protocol` of the graphql-ws library.
 pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
@@ -207,11 +203,25 @@ pub async fn serve(
     let init_deadline = tokio::time::sleep(config.init_timeout);
     tokio::pin!(init_deadline);
     let mut keep_alive = tokio::time::interval(config.keep_alive);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keep_alive.reset();
+    // A client that sends nothing (not even a pong) for this long is gone.
+    let silence_limit = (config.keep_alive * 3).max(Duration::from_secs(60));
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            // Finished operations first, so an id freed by `complete` is free before the
+            // client's next frame is read.
+            biased;
+            Some((id, generation)) = finished_ids.recv() => {
+                if connection.generations.get(&id) == Some(&generation) {
+                    connection.generations.remove(&id);
+                    connection.operations.remove(&id);
+                }
+            }
             frame = stream.next() => {
                 let Some(Ok(frame)) = frame else { break };
+                last_heard = tokio::time::Instant::now();
                 let keep_going = match frame {
                     Frame::Text(text) => connection.on_text(text.as_str()).await,
                     Frame::Binary(_) => {
@@ -230,17 +240,17 @@ pub async fn serve(
                 break;
             }
             _ = keep_alive.tick(), if connection.viewer.is_some() => {
+                if connection.protocol == Protocol::TransportWs
+                    && last_heard.elapsed() > silence_limit
+                {
+                    tracing::debug!("closing a silent WebSocket");
+                    break;
+                }
                 let ping = match connection.protocol {
                     Protocol::TransportWs => json!({ "type": "ping" }),
                     Protocol::Legacy => json!({ "type": "ka" }),
                 };
                 connection.send(ping).await;
-            }
-            Some((id, generation)) = finished_ids.recv() => {
-                if connection.generations.get(&id) == Some(&generation) {
-                    connection.generations.remove(&id);
-                    connection.operations.remove(&id);
-                }
             }
             _ = shutdown.changed() => {
                 // The hub is closed: each operation sends `complete` as its stream ends.
@@ -256,7 +266,14 @@ pub async fn serve(
         operation.abort();
     }
     drop(connection);
-    let _ = writer.await;
+    // The writer ends once the queue drains; a client that does not read cannot hold it.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
 }
 
 impl Connection {
@@ -421,18 +438,16 @@ impl Connection {
     }
 
     /// Runs an operation: `next` (legacy `data`) per response, then `complete`. An operation
-    /// that fails before it runs (syntax, validation) or a subscription that fails to start
-    /// (access, cursor) gets one `error` message instead, as in the graphql-ws reference
-    /// server; errors after that arrive as `next` with `errors`.
+    /// that never runs (syntax or validation errors: errors without a path) gets one `error`
+    /// message instead. As in the graphql-ws reference server, errors from resolvers,
+    /// including a subscription refused at its start (FORBIDDEN, CURSOR_EXPIRED), arrive as
+    /// `next` with `errors`, then `complete`.
     fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
         self.generation += 1;
         let generation = self.generation;
         let protocol = self.protocol;
         let out = self.out.clone();
         let finished = self.finished.clone();
-        let is_subscription = operation_type(&request) == Some(OperationType::Subscription);
-        let started = StreamStarted::default();
-        let request = request.data(started.clone());
         let mut responses = self.api.execute_stream(request, viewer);
         let task_id = id.clone();
         let operation = tokio::spawn(async move {
@@ -446,41 +461,31 @@ impl Connection {
                 let failed =
                     response.data == async_graphql::Value::Null && !response.errors.is_empty();
                 let never_ran = response.errors.iter().all(|e| e.path.is_empty());
-                let never_started = is_subscription && !started.0.load(Ordering::Acquire);
-                let failed_before_data = first && failed && (never_ran || never_started);
+                let failed_before_data = first && failed && never_ran;
                 first = false;
                 let message = if failed_before_data {
                     json!({ "type": "error", "id": id, "payload": response.errors })
                 } else {
                     json!({ "type": data_type, "id": id, "payload": response })
                 };
+                if failed_before_data {
+                    // `error` ends the operation; no `complete` follows it. Free the id first.
+                    let _ = finished.send((id.clone(), generation));
+                    let _ = out.send(Outgoing::Text(message.to_string())).await;
+                    return;
+                }
                 if out.send(Outgoing::Text(message.to_string())).await.is_err() {
                     return;
                 }
-                if failed_before_data {
-                    // `error` ends the operation; no `complete` follows it.
-                    let _ = finished.send((id, generation));
-                    return;
-                }
             }
+            // Free the id before the client can see `complete` and reuse it.
+            let _ = finished.send((id.clone(), generation));
             let complete = json!({ "type": "complete", "id": id });
             let _ = out.send(Outgoing::Text(complete.to_string())).await;
-            let _ = finished.send((id, generation));
         });
         self.generations.insert(id.clone(), generation);
         self.operations.insert(id, operation);
     }
-}
-
-/// The type of the operation `request` would run, if its document parses.
-fn operation_type(request: &async_graphql::Request) -> Option<OperationType> {
-    let document = async_graphql::parser::parse_query(&request.query).ok()?;
-    let name = request.operation_name.as_deref();
-    document
-        .operations
-        .iter()
-        .find(|(op_name, _)| name.is_none() || op_name.map(|n| n.as_str()) == name)
-        .map(|(_, op)| op.node.ty)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
     pub name: String,
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub created_at: DateTimeUtc,
 }
 

@@ -9,6 +9,7 @@ pub struct Model {
     pub channel_id: i64,
     #[sea_orm(primary_key, auto_increment = false)]
     pub user_id: i64,
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub created_at: DateTimeUtc,
 }
 

@@ -11,6 +11,7 @@ pub struct Model {
     pub title: String,
     pub body: String,
     pub version: i32,
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub updated_at: DateTimeUtc,
 }
 

@@ -5,6 +5,7 @@ pub mod channel_member;
 pub mod document;
 pub mod live;
 pub mod message;
+pub mod timestamp;
 pub mod user;
 
 pub mod prelude {

@@ -11,7 +11,9 @@ pub struct Model {
     pub author_id: i64,
     pub body: String,
     pub version: i32,
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub created_at: DateTimeUtc,
+    #[serde(deserialize_with = "crate::timestamp::deserialize")]
     pub updated_at: DateTimeUtc,
 }
 

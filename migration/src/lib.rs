@@ -53,6 +53,8 @@ pub struct LiveTable {
 ///
 /// On a table with a `version` column, SQLite logs only the UPDATE that moves `version` from
 /// `v` to `v + 1`: the version-repair trigger's intermediate UPDATE is not a change of its own.
+/// An UPDATE that changes the row's id or scope is logged as a DELETE of the old row (in the
+/// old topic) and an INSERT of the new one, so the old topic sees the row leave.
 pub async fn make_live(manager: &SchemaManager<'_>, live: LiveTable) -> Result<(), DbErr> {
     let db = manager.get_connection();
     let LiveTable {
@@ -91,10 +93,13 @@ pub async fn make_live(manager: &SchemaManager<'_>, live: LiveTable) -> Result<(
                 format!("json_object({})", pairs.join(", "))
             };
             let versioned = columns.iter().any(|c| c == "version");
+            let same_place = format!(
+                "NEW.\"{id_column}\" IS OLD.\"{id_column}\" AND NEW.\"{scope_column}\" IS OLD.\"{scope_column}\""
+            );
             let update_when = if versioned {
-                "WHEN NEW.version = OLD.version + 1 "
+                format!("WHEN NEW.version = OLD.version + 1 AND {same_place} ")
             } else {
-                ""
+                format!("WHEN {same_place} ")
             };
             let insert = |op: &str, row: &str| {
                 format!(
@@ -121,6 +126,14 @@ pub async fn make_live(manager: &SchemaManager<'_>, live: LiveTable) -> Result<(
                 insert("DELETE", "OLD")
             ))
             .await?;
+            // A row that changes its id or its topic leaves one and enters the other.
+            db.execute_unprepared(&format!(
+                "CREATE TRIGGER {table}_log_move AFTER UPDATE ON {table} FOR EACH ROW \
+                 WHEN NOT ({same_place}) BEGIN {} {} END",
+                insert("DELETE", "OLD"),
+                insert("INSERT", "NEW")
+            ))
+            .await?;
         }
         other => return Err(DbErr::Migration(format!("unsupported backend {other:?}"))),
     }
@@ -138,7 +151,7 @@ pub async fn make_dead(manager: &SchemaManager<'_>, table: &str) -> Result<(), D
             .await?;
         }
         _ => {
-            for op in ["insert", "update", "delete"] {
+            for op in ["insert", "update", "delete", "move"] {
                 db.execute_unprepared(&format!("DROP TRIGGER IF EXISTS {table}_log_{op}"))
                     .await?;
             }

@@ -44,22 +44,38 @@ INSERT INTO change_log_state (id, pruned_through) VALUES (1, 0)
 CREATE FUNCTION log_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     txid xid8 := pg_current_xact_id();
-    image jsonb;
+    old_image jsonb;
+    new_image jsonb;
 BEGIN
-    IF TG_OP = 'DELETE' THEN
-        image := to_jsonb(OLD);
-    ELSE
-        image := to_jsonb(NEW);
+    IF TG_OP <> 'INSERT' THEN
+        old_image := to_jsonb(OLD);
     END IF;
-    INSERT INTO change_log (xid, table_name, op, row_id, scope_key, row_data)
-    VALUES (
-        txid,
-        TG_TABLE_NAME,
-        TG_OP,
-        (image ->> TG_ARGV[0])::bigint,
-        (image ->> TG_ARGV[1])::bigint,
-        image
-    );
+    IF TG_OP <> 'DELETE' THEN
+        new_image := to_jsonb(NEW);
+    END IF;
+    IF TG_OP = 'UPDATE' AND (
+        (old_image ->> TG_ARGV[0]) IS DISTINCT FROM (new_image ->> TG_ARGV[0])
+        OR (old_image ->> TG_ARGV[1]) IS DISTINCT FROM (new_image ->> TG_ARGV[1])
+    ) THEN
+        -- A row that changes its id or its topic leaves one and enters the other: its old
+        -- topic must see it go (a membership moved away is a removal).
+        INSERT INTO change_log (xid, table_name, op, row_id, scope_key, row_data)
+        VALUES (txid, TG_TABLE_NAME, 'DELETE', (old_image ->> TG_ARGV[0])::bigint,
+                (old_image ->> TG_ARGV[1])::bigint, old_image);
+        INSERT INTO change_log (xid, table_name, op, row_id, scope_key, row_data)
+        VALUES (txid, TG_TABLE_NAME, 'INSERT', (new_image ->> TG_ARGV[0])::bigint,
+                (new_image ->> TG_ARGV[1])::bigint, new_image);
+    ELSE
+        INSERT INTO change_log (xid, table_name, op, row_id, scope_key, row_data)
+        VALUES (
+            txid,
+            TG_TABLE_NAME,
+            TG_OP,
+            (COALESCE(new_image, old_image) ->> TG_ARGV[0])::bigint,
+            (COALESCE(new_image, old_image) ->> TG_ARGV[1])::bigint,
+            COALESCE(new_image, old_image)
+        );
+    END IF;
     PERFORM pg_notify('change_log', '');
     RETURN NULL;
 END

@@ -22,8 +22,9 @@ use super::log::{max_position, read_range};
 use super::{ChangeError, Doorbell};
 use crate::pubsub::{Broker, ChangeEvent};
 
-/// Rows read per step.
-const BATCH: u64 = 1_000;
+/// Rows read per step: within a topic's buffer, so one step alone never makes a subscriber
+/// that keeps up lag.
+const BATCH: u64 = crate::pubsub::TOPIC_CAPACITY as u64;
 
 /// Follows the log and publishes to the broker.
 pub struct Tailer {
@@ -127,7 +128,17 @@ impl Tailer {
             self.publish(rows, through);
         }
         // A gap below `highest`: wait until whoever held it has ended, then everything up
-        // to `highest` is decided; what is still missing was rolled back.
+        // to `highest` is decided; what is still missing was rolled back (or pruned: with
+        // several processes, retention must exceed how far any of them falls behind).
+        let pruned = super::log::pruned_through(&self.db).await?;
+        if pruned > self.last {
+            tracing::error!(
+                last = self.last,
+                pruned_through = pruned,
+                "the change log was pruned past this process's position; subscribers here \
+                 miss those changes (raise retention)"
+            );
+        }
         if self.db.get_database_backend() == DatabaseBackend::Postgres {
             wait_for_horizon(&self.db).await?;
         }

@@ -28,12 +28,6 @@ pub use subscription::SubscriptionRoot;
 /// The executable schema.
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// Set by a subscription's stream once it is past its checks and streaming. Transports use
-/// it to tell a subscription that failed to start (an `error` message in graphql-ws) from one
-/// that failed while streaming (a `next` carrying errors).
-#[derive(Clone, Debug, Default)]
-pub struct StreamStarted(pub Arc<std::sync::atomic::AtomicBool>);
-
 /// The change feed as resolvers see it: the hub to subscribe to, and the doorbell that
 /// mutations ring after they commit.
 #[derive(Clone)]

@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::types::{Document, Message};
-use super::{StreamStarted, db, live, viewer_id};
+use super::{db, live, viewer_id};
 use crate::changes;
 use crate::pubsub::{Broker, ChangeEvent, Op};
 use crate::store;
@@ -93,10 +93,9 @@ impl SubscriptionRoot {
         let after = parse_after(after.as_deref())?;
         let follow = Follow::start(ctx, channel_id, viewer, after).await?;
         Ok(follow.into_stream(move |event| {
-            let Some(model) = decode::<message::Model>(event) else {
+            let Some(Ok(model)) = decode::<message::Model>(event) else {
                 return Ok(Render::Skip);
             };
-            let model = model?;
             Ok(Render::Deliver(MessageEvent {
                 cursor: input::encode_cursor(CursorKind::Event, event.position),
                 kind: event.op.into(),
@@ -125,10 +124,9 @@ impl SubscriptionRoot {
             if event.row_id != document_id {
                 return Ok(Render::Skip);
             }
-            let Some(model) = decode::<document::Model>(event) else {
+            let Some(Ok(model)) = decode::<document::Model>(event) else {
                 return Ok(Render::Skip);
             };
-            let model = model?;
             let rendered = DocumentEvent {
                 cursor: input::encode_cursor(CursorKind::Event, event.position),
                 kind: event.op.into(),
@@ -149,17 +147,23 @@ fn parse_after(after: Option<&str>) -> AppResult<Option<i64>> {
         .transpose()
 }
 
-/// The event's row as `M`, when the event is a change of `M`'s table.
-fn decode<M: LiveModel>(event: &ChangeEvent) -> Option<AppResult<M>> {
+/// The event's row as `M`, when the event is a change of `M`'s table. A row image that does
+/// not decode (a SQL writer stored something the model cannot read) is logged and skipped by
+/// the callers: ending the stream would stop the channel's feed at that row for good.
+fn decode<M: LiveModel>(event: &ChangeEvent) -> Option<Result<M, serde_json::Error>> {
     if event.table != M::TABLE {
         return None;
     }
-    Some(serde_json::from_value(event.row.clone()).map_err(|err| {
-        AppError::Internal(Arc::new(changes::ChangeError::Decode {
-            position: event.position,
-            reason: err.to_string(),
-        }))
-    }))
+    let decoded = serde_json::from_value(event.row.clone());
+    if let Err(err) = &decoded {
+        tracing::error!(
+            position = event.position,
+            table = M::TABLE,
+            error = %err,
+            "skipping a change whose row image does not decode"
+        );
+    }
+    Some(decoded)
 }
 
 /// What a subscription makes of one event of its topic.
@@ -173,15 +177,13 @@ enum Render<T> {
 struct Follow {
     db: DatabaseConnection,
     broker: Arc<Broker>,
-    receiver: tokio::sync::broadcast::Receiver<Arc<ChangeEvent>>,
+    receiver: crate::pubsub::TopicReceiver,
     channel_id: i64,
     viewer: i64,
     /// Every position up to here has been considered.
     seen: i64,
     /// Replay the log up to here before following the topic.
     target: i64,
-    /// Told when the stream starts (see `StreamStarted`).
-    started: Option<StreamStarted>,
 }
 
 impl Follow {
@@ -211,7 +213,6 @@ impl Follow {
             viewer,
             seen: after.unwrap_or(published),
             target: published,
-            started: ctx.data_opt::<StreamStarted>().cloned(),
         })
     }
 
@@ -223,9 +224,6 @@ impl Follow {
     {
         async_stream::stream! {
             let _streaming = self.broker.streaming();
-            if let Some(started) = &self.started {
-                started.0.store(true, std::sync::atomic::Ordering::Release);
-            }
             // Changes up to the first target happened before access was checked: membership
             // changes among them are history, not revocations.
             let mut history = true;
@@ -242,6 +240,19 @@ impl Follow {
                             return;
                         }
                     };
+                    // Retention may have pruned part of the range since the cursor was
+                    // checked: then the page may silently miss rows, so stop instead.
+                    match changes::pruned_through(&self.db).await {
+                        Ok(pruned) if pruned > self.seen => {
+                            yield Err(AppError::CursorExpired);
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            yield Err(internal(err));
+                            return;
+                        }
+                    }
                     let complete = (page.len() as u64) < REPLAY_PAGE;
                     for event in page {
                         let event = Arc::new(event);
@@ -282,17 +293,6 @@ impl Follow {
                     Err(RecvError::Lagged(_)) => {
                         // Too slow for the topic's buffer: read the log instead.
                         self.target = self.broker.published();
-                        match changes::pruned_through(&self.db).await {
-                            Ok(pruned) if self.seen < pruned => {
-                                yield Err(AppError::CursorExpired);
-                                return;
-                            }
-                            Ok(_) => {}
-                            Err(err) => {
-                                yield Err(internal(err));
-                                return;
-                            }
-                        }
                     }
                     // The server is shutting down.
                     Err(RecvError::Closed) => return,
@@ -324,22 +324,17 @@ impl Follow {
         }
     }
 
-    /// True when `event` removes the viewer from the channel.
+    /// True when `event` removes the viewer from the channel. (An UPDATE that moves a
+    /// membership row to another user or channel is logged as a DELETE and an INSERT.)
     fn revokes(&self, event: &ChangeEvent) -> bool {
-        let Some(member) = decode::<channel_member::Model>(event) else {
+        if event.op != Op::Delete {
             return false;
-        };
-        match (event.op, member) {
-            (Op::Delete, Ok(member)) => member.user_id == self.viewer,
-            // An UPDATE of a membership row into this channel (its topic) for someone else
-            // may have moved the viewer's row: treat an UPDATE touching the viewer as removal.
-            (Op::Update, Ok(member)) => {
-                event.row_id == self.viewer
-                    && (member.channel_id != self.channel_id || member.user_id != self.viewer)
-            }
-            (Op::Insert, _) => false,
-            // An unreadable membership change: end the stream rather than risk a leak.
-            (_, Err(_)) => event.row_id == self.viewer,
+        }
+        match decode::<channel_member::Model>(event) {
+            Some(Ok(member)) => member.user_id == self.viewer,
+            // An unreadable membership removal: end the stream rather than risk a leak.
+            Some(Err(_)) => event.row_id == self.viewer,
+            None => false,
         }
     }
 }

@@ -8,7 +8,7 @@ use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
 use serde_json::json;
 
 use crate::both_backends;
-use crate::helpers::{Backend, TestServer, run};
+use crate::helpers::{Backend, TestServer, run_with};
 use crate::subscriptions::{MESSAGE_EVENTS, event, sql_insert};
 use crate::ws_client::{WsClient, caught_up, wait_for_streams, wait_for_subscribers};
 
@@ -224,10 +224,12 @@ both_backends! {
 }
 
 /// Postgres only: the LISTEN connection is killed while writes go on; the tailer re-reads
-/// after reconnecting and nothing is lost.
+/// after reconnecting and nothing is lost. The fallback poll is set to a minute, so only the
+/// doorbell (NOTIFY, and the ring after reconnecting) can deliver in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_listen_connection_loses_nothing_postgres() {
-    run(Backend::Postgres, |server: TestServer| async move {
+    let slow_poll: fn(&mut syncgraph::Config) = |config| config.poll_ms = 60_000;
+    run_with(Backend::Postgres, slow_poll, |server: TestServer| async move {
         let (ada, ada_id) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "killed").await;
         caught_up(&server).await;

@@ -189,18 +189,31 @@ where
     F: FnOnce(TestServer) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    run_with(backend, |_| {}, test).await;
+}
+
+/// `run`, with the server's settings adjusted by `configure` first.
+pub async fn run_with<F, Fut>(backend: Backend, configure: fn(&mut Config), test: F)
+where
+    F: FnOnce(TestServer) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let Some((database_url, database)) = fresh_database(backend).await else {
         return;
     };
-    let outcome = tokio::spawn(serve_and_test(backend, database_url, test)).await;
+    let outcome = tokio::spawn(serve_and_test(backend, database_url, configure, test)).await;
     database.drop_database().await;
     if let Err(err) = outcome {
         std::panic::resume_unwind(err.into_panic());
     }
 }
 
-async fn serve_and_test<F, Fut>(backend: Backend, database_url: String, test: F)
-where
+async fn serve_and_test<F, Fut>(
+    backend: Backend,
+    database_url: String,
+    configure: fn(&mut Config),
+    test: F,
+) where
     F: FnOnce(TestServer) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -209,6 +222,7 @@ where
     config.jwt_secret = Some("test-secret".into());
     config.db_max_connections = 5;
     test_settings(&mut config);
+    configure(&mut config);
     let app = App::build(&config).await.expect("build app");
     let server = TestServer {
         addr: app.local_addr().expect("local addr"),

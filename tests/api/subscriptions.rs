@@ -120,10 +120,13 @@ both_backends! {
         for (token, variables, code) in cases {
             let mut ws = WsClient::connect_as(&server, token).await;
             ws.subscribe("1", MESSAGE_EVENTS, variables).await;
+            // As in the graphql-ws reference server: a resolver's refusal is a `next` with
+            // errors, then `complete` (only syntax and validation errors get `error`).
             let message = ws.recv().await;
-            assert_eq!(message["type"], "error", "{message}");
+            assert_eq!(message["type"], "next", "{message}");
             assert_eq!(message["id"], "1");
-            assert_eq!(message["payload"][0]["extensions"]["code"], code, "{message}");
+            assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], code, "{message}");
+            assert_eq!(ws.recv().await, json!({ "type": "complete", "id": "1" }));
             // The socket stays usable.
             ws.send(json!({ "type": "ping", "payload": { "n": 1 } })).await;
             assert_eq!(ws.recv().await, json!({ "type": "pong", "payload": { "n": 1 } }));
@@ -150,8 +153,10 @@ both_backends! {
         assert!(pruned > 1);
         ws.subscribe("expired", MESSAGE_EVENTS, json!({ "c": channel, "after": cursor_at(1) })).await;
         let message = ws.recv().await;
-        assert_eq!(message["type"], "error", "{message}");
-        assert_eq!(message["payload"][0]["extensions"]["code"], "CURSOR_EXPIRED");
+        assert_eq!(message["type"], "next", "{message}");
+        assert_eq!(message["id"], "expired", "{message}");
+        assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], "CURSOR_EXPIRED");
+        assert_eq!(ws.recv().await, json!({ "type": "complete", "id": "expired" }));
         // The newest cursor still resumes.
         ws.subscribe("fresh", MESSAGE_EVENTS, json!({ "c": channel, "after": cursor_at(pruned) })).await;
         server.post_message(&ada, &channel, "new").await;
@@ -330,9 +335,58 @@ both_backends! {
         assert_eq!(event(&ada_ws.next_payload("1").await)["message"]["body"], "after bob left");
         // Bob can neither subscribe again nor remove anyone.
         bob_ws.subscribe("2", MESSAGE_EVENTS, json!({ "c": channel })).await;
-        assert_eq!(bob_ws.recv().await["payload"][0]["extensions"]["code"], "FORBIDDEN");
+        assert_eq!(bob_ws.recv().await["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN");
         let again = server.graphql_as(&bob, remove, json!({ "c": channel, "u": bob_id })).await;
         assert_eq!(again["errors"][0]["extensions"]["code"], "FORBIDDEN");
+    }
+
+    async fn moving_a_membership_row_away_with_sql_is_a_removal(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (bob, bob_id) = server.sign_up("Bob").await;
+        let (_, cy_id) = server.sign_up("Cy").await;
+        let channel = server.create_channel(&ada, "team").await;
+        server.add_member(&ada, &channel, &bob_id).await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&bob)).await;
+        ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        // Bob's membership row is rewritten to belong to Cy: Bob is no longer a member.
+        server
+            .sql()
+            .await
+            .execute_unprepared(&format!(
+                "UPDATE channel_members SET user_id = {cy_id} WHERE channel_id = {channel} AND user_id = {bob_id}"
+            ))
+            .await
+            .unwrap();
+        server.post_message(&ada, &channel, "not for bob").await;
+        let message = ws.recv().await;
+        assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN", "{message}");
+        assert_eq!(ws.recv().await, json!({ "type": "complete", "id": "1" }));
+    }
+
+    async fn a_row_with_sqlite_style_timestamps_still_arrives(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "times").await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", "subscription($c: ID!) { messageEvents(channelId: $c) { message { body createdAt } } }", json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        let now = match server.backend {
+            Backend::Sqlite => "datetime('now')",
+            Backend::Postgres => "now()",
+        };
+        server
+            .sql()
+            .await
+            .execute_unprepared(&format!(
+                "INSERT INTO messages (channel_id, author_id, body, created_at, updated_at) VALUES ({channel}, {ada_id}, 'plain', {now}, {now})"
+            ))
+            .await
+            .unwrap();
+        let payload = ws.next_payload("1").await;
+        assert_eq!(payload["data"]["messageEvents"]["message"]["body"], "plain");
+        assert!(payload["data"]["messageEvents"]["message"]["createdAt"].is_string());
     }
 }
 
