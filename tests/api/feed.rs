@@ -221,6 +221,78 @@ both_backends! {
         ws.send(json!({ "type": "ping" })).await;
         assert_eq!(ws.recv().await["type"], "pong", "and nothing more");
     }
+
+    async fn rolled_back_writes_never_reach_anyone(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "atomic").await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("live", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        let sql = server.sql().await;
+        sql_insert(&sql, &channel, &ada_id, "first").await;
+        let first = collect(&mut ws, "live", 1).await.remove(0);
+        // A transaction that writes and rolls back leaves nothing in the log.
+        let txn = sql.begin().await.unwrap();
+        sql_insert(&txn, &channel, &ada_id, "rolled back").await;
+        txn.rollback().await.unwrap();
+        sql_insert(&sql, &channel, &ada_id, "committed").await;
+        assert_eq!(collect(&mut ws, "live", 1).await[0].1, "committed");
+        // A replay agrees.
+        let mut replay = WsClient::connect_as(&server, Some(&ada)).await;
+        replay.subscribe("r", BODIES, json!({ "c": channel, "after": first.0 })).await;
+        assert_eq!(collect(&mut replay, "r", 1).await[0].1, "committed");
+        replay.send(json!({ "type": "ping" })).await;
+        assert_eq!(replay.recv().await["type"], "pong", "nothing else was logged");
+        let logged = sql
+            .query_one_raw(Statement::from_string(
+                server.db.get_database_backend(),
+                "SELECT count(*) AS n FROM change_log WHERE CAST(row_data AS TEXT) LIKE '%rolled back%'",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(logged, 0);
+    }
+
+    async fn retention_by_age_prunes_what_was_published(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "old").await;
+        server.post_message(&ada, &channel, "a").await;
+        caught_up(&server).await;
+        let published = server.broker.published();
+        let pruner = syncgraph::changes::Pruner::new(
+            server.db.clone(),
+            server.broker.clone(),
+            syncgraph::changes::Retention {
+                max_age: Duration::ZERO,
+                max_rows: 1_000_000,
+                interval: Duration::from_secs(3600),
+            },
+        );
+        assert_eq!(pruner.prune_once().await.unwrap(), published);
+        assert_eq!(syncgraph::changes::pruned_through(&server.db).await.unwrap(), published);
+        let left = server
+            .db
+            .query_one_raw(Statement::from_string(
+                server.db.get_database_backend(),
+                "SELECT count(*) AS n FROM change_log",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(left, 0);
+        // The feed goes on after pruning.
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        server.post_message(&ada, &channel, "b").await;
+        assert_eq!(collect(&mut ws, "1", 1).await[0].1, "b");
+    }
 }
 
 /// Postgres only: the LISTEN connection is killed while writes go on; the tailer re-reads
