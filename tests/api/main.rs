@@ -13,6 +13,7 @@ mod errors;
 mod feed;
 mod http;
 mod messages;
+mod process;
 mod protocol;
 mod schema;
 mod subscriptions;
