@@ -13,6 +13,11 @@ use tokio::sync::{OnceCell, broadcast};
 /// the log instead).
 pub const TOPIC_CAPACITY: usize = 1024;
 
+/// How many recent events (of all topics) the broker keeps, so that subscribers that lag
+/// behind a burst, or resume from a recent cursor, catch up from memory, sharing each event
+/// (and its memo) instead of each re-reading the log.
+pub const RECENT_CAPACITY: usize = 2048;
+
 /// What happened to a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -109,6 +114,13 @@ pub struct Broker {
     published: AtomicI64,
     closed: std::sync::atomic::AtomicBool,
     streaming: std::sync::atomic::AtomicUsize,
+    recent: Mutex<Recent>,
+}
+
+/// The most recent published events: complete for every position after `after`.
+struct Recent {
+    after: i64,
+    events: std::collections::VecDeque<Arc<ChangeEvent>>,
 }
 
 /// A subscription to one topic; dropping the last one removes the topic.
@@ -155,6 +167,10 @@ impl Broker {
             published: AtomicI64::new(published),
             closed: std::sync::atomic::AtomicBool::new(false),
             streaming: std::sync::atomic::AtomicUsize::new(0),
+            recent: Mutex::new(Recent {
+                after: published,
+                events: std::collections::VecDeque::with_capacity(RECENT_CAPACITY),
+            }),
         }
     }
 
@@ -196,6 +212,17 @@ impl Broker {
     /// subscribing either replays an event from the log or receives it live (or both, and
     /// drops the duplicate by position), never neither.
     pub fn publish(&self, events: Vec<Arc<ChangeEvent>>, through: i64) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            for event in events.iter().filter(|event| event.scope.is_some()) {
+                if recent.events.len() == RECENT_CAPACITY
+                    && let Some(oldest) = recent.events.pop_front()
+                {
+                    recent.after = oldest.position;
+                }
+                recent.events.push_back(event.clone());
+            }
+        }
         self.published.fetch_max(through, Ordering::AcqRel);
         let mut topics = self.topics();
         for event in events {
@@ -207,6 +234,23 @@ impl Broker {
                 topics.remove(&topic);
             }
         }
+    }
+
+    /// `topic`'s events with `after < position <= through`, from memory, when the broker
+    /// still holds every event after `after`; `None` when the log must be read instead.
+    pub fn recent(&self, topic: i64, after: i64, through: i64) -> Option<Vec<Arc<ChangeEvent>>> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if after < recent.after {
+            return None;
+        }
+        Some(
+            recent
+                .events
+                .iter()
+                .filter(|e| e.scope == Some(topic) && e.position > after && e.position <= through)
+                .cloned()
+                .collect(),
+        )
     }
 
     /// How many receivers `topic` has (tests wait on it before writing).
@@ -292,6 +336,22 @@ mod tests {
         assert_eq!(*a.unwrap(), "Ada");
         assert_eq!(*b.unwrap(), "Ada");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn recent_events_are_served_from_memory_while_complete() {
+        let broker = Arc::new(Broker::new(0));
+        let events: Vec<_> = (1..=(RECENT_CAPACITY as i64 + 2))
+            .map(|p| event(p, p % 2))
+            .collect();
+        broker.publish(events, RECENT_CAPACITY as i64 + 2);
+        // The two oldest were evicted: from position 2 on, memory is complete.
+        assert!(broker.recent(1, 1, 10).is_none());
+        let odd = broker.recent(1, 2, 10).unwrap();
+        assert_eq!(
+            odd.iter().map(|e| e.position).collect::<Vec<_>>(),
+            [3, 5, 7, 9]
+        );
     }
 
     #[tokio::test]

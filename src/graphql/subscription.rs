@@ -229,6 +229,26 @@ impl Follow {
             let mut history = true;
             loop {
                 while self.seen < self.target {
+                    // Recent events come from the broker's memory: shared with every other
+                    // subscriber catching up, memo included, at no database cost.
+                    if let Some(events) = self.broker.recent(self.channel_id, self.seen, self.target) {
+                        let through = self.target;
+                        for event in events {
+                            self.seen = event.position;
+                            match self.handle(&event, history, &render) {
+                                Step::Skip => {}
+                                Step::Yield(item) => yield item,
+                                Step::End(item) => {
+                                    if let Some(item) = item {
+                                        yield item;
+                                    }
+                                    return;
+                                }
+                            }
+                        }
+                        self.seen = through;
+                        break;
+                    }
                     let page = changes::read_scope(
                         &self.db, self.channel_id, self.seen, self.target, REPLAY_PAGE,
                     )
