@@ -7,7 +7,6 @@ use std::time::Duration;
 use argon2::Argon2;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -116,13 +115,6 @@ impl JwtKeys {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
         data.claims.sub.parse().ok()
     }
-}
-
-/// A random secret, base64 encoded, for processes started without one.
-pub fn random_secret() -> String {
-    let mut secret = [0u8; 32];
-    OsRng.fill_bytes(&mut secret);
-    base64::engine::general_purpose::STANDARD.encode(secret)
 }
 
 /// Hashes a password with argon2id (PHC string), off the async runtime.

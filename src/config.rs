@@ -55,7 +55,7 @@ pub struct Config {
         env = "SYNCGRAPH_TOKEN_TTL_SECS",
         default_value_t = 86_400,
         global = true
-    )]
+    , value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     pub token_ttl_secs: u64,
     /// Most database connections kept open by this process.
     #[arg(
@@ -71,7 +71,7 @@ pub struct Config {
         env = "SYNCGRAPH_WS_INIT_TIMEOUT_MS",
         default_value_t = 3_000,
         global = true
-    )]
+    , value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub ws_init_timeout_ms: u64,
     /// Server keep-alive pings on WebSockets every this many seconds.
     #[arg(
@@ -79,7 +79,7 @@ pub struct Config {
         env = "SYNCGRAPH_WS_KEEP_ALIVE_SECS",
         default_value_t = 12,
         global = true
-    )]
+    , value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub ws_keep_alive_secs: u64,
     /// Keep captured changes at least this long (seconds) for resuming subscriptions.
     #[arg(
@@ -87,7 +87,7 @@ pub struct Config {
         env = "SYNCGRAPH_RETENTION_SECS",
         default_value_t = 604_800,
         global = true
-    )]
+    , value_parser = clap::value_parser!(u64).range(0..=3_153_600_000))]
     pub retention_secs: u64,
     /// Keep at most this many captured changes.
     #[arg(
@@ -103,11 +103,11 @@ pub struct Config {
         env = "SYNCGRAPH_PRUNE_INTERVAL_SECS",
         default_value_t = 60,
         global = true
-    )]
+    , value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub prune_interval_secs: u64,
     /// Look for changes without a wake-up this often, in ms (writes by other processes on
     /// SQLite; a safety net on PostgreSQL).
-    #[arg(long, env = "SYNCGRAPH_POLL_MS", default_value_t = 100, global = true)]
+    #[arg(long, env = "SYNCGRAPH_POLL_MS", default_value_t = 100, global = true, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub poll_ms: u64,
     /// Log line format (filter with RUST_LOG).
     #[arg(long, env = "SYNCGRAPH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -145,7 +145,10 @@ struct Connection {
     protocol: Protocol,
     api: Api,
     keys: JwtKeys,
+    /// Operation results; bounded, so a client that does not read slows its operations.
     out: mpsc::Sender<Outgoing>,
+    /// Control messages, served before results.
+    control: mpsc::Sender<Outgoing>,
     /// `Some` once connection_init was accepted.
     viewer: Option<Viewer>,
     operations: HashMap<String, JoinHandle<()>>,
@@ -168,8 +171,15 @@ pub async fn serve(
     // Bounded: a client that does not read makes its operations wait (and, past the
     // topic's buffer, re-read the log) instead of growing this queue.
     let (out, mut outgoing) = mpsc::channel::<Outgoing>(64);
+    let (control, mut controls) = mpsc::channel::<Outgoing>(32);
     let writer = tokio::spawn(async move {
-        while let Some(message) = outgoing.recv().await {
+        loop {
+            let message = tokio::select! {
+                biased;
+                Some(message) = controls.recv() => message,
+                Some(message) = outgoing.recv() => message,
+                else => return,
+            };
             match message {
                 Outgoing::Text(text) => {
                     if sink.send(Frame::Text(Utf8Bytes::from(text))).await.is_err() {
@@ -194,6 +204,7 @@ pub async fn serve(
         api,
         keys,
         out,
+        control,
         viewer: None,
         operations: HashMap::new(),
         finished,
@@ -257,7 +268,9 @@ pub async fn serve(
                 for (_, operation) in connection.operations.drain() {
                     let _ = tokio::time::timeout(Duration::from_secs(1), operation).await;
                 }
-                connection.close(close::SERVICE_RESTART, "Server restarting").await;
+                // After the operations' `complete` messages, in order; bounded in time.
+                let close = Outgoing::Close(close::SERVICE_RESTART, "Server restarting".to_owned());
+                let _ = tokio::time::timeout(Duration::from_secs(1), connection.out.send(close)).await;
                 break;
             }
         }
@@ -277,15 +290,21 @@ pub async fn serve(
 }
 
 impl Connection {
+    /// Queues a control message (ack, pong, ping, protocol errors) on the control queue,
+    /// which the writer serves first. Never waits: a full control queue means the client
+    /// reads nothing, and the message is dropped rather than stalling this loop.
     async fn send(&self, message: Value) {
-        let _ = self.out.send(Outgoing::Text(message.to_string())).await;
+        let _ = self.control.try_send(Outgoing::Text(message.to_string()));
     }
 
+    /// Queues a close frame (like `send`: never waits; the connection ends either way).
     async fn close(&self, code: u16, reason: &str) {
-        let _ = self
-            .out
-            .send(Outgoing::Close(code, reason.to_owned()))
-            .await;
+        // A close frame's reason must fit 123 bytes.
+        let mut reason = reason.to_owned();
+        while reason.len() > 120 {
+            reason.pop();
+        }
+        let _ = self.control.try_send(Outgoing::Close(code, reason));
     }
 
     /// Handles one text frame; false when the connection is to end.

@@ -63,8 +63,11 @@ impl Pruner {
         } else {
             "?"
         };
-        let cutoff = chrono::Utc::now()
-            - chrono::Duration::from_std(self.retention.max_age).unwrap_or(chrono::Duration::MAX);
+        // An age beyond what a timestamp can express means "keep by age forever".
+        let cutoff = chrono::Duration::from_std(self.retention.max_age)
+            .ok()
+            .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::UNIX_EPOCH);
         let cutoff: Value = match backend {
             // SQLite compares the text it stores, in the same format.
             DatabaseBackend::Sqlite => cutoff.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string().into(),

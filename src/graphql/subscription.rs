@@ -115,10 +115,11 @@ impl SubscriptionRoot {
         let viewer = viewer_id(ctx)?;
         let document_id = input::id("documentId", &document_id)?;
         let after = parse_after(after.as_deref())?;
+        // A missing document is refused like someone else's, so ids cannot be probed.
         let document = store::document::find(db(ctx)?, document_id)
             .await
             .map_err(AppError::from)?
-            .ok_or_else(|| AppError::NotFound("document not found".into()))?;
+            .ok_or_else(not_a_member)?;
         let follow = Follow::start(ctx, document.channel_id, viewer, after).await?;
         Ok(follow.into_stream(move |event| {
             if event.row_id != document_id {
@@ -198,7 +199,10 @@ impl Follow {
         let broker = live(ctx)?.broker.clone();
         let receiver = broker.subscribe(channel_id);
         let published = broker.published();
-        store::channel::require_member(&db, channel_id, viewer).await?;
+        // A missing channel is refused like someone else's, so ids cannot be probed.
+        if !store::channel::is_member(&db, channel_id, viewer).await? {
+            return Err(not_a_member());
+        }
         if let Some(after) = after {
             let pruned = changes::pruned_through(&db).await.map_err(internal)?;
             if after < pruned {
@@ -363,6 +367,10 @@ enum Step<T> {
     Skip,
     Yield(AppResult<T>),
     End(Option<AppResult<T>>),
+}
+
+fn not_a_member() -> AppError {
+    AppError::Forbidden("only members of the channel may subscribe to it".into())
 }
 
 fn internal(err: changes::ChangeError) -> AppError {

@@ -20,7 +20,15 @@ const BODIES: &str = "subscription($c: ID!, $after: String) { messageEvents(chan
 /// address it serves on.
 async fn spawn_binary(database_url: &str) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_syncgraph"))
-        .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+        // A long keep-alive: the stalled test client sends no pongs while it does not read.
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            database_url,
+            "--ws-keep-alive-secs",
+            "600",
+        ])
         .env("SYNCGRAPH_JWT_SECRET", "test-secret")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
