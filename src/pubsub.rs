@@ -56,8 +56,8 @@ pub struct ChangeEvent {
     pub memo: Memo,
 }
 
-/// One memoised value, computed once.
-type Slot = Arc<OnceCell<Arc<dyn Any + Send + Sync>>>;
+/// One memoised value: an `Arc<OnceCell<Arc<T>>>` behind `Any`, keyed by `T`'s type.
+type Slot = Arc<dyn Any + Send + Sync>;
 
 /// A per-event store of derived values (for example the message's author), so that fanning
 /// one change out to many subscribers costs one lookup, not one per subscriber.
@@ -86,25 +86,21 @@ impl Memo {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let cell = {
+        let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots
                 .entry((TypeId::of::<T>(), key, id))
-                .or_default()
+                .or_insert_with(|| Arc::new(OnceCell::<Arc<T>>::new()))
                 .clone()
         };
-        let value = cell
-            .get_or_try_init(|| async {
-                init()
-                    .await
-                    .map(|value| Arc::new(value) as Arc<dyn Any + Send + Sync>)
-            })
-            .await?
-            .clone();
-        // The slot is keyed by the type, so the value is always a `T`.
-        Ok(value
-            .downcast::<T>()
-            .unwrap_or_else(|_| unreachable!("memo slots are keyed by type")))
+        match slot.downcast::<OnceCell<Arc<T>>>() {
+            Ok(cell) => cell
+                .get_or_try_init(|| async { init().await.map(Arc::new) })
+                .await
+                .cloned(),
+            // Slots are keyed by type, so this does not happen; compute without caching.
+            Err(_) => init().await.map(Arc::new),
+        }
     }
 }
 
