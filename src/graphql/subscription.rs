@@ -230,99 +230,78 @@ impl Follow {
             let _streaming = self.broker.streaming();
             // Changes up to the first target happened before access was checked: membership
             // changes among them are history, not revocations.
-            let mut history = true;
+            let history_through = self.target;
             loop {
-                while self.seen < self.target {
-                    // Recent events come from the broker's memory: shared with every other
-                    // subscriber catching up, memo included, at no database cost.
-                    if let Some(events) = self.broker.recent(self.channel_id, self.seen, self.target) {
-                        let through = self.target;
-                        for event in events {
-                            self.seen = event.position;
-                            match self.handle(&event, history, &render) {
-                                Step::Skip => {}
-                                Step::Yield(item) => yield item,
-                                Step::End(item) => {
-                                    if let Some(item) = item {
-                                        yield item;
-                                    }
-                                    return;
-                                }
-                            }
-                        }
-                        self.seen = through;
-                        break;
-                    }
-                    let page = changes::read_scope(
-                        &self.db, self.channel_id, self.seen, self.target, REPLAY_PAGE,
-                    )
-                    .await;
-                    let page = match page {
-                        Ok(page) => page,
+                // The next batch: catching up (from the broker's memory, else a page of the
+                // log) while behind the target, else the next live event.
+                let (batch, caught_up) = if self.seen < self.target {
+                    match self.catch_up().await {
+                        Ok(next) => next,
                         Err(err) => {
-                            yield Err(internal(err));
-                            return;
-                        }
-                    };
-                    // Retention may have pruned part of the range since the cursor was
-                    // checked: then the page may silently miss rows, so stop instead.
-                    match changes::pruned_through(&self.db).await {
-                        Ok(pruned) if pruned > self.seen => {
-                            yield Err(AppError::CursorExpired);
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(err) => {
-                            yield Err(internal(err));
+                            yield Err(err);
                             return;
                         }
                     }
-                    let complete = (page.len() as u64) < REPLAY_PAGE;
-                    for event in page {
-                        let event = Arc::new(event);
-                        self.seen = event.position;
-                        match self.handle(&event, history, &render) {
-                            Step::Skip => {}
-                            Step::Yield(item) => yield item,
-                            Step::End(item) => {
-                                if let Some(item) = item {
-                                    yield item;
-                                }
-                                return;
-                            }
-                        }
-                    }
-                    if complete {
-                        self.seen = self.target;
-                    }
-                }
-                history = false;
-                match self.receiver.recv().await {
-                    Ok(event) => {
-                        if event.position <= self.seen {
+                } else {
+                    match self.receiver.recv().await {
+                        Ok(event) => (vec![event], false),
+                        Err(RecvError::Lagged(_)) => {
+                            // Too slow for the topic's buffer: catch up instead.
+                            self.target = self.broker.published();
                             continue;
                         }
-                        self.seen = event.position;
-                        match self.handle(&event, false, &render) {
-                            Step::Skip => {}
-                            Step::Yield(item) => yield item,
-                            Step::End(item) => {
-                                if let Some(item) = item {
-                                    yield item;
-                                }
-                                return;
+                        // The server is shutting down.
+                        Err(RecvError::Closed) => return,
+                    }
+                };
+                for event in batch {
+                    if event.position <= self.seen {
+                        continue;
+                    }
+                    self.seen = event.position;
+                    let history = event.position <= history_through;
+                    match self.handle(&event, history, &render) {
+                        Step::Skip => {}
+                        Step::Yield(item) => yield item,
+                        Step::End(item) => {
+                            if let Some(item) = item {
+                                yield item;
                             }
+                            return;
                         }
                     }
-                    Err(RecvError::Lagged(_)) => {
-                        // Too slow for the topic's buffer: read the log instead.
-                        self.target = self.broker.published();
-                    }
-                    // The server is shutting down.
-                    Err(RecvError::Closed) => return,
+                }
+                if caught_up {
+                    self.seen = self.seen.max(self.target);
                 }
             }
         }
+    }
+
+    /// The next events between `seen` and `target`, and whether they are all of them. Recent
+    /// events come from the broker's memory, shared with every other subscriber catching up
+    /// (memo included) at no database cost; older ones from a page of the log.
+    async fn catch_up(&self) -> AppResult<(Vec<Arc<ChangeEvent>>, bool)> {
+        if let Some(events) = self.broker.recent(self.channel_id, self.seen, self.target) {
+            return Ok((events, true));
+        }
+        let page = changes::read_scope(
+            &self.db,
+            self.channel_id,
+            self.seen,
+            self.target,
+            REPLAY_PAGE,
+        )
+        .await
+        .map_err(internal)?;
+        // Retention may have pruned part of the range since the cursor was checked: then
+        // the page may silently miss rows, so stop instead.
+        let pruned = changes::pruned_through(&self.db).await.map_err(internal)?;
+        if pruned > self.seen {
+            return Err(AppError::CursorExpired);
+        }
+        let complete = (page.len() as u64) < REPLAY_PAGE;
+        Ok((page.into_iter().map(Arc::new).collect(), complete))
     }
 
     fn handle<T, F>(&self, event: &Arc<ChangeEvent>, history: bool, render: &F) -> Step<T>
