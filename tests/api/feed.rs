@@ -10,7 +10,9 @@ use serde_json::json;
 use crate::both_backends;
 use crate::helpers::{Backend, TestServer, run_with};
 use crate::subscriptions::{MESSAGE_EVENTS, event, sql_insert};
-use crate::ws_client::{WsClient, caught_up, wait_for_streams, wait_for_subscribers};
+use crate::ws_client::{
+    WsClient, caught_up, wait_for_streams, wait_for_subscribers, wait_for_subscribers_at_most,
+};
 
 const BODIES: &str = "subscription($c: ID!, $after: String) { messageEvents(channelId: $c, after: $after) { cursor kind message { id body } } }";
 
@@ -342,6 +344,36 @@ both_backends! {
         // lookup: twenty cost what one costs (one lookup per change).
         assert_eq!(costs[0], costs[1], "statements for 1 and 20 subscribers");
         assert!(costs[1] <= n as u64, "{} statements for {n} changes", costs[1]);
+    }
+
+    async fn a_client_that_stops_reading_cannot_freeze_its_connection(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "stalled").await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        // About 6 MB the client does not read: more than the socket buffers and the server's
+        // queue hold, so the server's writes back up.
+        let bulk = match server.backend {
+            Backend::Postgres => format!(
+                "INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {ada_id}, repeat('x', 2000) FROM generate_series(1, 3000)"
+            ),
+            Backend::Sqlite => format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000) \
+                 INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {ada_id}, printf('%.2000c', 'x') FROM n"
+            ),
+        };
+        server.sql().await.execute_unprepared(&bulk).await.unwrap();
+        caught_up(&server).await;
+        // Let keep-alive pings fall due (every second on test servers) while nothing is read.
+        // Correctness does not depend on this pause; it only gives the old failure a chance.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        // The connection still reads the client's frames: `complete` ends the operation.
+        ws.complete("1").await;
+        wait_for_subscribers_at_most(&server, &channel, 0).await;
     }
 }
 

@@ -7,7 +7,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::both_backends;
 use crate::subscriptions::{MESSAGE_EVENTS, event};
-use crate::ws_client::{WsClient, caught_up, wait_for_subscribers};
+use crate::ws_client::{WsClient, caught_up, wait_for_subscribers, wait_for_subscribers_at_most};
 
 both_backends! {
     async fn invalid_messages_close_with_4400(server: TestServer) {
@@ -163,22 +163,5 @@ both_backends! {
                 Ok(_) => panic!("{protocol} was accepted"),
             }
         }
-    }
-}
-
-/// Waits (with a deadline) until `topic` has at most `count` receivers.
-async fn wait_for_subscribers_at_most(
-    server: &crate::helpers::TestServer,
-    topic: &str,
-    count: usize,
-) {
-    let topic_id: i64 = topic.parse().unwrap();
-    let deadline = tokio::time::Instant::now() + crate::ws_client::RECEIVE_TIMEOUT;
-    while server.broker.receiver_count(topic_id) > count {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "subscriptions end in time"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

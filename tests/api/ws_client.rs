@@ -251,3 +251,16 @@ pub async fn wait_for_streams(broker: &syncgraph::pubsub::Broker, count: usize) 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Waits (with a deadline) until `topic` has at most `count` receivers.
+pub async fn wait_for_subscribers_at_most(server: &TestServer, topic: &str, count: usize) {
+    let topic_id: i64 = topic.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
+    while server.broker.receiver_count(topic_id) > count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscriptions end in time"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
