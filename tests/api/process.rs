@@ -114,7 +114,7 @@ both_backends! {
             let _ = writeln!(std::io::stderr(), "server RSS with a stalled subscriber and 20,000 x 2 KB changes ({:?}): {before} KiB -> {after} KiB", server.backend);
         }
         // Bounded (topic buffer, recent-event memory, socket queue, SQLite page caches) this
-        // grew by 30-39 MiB; with an unbounded socket queue it grew by 83-111 MiB.
+        // grew by 28-40 MiB; with an unbounded socket queue it grew by 83-111 MiB.
         assert!(growth < 64 * 1024, "RSS grew by {growth} KiB");
 
         // The stalled subscriber still gets everything, in order, once it reads.
