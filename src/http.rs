@@ -1,6 +1,7 @@
 //! The axum router: GraphQL over HTTP on `/graphql` (POST, and GET for queries), the
 //! WebSocket upgrade on the same path (protocols in `ws`), GraphiQL on `/` and `/graphiql`,
-//! and `/healthz`.
+//! the demo on `/demo` with their embedded files under `/assets/` (see `assets`), and
+//! `/healthz`.
 //!
 //! Responses follow GraphQL over HTTP: a client that accepts
 //! `application/graphql-response+json` gets that media type, with status 400 when the request
@@ -11,12 +12,13 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use axum::extract::{FromRequestParts, Request, WebSocketUpgrade};
 use tokio::sync::watch;
 
+use crate::assets;
 use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::Api;
 use crate::graphql::error::code;
@@ -46,6 +48,8 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/", get(graphiql))
         .route("/graphiql", get(graphiql))
+        .route("/demo", get(demo))
+        .route("/assets/{*path}", get(assets::asset))
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -56,14 +60,12 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn graphiql() -> Html<String> {
-    Html(
-        async_graphql::http::GraphiQLSource::build()
-            .endpoint("/graphql")
-            .subscription_endpoint("/graphql")
-            .title("syncgraph")
-            .finish(),
-    )
+async fn graphiql(headers: HeaderMap) -> Response {
+    assets::serve(assets::GRAPHIQL_PAGE, &headers)
+}
+
+async fn demo(headers: HeaderMap) -> Response {
+    assets::serve(assets::DEMO_PAGE, &headers)
 }
 
 /// The media type to answer with, from the request's `Accept`.

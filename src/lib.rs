@@ -16,6 +16,7 @@
 //! - `app`: `App::build` wires everything, binds the listener and runs until shutdown.
 
 pub mod app;
+pub mod assets;
 pub mod auth;
 pub mod changes;
 pub mod config;

@@ -57,12 +57,19 @@ pub fn sdl() -> String {
 pub struct Api {
     schema: AppSchema,
     db: DatabaseConnection,
+    broker: Arc<Broker>,
 }
+
+/// The feed position published when a request began, before any of its fields was read:
+/// every change up to it had committed by then, so the request's reads include it.
+#[derive(Clone, Copy)]
+pub(crate) struct FeedMark(pub i64);
 
 impl Api {
     /// The API over `db`, signing tokens with `keys`, streaming from `live`.
     pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live) -> Self {
         Self {
+            broker: live.broker.clone(),
             schema: build_schema(db.clone(), keys, live),
             db,
         }
@@ -73,6 +80,14 @@ impl Api {
         &self.schema
     }
 
+    /// Attaches the viewer, fresh loaders and the feed mark (taken first, see `FeedMark`).
+    fn prepare(&self, request: async_graphql::Request, viewer: Viewer) -> async_graphql::Request {
+        request
+            .data(FeedMark(self.broker.published()))
+            .data(viewer)
+            .data(loaders::loaders(self.db.clone()))
+    }
+
     /// Runs one request as `viewer` with fresh loaders, and makes sure every error carries
     /// a code.
     pub async fn execute(
@@ -80,7 +95,7 @@ impl Api {
         request: async_graphql::Request,
         viewer: Viewer,
     ) -> async_graphql::Response {
-        let request = request.data(viewer).data(loaders::loaders(self.db.clone()));
+        let request = self.prepare(request, viewer);
         let mut response = self.schema.execute(request).await;
         error::ensure_codes(&mut response);
         response
@@ -93,7 +108,7 @@ impl Api {
         request: async_graphql::Request,
         viewer: Viewer,
     ) -> BoxStream<'static, async_graphql::Response> {
-        let request = request.data(viewer).data(loaders::loaders(self.db.clone()));
+        let request = self.prepare(request, viewer);
         self.schema
             .execute_stream(request)
             .map(|mut response| {

@@ -6,7 +6,7 @@ use super::error::AppResult;
 use super::input::{self, CursorKind};
 use super::loaders::{DocumentsOf, MembersOf};
 use super::types::{Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User};
-use super::{db, loaders, viewer, viewer_id};
+use super::{FeedMark, db, live, loaders, viewer, viewer_id};
 use crate::auth::Viewer;
 use crate::store;
 
@@ -26,6 +26,19 @@ impl QueryRoot {
                 Ok(store::user::find_by_id(db(ctx)?, id).await?.map(User))
             }
         }
+    }
+
+    /// The end of the change feed when this request began, before any other field was read:
+    /// read a snapshot (say `channel { messages(last: 50) }`) in the same request, then
+    /// subscribe with `after: feedCursor`. Every change committed after the snapshot is
+    /// delivered; a change already in it may be delivered too (apply events by `version`).
+    async fn feed_cursor(&self, ctx: &Context<'_>) -> AppResult<String> {
+        viewer_id(ctx)?;
+        let mark = match ctx.data_opt::<FeedMark>() {
+            Some(mark) => mark.0,
+            None => live(ctx)?.broker.published(),
+        };
+        Ok(input::encode_cursor(CursorKind::Event, mark))
     }
 
     /// The channels the viewer is a member of, oldest first (Relay connection; `first` at
