@@ -178,7 +178,7 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr()?;
-        tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/");
+        tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/, the demo on http://{addr}/demo");
         let stop = self.stop.clone();
         let broker = self.broker.clone();
         axum::serve(self.listener, self.router)

@@ -59,21 +59,40 @@ function wsClient(authorization) {
   return client;
 }
 
-/** Whether the operation GraphiQL is about to run is a subscription. */
-function isSubscription(params, opts) {
-  const operations = (opts?.documentAST?.definitions ?? []).filter(
-    (definition) => definition.kind === 'OperationDefinition',
-  );
-  const selected = params.operationName
-    ? operations.find((operation) => operation.name?.value === params.operationName)
+/**
+ * The kind of the operation GraphiQL is about to run: `query`, `mutation` or `subscription`.
+ * Read from the text rather than from GraphiQL's parsed document, which lags behind the
+ * editor by a debounce. Comments and strings are blanked, then the top level is walked:
+ * each definition is `{ ... }` (an anonymous query) or `keyword Name? ... { ... }`.
+ */
+function operationKind(query, operationName) {
+  const source = query.replace(/"""[\s\S]*?"""|"(?:[^"\\\n]|\\.)*"|#.*$/gm, '""');
+  const definitions = [];
+  let depth = 0;
+  let head = null;
+  const tokens = /([{}])|\b(query|mutation|subscription|fragment)\b(?:\s+([_A-Za-z]\w*))?/g;
+  for (const [, brace, keyword, name] of source.matchAll(tokens)) {
+    if (brace === '{') {
+      if (depth === 0) definitions.push(head ?? { kind: 'query' });
+      head = null;
+      depth += 1;
+    } else if (brace === '}') {
+      depth = Math.max(0, depth - 1);
+    } else if (depth === 0) {
+      head = { kind: keyword, name };
+    }
+  }
+  const operations = definitions.filter((definition) => definition.kind !== 'fragment');
+  const selected = operationName
+    ? operations.find((operation) => operation.name === operationName)
     : operations[0];
-  return selected?.operation === 'subscription';
+  return selected?.kind ?? 'query';
 }
 
 const httpFetcher = window.GraphiQL.createFetcher({ url: httpUrl });
 
 function fetcher(params, opts) {
-  if (isSubscription(params, opts)) {
+  if (operationKind(params.query, params.operationName) === 'subscription') {
     return wsClient(authorizationOf(opts?.headers)).iterate(params);
   }
   return httpFetcher(params, opts);

@@ -95,4 +95,87 @@ both_backends! {
         let health = server.client().get(server.url("/healthz")).send().await.unwrap();
         assert_eq!(health.status(), 200);
     }
+
+    async fn pages_load_every_file_from_the_server_itself(server: TestServer) {
+        // Follow each page's scripts, stylesheets and module imports: all are served here,
+        // none from another host (the pages must work with no internet access).
+        let mut pending = vec!["/".to_owned(), "/demo".to_owned()];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(path) = pending.pop() {
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            let response = server.client().get(server.url(&path)).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+            let text = response.text().await.unwrap();
+            let expected = match path.rsplit('.').next() {
+                Some("js") => "text/javascript",
+                Some("css") => "text/css",
+                _ => "text/html",
+            };
+            assert!(content_type.starts_with(expected), "{path} is {content_type}");
+            assert!(!text.contains("//unpkg.com") && !text.contains("cdn.jsdelivr"), "{path} names a CDN");
+            if content_type.starts_with("text/css") {
+                continue;
+            }
+            for reference in references(&text) {
+                if reference.starts_with("data:") {
+                    continue;
+                }
+                let reference = match reference.strip_prefix("./") {
+                    Some(sibling) => format!("{}/{sibling}", path.rsplit_once('/').unwrap().0),
+                    None => reference,
+                };
+                assert!(reference.starts_with("/assets/"), "{path} loads {reference} from elsewhere");
+                pending.push(reference);
+            }
+        }
+        for file in [
+            "/assets/vendor/graphiql-3.9.0/graphiql.min.js",
+            "/assets/vendor/react-18.3.1/react.production.min.js",
+            "/assets/vendor/graphql-ws-6.4.2/client.js",
+            "/assets/demo/app.js",
+        ] {
+            assert!(seen.contains(file), "{file} is loaded by a page; loaded: {seen:?}");
+        }
+    }
+
+    async fn assets_are_cached_by_version_or_revalidated(server: TestServer) {
+        let vendor = server.client().get(server.url("/assets/vendor/graphiql-3.9.0/graphiql.min.css")).send().await.unwrap();
+        assert_eq!(vendor.status(), 200);
+        assert!(vendor.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+
+        let page = server.client().get(server.url("/demo")).send().await.unwrap();
+        assert_eq!(page.headers()["cache-control"], "no-cache");
+        let etag = page.headers()["etag"].clone();
+        let again = server.client().get(server.url("/demo")).header("if-none-match", etag).send().await.unwrap();
+        assert_eq!(again.status(), 304);
+        let stale = server.client().get(server.url("/demo")).header("if-none-match", "\"old\"").send().await.unwrap();
+        assert_eq!(stale.status(), 200);
+
+        for missing in ["/assets/nope.js", "/assets/../Cargo.toml", "/assets/vendor/"] {
+            let response = server.client().get(server.url(missing)).send().await.unwrap();
+            assert_eq!(response.status(), 404, "{missing}");
+        }
+    }
+}
+
+/// The files a page or module loads: `src="..."`, `href="..."` of stylesheets, and the
+/// modules of `import`/`export ... from '...'` statements.
+fn references(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for start in ["src=\"", "rel=\"stylesheet\" href=\""] {
+        for piece in text.split(start).skip(1) {
+            found.extend(piece.split('"').next().map(str::to_owned));
+        }
+    }
+    for line in text.lines().map(str::trim_start) {
+        if line.starts_with("import ") || line.starts_with("export ") {
+            if let Some((_, module)) = line.split_once(" from '") {
+                found.extend(module.split('\'').next().map(str::to_owned));
+            }
+        }
+    }
+    found
 }

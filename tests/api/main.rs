@@ -5,6 +5,7 @@ mod helpers;
 mod ws_client;
 
 mod accounts;
+mod browser;
 mod channels;
 mod cli;
 mod concurrency;

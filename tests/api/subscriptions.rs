@@ -365,6 +365,42 @@ both_backends! {
         assert_eq!(ws.recv().await, json!({ "type": "complete", "id": "1" }));
     }
 
+    async fn feed_cursor_starts_a_subscription_where_its_snapshot_ends(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "snapshot").await;
+        server.post_message(&ada, &channel, "in the snapshot").await;
+        caught_up(&server).await;
+        let snapshot = server
+            .graphql_as(
+                &ada,
+                "query($c: ID!) { feedCursor channel(id: $c) { messages(last: 10) { edges { node { body } } } } }",
+                json!({ "c": channel }),
+            )
+            .await;
+        assert_eq!(
+            snapshot["data"]["channel"]["messages"]["edges"][0]["node"]["body"],
+            "in the snapshot"
+        );
+        let cursor = snapshot["data"]["feedCursor"].as_str().expect("a cursor").to_owned();
+
+        // Written after the snapshot, before anyone subscribes: the cursor must replay it,
+        // and nothing the snapshot already held.
+        sql_insert(&server.sql().await, &channel, &ada_id, "after the snapshot").await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel, "after": cursor })).await;
+        let first = ws.next_payload("1").await;
+        assert_eq!(event(&first)["message"]["body"], "after the snapshot");
+        assert_eq!(event(&first)["kind"], "CREATED");
+        server.post_message(&ada, &channel, "live").await;
+        let live = ws.next_payload("1").await;
+        assert_eq!(event(&live)["message"]["body"], "live");
+
+        // Cursors are for members' subscriptions; without a token there is none.
+        let anonymous = server.graphql("{ feedCursor }", json!({})).await;
+        assert_eq!(crate::helpers::error_code(&anonymous), "UNAUTHENTICATED");
+    }
+
     async fn a_row_with_sqlite_style_timestamps_still_arrives(server: TestServer) {
         let (ada, ada_id) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "times").await;

@@ -1,0 +1,111 @@
+// The demo's whole client side of the API: GraphQL over HTTP, and live feeds over the
+// graphql-transport-ws protocol that resume from their last cursor after any disconnect.
+import { createClient } from '/assets/vendor/graphql-ws-6.4.2/client.js';
+
+const httpUrl = new URL('/graphql', window.location.href).href;
+const wsUrl = httpUrl.replace(/^http/, 'ws');
+
+/** A GraphQL error answer: `code` is the first error's `extensions.code`. */
+export class ApiError extends Error {
+  constructor(errors) {
+    super(errors.map((error) => error.message).join('; '));
+    this.errors = errors;
+    this.extensions = errors[0]?.extensions ?? {};
+    this.code = this.extensions.code;
+  }
+}
+
+/** Runs a query or mutation over HTTP and returns its data, or throws an ApiError. */
+export async function request(token, query, variables = {}) {
+  let response;
+  try {
+    response = await fetch(httpUrl, {
+      method: 'POST',
+      headers: {
+        'content-type': 'application/json',
+        accept: 'application/graphql-response+json, application/json',
+        ...(token ? { authorization: `Bearer ${token}` } : {}),
+      },
+      body: JSON.stringify({ query, variables }),
+    });
+  } catch {
+    throw new ApiError([{ message: 'The server cannot be reached; try again in a moment.' }]);
+  }
+  const body = await response.json().catch(() => ({
+    errors: [{ message: `The server answered ${response.status}.` }],
+  }));
+  if (body.errors?.length) throw new ApiError(body.errors);
+  return body.data;
+}
+
+/**
+ * The WebSocket client for a signed-in user. It does not retry by itself
+ * (`retryAttempts: 0`): every feed reconnects in `follow`, so that it resumes from its own
+ * last cursor rather than from where it first started.
+ */
+export function connect(token, onStatus) {
+  return createClient({
+    url: wsUrl,
+    connectionParams: { authorization: `Bearer ${token}` },
+    lazy: true,
+    retryAttempts: 0,
+    keepAlive: 10_000,
+    on: {
+      connected: () => onStatus('live'),
+      closed: () => onStatus('offline'),
+    },
+  });
+}
+
+const FATAL_CLOSE_CODES = new Set([4400, 4401, 4403, 4409, 4429]);
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Follows one subscription for good: `onEvent` gets each event of `field` in order, exactly
+ * once. When the connection drops (a server restart, a network change) or the server ends
+ * the stream as it shuts down, it subscribes again with `after` set to the last event's
+ * cursor, so every change in between is replayed and none is lost. GraphQL errors
+ * (FORBIDDEN, CURSOR_EXPIRED, ...) and refused connections end it through `onError`.
+ */
+export function follow({ client, query, variables, field, after, onEvent, onError, onRetry }) {
+  let cursor = after;
+  let stopped = false;
+  let iterator = null;
+  (async () => {
+    let delay = 250;
+    while (!stopped) {
+      try {
+        iterator = client.iterate({ query, variables: { ...variables, after: cursor } });
+        for await (const result of iterator) {
+          if (result.errors?.length) throw new ApiError(result.errors);
+          const event = result.data[field];
+          cursor = event.cursor;
+          delay = 250;
+          onEvent(event);
+        }
+      } catch (error) {
+        if (stopped) return;
+        if (error instanceof ApiError || Array.isArray(error)) {
+          stopped = true;
+          onError(error instanceof ApiError ? error : new ApiError(error));
+          return;
+        }
+        if (FATAL_CLOSE_CODES.has(error?.code)) {
+          stopped = true;
+          onError(new ApiError([{ message: error.reason || 'The connection was refused.', extensions: { code: `CLOSE_${error.code}` } }]));
+          return;
+        }
+      }
+      if (stopped) return;
+      onRetry?.(delay);
+      await sleep(delay);
+      delay = Math.min(delay * 2, 4000);
+    }
+  })();
+  return {
+    stop() {
+      stopped = true;
+      iterator?.return?.();
+    },
+  };
+}

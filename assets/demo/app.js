@@ -1,0 +1,544 @@
+// The demo: sign in, pick a channel, chat live, and edit a shared document with
+// optimistic concurrency. Everything shown comes from one snapshot query plus the live feed
+// that starts at that snapshot's `feedCursor`, so nothing committed after the snapshot is
+// missed; events are applied by `version`, so one seen twice changes nothing.
+import { ApiError, connect, follow, request } from '/assets/demo/api.js';
+
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = 'syncgraph.demo.token';
+const MESSAGE = 'id body version createdAt author { id name }';
+const DOCUMENT = 'id title body version updatedAt';
+
+const state = {
+  token: null,
+  user: null,
+  client: null,
+  channelId: null,
+  channelFeed: null,
+  /** id -> message, and the li showing it. */
+  messages: new Map(),
+  items: new Map(),
+  /** Ids of deleted messages: a late replay of an older version must not bring one back. */
+  removed: new Set(),
+  documents: new Map(),
+  documentId: null,
+  documentFeed: null,
+  /** The document version the editor's text is based on, and whether it was changed. */
+  base: null,
+  dirty: false,
+  /** The version that beat our save, while the conflict box is open. */
+  conflictVersion: null,
+};
+
+// ---- status and errors ----------------------------------------------------------------
+
+function setStatus(status) {
+  const labels = { live: 'live', offline: 'offline', reconnecting: 'reconnecting…' };
+  $('status').textContent = labels[status] ?? status;
+  $('status').className = `status ${status}`;
+}
+
+function describe(error) {
+  if (!(error instanceof ApiError)) return String(error?.message ?? error);
+  switch (error.code) {
+    case 'UNAUTHENTICATED':
+      return state.token ? 'Your session has ended; sign in again.' : 'Wrong email or password.';
+    case 'FORBIDDEN':
+      return 'You are not a member of this channel (any more).';
+    default:
+      return error.message;
+  }
+}
+
+function showError(id, error) {
+  $(id).textContent = error ? describe(error) : '';
+}
+
+// ---- session ----------------------------------------------------------------------------
+
+async function authenticate(event) {
+  event.preventDefault();
+  const form = new FormData($('auth'));
+  const action = event.submitter?.value === 'signUp' ? 'signUp' : 'signIn';
+  const input = { email: form.get('email'), password: form.get('password') };
+  if (action === 'signUp') input.name = form.get('name') || String(input.email).split('@')[0];
+  const type = action === 'signUp' ? 'SignUpInput' : 'SignInInput';
+  showError('auth-error', null);
+  try {
+    const data = await request(
+      null,
+      `mutation Auth($input: ${type}!) { ${action}(input: $input) { token user { id name } } }`,
+      { input },
+    );
+    const { token, user } = data[action];
+    sessionStorage.setItem(TOKEN_KEY, token);
+    startSession(token, user);
+  } catch (error) {
+    showError('auth-error', error);
+  }
+}
+
+function startSession(token, user) {
+  state.token = token;
+  state.user = user;
+  state.client = connect(token, setStatus);
+  $('whoami').textContent = `${user.name} · your user id: ${user.id}`;
+  $('whoami').hidden = false;
+  $('sign-out').hidden = false;
+  $('signed-out').hidden = true;
+  $('signed-in').hidden = false;
+  loadChannels().then(() => {
+    const wanted = new URLSearchParams(window.location.hash.slice(1)).get('channel');
+    if (wanted) openChannel(wanted);
+  });
+}
+
+function signOut(message) {
+  closeChannel();
+  state.client?.dispose();
+  Object.assign(state, { token: null, user: null, client: null });
+  sessionStorage.removeItem(TOKEN_KEY);
+  $('whoami').hidden = true;
+  $('sign-out').hidden = true;
+  $('signed-in').hidden = true;
+  $('signed-out').hidden = false;
+  $('auth-error').textContent = message ?? '';
+  setStatus('offline');
+}
+
+async function resumeSession() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return;
+  try {
+    const { me } = await request(token, '{ me { id name } }');
+    if (me) startSession(token, me);
+    else signOut('Your session has ended; sign in again.');
+  } catch (error) {
+    showError('auth-error', error);
+  }
+}
+
+// ---- channels ---------------------------------------------------------------------------
+
+async function loadChannels() {
+  try {
+    const data = await request(state.token, '{ channels(first: 100) { edges { node { id name } } } }');
+    const list = $('channels');
+    list.replaceChildren(
+      ...data.channels.edges.map(({ node }) => {
+        const button = document.createElement('button');
+        button.type = 'button';
+        button.textContent = `# ${node.name}`;
+        button.dataset.channel = node.id;
+        button.className = node.id === state.channelId ? 'selected' : '';
+        button.addEventListener('click', () => openChannel(node.id));
+        const item = document.createElement('li');
+        item.append(button);
+        return item;
+      }),
+    );
+  } catch (error) {
+    showError('channel-error', error);
+  }
+}
+
+function closeChannel() {
+  state.channelFeed?.stop();
+  state.documentFeed?.stop();
+  Object.assign(state, { channelId: null, channelFeed: null, documentFeed: null, documentId: null });
+  state.messages.clear();
+  state.items.clear();
+  state.removed.clear();
+  $('messages').replaceChildren();
+  $('channel').hidden = true;
+  $('docs').hidden = true;
+}
+
+async function openChannel(id) {
+  closeChannel();
+  state.channelId = id;
+  window.location.hash = `channel=${id}`;
+  for (const button of $('channels').querySelectorAll('button')) {
+    button.className = button.dataset.channel === id ? 'selected' : '';
+  }
+  showError('channel-error', null);
+  let data;
+  try {
+    data = await request(
+      state.token,
+      `query Open($id: ID!) {
+        feedCursor
+        channel(id: $id) {
+          id name
+          members { id name }
+          messages(last: 50) { edges { node { ${MESSAGE} } } }
+          documents { ${DOCUMENT} }
+        }
+      }`,
+      { id },
+    );
+  } catch (error) {
+    showError('channel-error', error);
+    return;
+  }
+  if (state.channelId !== id) return;
+  if (!data.channel) {
+    showError('channel-error', new ApiError([{ message: 'No such channel, or you are not a member.' }]));
+    return;
+  }
+  $('channel').hidden = false;
+  $('docs').hidden = false;
+  $('channel-name').textContent = `# ${data.channel.name}`;
+  showMembers(data.channel.members);
+  for (const { node } of data.channel.messages.edges) applyMessage(node);
+  scrollToEnd();
+  state.documents = new Map(data.channel.documents.map((d) => [d.id, d]));
+  showDocumentList();
+  if (data.channel.documents.length) openDocument(data.channel.documents[0].id);
+  else $('document').hidden = true;
+
+  state.channelFeed = follow({
+    client: state.client,
+    query: `subscription Messages($channelId: ID!, $after: String) {
+      messageEvents(channelId: $channelId, after: $after) { cursor kind message { ${MESSAGE} } }
+    }`,
+    variables: { channelId: id },
+    field: 'messageEvents',
+    after: data.feedCursor,
+    onEvent: ({ kind, message }) => {
+      const atEnd = nearEnd();
+      if (kind === 'DELETED') removeMessage(message.id);
+      else applyMessage(message);
+      if (atEnd) scrollToEnd();
+    },
+    onError: feedError,
+    onRetry: () => setStatus('reconnecting'),
+  });
+}
+
+function feedError(error) {
+  if (error.code === 'CURSOR_EXPIRED' && state.channelId) {
+    openChannel(state.channelId); // too far behind to replay: start from a new snapshot
+  } else if (String(error.code).startsWith('CLOSE_44')) {
+    signOut('Your session has ended; sign in again.');
+  } else {
+    showError('channel-error', error);
+  }
+}
+
+function showMembers(members) {
+  $('members').textContent = members.map((m) => `${m.name} (${m.id})`).join(', ');
+}
+
+async function createChannel(event) {
+  event.preventDefault();
+  const form = event.target;
+  try {
+    const data = await request(
+      state.token,
+      'mutation Create($input: CreateChannelInput!) { createChannel(input: $input) { id } }',
+      { input: { name: form.elements.name.value } },
+    );
+    form.reset();
+    await loadChannels();
+    openChannel(data.createChannel.id);
+  } catch (error) {
+    showError('channel-error', error);
+  }
+}
+
+async function addMember(event) {
+  event.preventDefault();
+  const form = event.target;
+  try {
+    const data = await request(
+      state.token,
+      'mutation Add($input: AddChannelMemberInput!) { addChannelMember(input: $input) { members { id name } } }',
+      { input: { channelId: state.channelId, userId: form.elements.userId.value.trim() } },
+    );
+    form.reset();
+    showMembers(data.addChannelMember.members);
+    showError('channel-error', null);
+  } catch (error) {
+    showError('channel-error', error);
+  }
+}
+
+// ---- messages ---------------------------------------------------------------------------
+
+function applyMessage(message) {
+  const known = state.messages.get(message.id);
+  if (state.removed.has(message.id) || (known && known.version >= message.version)) return;
+  state.messages.set(message.id, message);
+  let item = state.items.get(message.id);
+  if (!item) {
+    item = document.createElement('li');
+    item.dataset.id = message.id;
+    state.items.set(message.id, item);
+    const after = [...$('messages').children].find((li) => Number(li.dataset.id) > Number(message.id));
+    $('messages').insertBefore(item, after ?? null);
+  }
+  item.dataset.version = message.version;
+  // An open editor keeps its draft; its save names the version it started from.
+  if (!item.classList.contains('editing')) renderMessage(item, message);
+}
+
+function removeMessage(id) {
+  state.removed.add(id);
+  state.messages.delete(id);
+  state.items.get(id)?.remove();
+  state.items.delete(id);
+}
+
+function renderMessage(item, message) {
+  const author = document.createElement('strong');
+  author.textContent = message.author.name;
+  const body = document.createElement('span');
+  body.className = 'body';
+  body.textContent = message.body;
+  const parts = [author, body];
+  if (message.version > 1) {
+    const edited = document.createElement('small');
+    edited.textContent = 'edited';
+    parts.push(edited);
+  }
+  if (message.author.id === state.user.id) {
+    const edit = document.createElement('button');
+    edit.type = 'button';
+    edit.className = 'link';
+    edit.textContent = 'edit';
+    edit.addEventListener('click', () => editMessage(item, message));
+    parts.push(edit);
+  }
+  item.replaceChildren(...parts);
+}
+
+function editMessage(item, message) {
+  item.classList.add('editing');
+  const form = document.createElement('form');
+  form.className = 'row';
+  const input = document.createElement('input');
+  input.value = message.body;
+  input.required = true;
+  input.maxLength = 4000;
+  input.setAttribute('aria-label', 'Edit message');
+  const save = document.createElement('button');
+  save.textContent = 'Save';
+  const cancel = document.createElement('button');
+  cancel.type = 'button';
+  cancel.className = 'secondary';
+  cancel.textContent = 'Cancel';
+  const close = () => {
+    item.classList.remove('editing');
+    const latest = state.messages.get(message.id);
+    if (latest) renderMessage(item, latest);
+  };
+  cancel.addEventListener('click', close);
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    try {
+      const data = await request(
+        state.token,
+        `mutation Edit($input: EditMessageInput!) { editMessage(input: $input) { ${MESSAGE} } }`,
+        { input: { id: message.id, body: input.value, expectedVersion: message.version } },
+      );
+      close();
+      applyMessage(data.editMessage);
+      showError('channel-error', null);
+    } catch (error) {
+      close();
+      if (error.code === 'CONFLICT') {
+        showError('channel-error', new ApiError([{ message: 'That message changed while you were editing it; your edit was not saved.' }]));
+      } else {
+        showError('channel-error', error);
+      }
+    }
+  });
+  form.append(input, save, cancel);
+  item.replaceChildren(form);
+  input.focus();
+}
+
+async function postMessage(event) {
+  event.preventDefault();
+  const form = event.target;
+  const body = form.elements.body.value;
+  try {
+    const data = await request(
+      state.token,
+      `mutation Post($input: PostMessageInput!) { postMessage(input: $input) { ${MESSAGE} } }`,
+      { input: { channelId: state.channelId, body } },
+    );
+    form.reset();
+    applyMessage(data.postMessage);
+    scrollToEnd();
+    showError('channel-error', null);
+  } catch (error) {
+    showError('channel-error', error);
+  }
+}
+
+function nearEnd() {
+  const list = $('messages');
+  return list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+}
+
+function scrollToEnd() {
+  $('messages').scrollTop = $('messages').scrollHeight;
+}
+
+// ---- shared documents -------------------------------------------------------------------
+
+function showDocumentList() {
+  const select = $('document-list');
+  const options = [...state.documents.values()].map((d) => {
+    const option = document.createElement('option');
+    option.value = d.id;
+    option.textContent = d.title;
+    return option;
+  });
+  select.replaceChildren(...options);
+  select.hidden = options.length === 0;
+  if (state.documentId) select.value = state.documentId;
+}
+
+async function openDocument(id) {
+  state.documentFeed?.stop();
+  state.documentId = id;
+  $('document-list').value = id;
+  let data;
+  try {
+    data = await request(
+      state.token,
+      `query Doc($id: ID!) { feedCursor document(id: $id) { ${DOCUMENT} } }`,
+      { id },
+    );
+  } catch (error) {
+    showError('channel-error', error);
+    return;
+  }
+  if (state.documentId !== id || !data.document) return;
+  setEditor(data.document, 'Up to date');
+  $('document').hidden = false;
+  state.documentFeed = follow({
+    client: state.client,
+    query: `subscription Doc($documentId: ID!, $after: String) {
+      documentEvents(documentId: $documentId, after: $after) { cursor kind document { ${DOCUMENT} } }
+    }`,
+    variables: { documentId: id },
+    field: 'documentEvents',
+    after: data.feedCursor,
+    onEvent: ({ kind, document: latest }) => {
+      if (kind === 'DELETED') {
+        $('document-state').textContent = 'This document was deleted.';
+        return;
+      }
+      state.documents.set(latest.id, latest);
+      showDocumentList();
+      if (latest.version <= state.base.version) return;
+      if (state.dirty) {
+        $('document-state').textContent = `Someone saved version ${latest.version}; your unsaved text is kept.`;
+      } else {
+        setEditor(latest, `Updated live to version ${latest.version}`);
+      }
+    },
+    onError: feedError,
+    onRetry: () => setStatus('reconnecting'),
+  });
+}
+
+function setEditor(doc, note) {
+  const form = $('document');
+  form.elements.title.value = doc.title;
+  form.elements.body.value = doc.body;
+  state.base = doc;
+  state.dirty = false;
+  $('conflict').hidden = true;
+  $('document-state').textContent = `${note} · version ${doc.version}`;
+}
+
+async function saveDocument(expectedVersion) {
+  const form = $('document');
+  try {
+    const data = await request(
+      state.token,
+      `mutation Save($input: UpdateDocumentInput!) { updateDocument(input: $input) { ${DOCUMENT} } }`,
+      {
+        input: {
+          id: state.documentId,
+          title: form.elements.title.value,
+          body: form.elements.body.value,
+          expectedVersion,
+        },
+      },
+    );
+    state.documents.set(data.updateDocument.id, data.updateDocument);
+    showDocumentList();
+    setEditor(data.updateDocument, 'Saved');
+  } catch (error) {
+    if (error.code === 'CONFLICT') {
+      state.conflictVersion = error.extensions.currentVersion;
+      $('conflict-message').textContent =
+        `Conflict: someone else saved version ${state.conflictVersion} before you. ` +
+        'Your text is still here and was not saved.';
+      $('conflict').hidden = false;
+    } else {
+      $('document-state').textContent = describe(error);
+    }
+  }
+}
+
+async function loadTheirs() {
+  try {
+    const { document: latest } = await request(
+      state.token,
+      `query Doc($id: ID!) { document(id: $id) { ${DOCUMENT} } }`,
+      { id: state.documentId },
+    );
+    if (latest) setEditor(latest, 'Loaded their version');
+  } catch (error) {
+    $('document-state').textContent = describe(error);
+  }
+}
+
+async function createDocument(event) {
+  event.preventDefault();
+  const form = event.target;
+  try {
+    const data = await request(
+      state.token,
+      `mutation NewDoc($input: CreateDocumentInput!) { createDocument(input: $input) { ${DOCUMENT} } }`,
+      { input: { channelId: state.channelId, title: form.elements.title.value, body: '' } },
+    );
+    form.reset();
+    state.documents.set(data.createDocument.id, data.createDocument);
+    state.documentId = data.createDocument.id;
+    showDocumentList();
+    openDocument(data.createDocument.id);
+  } catch (error) {
+    showError('channel-error', error);
+  }
+}
+
+// ---- wiring -----------------------------------------------------------------------------
+
+$('auth').addEventListener('submit', authenticate);
+$('sign-out').addEventListener('click', () => signOut());
+$('refresh-channels').addEventListener('click', loadChannels);
+$('new-channel').addEventListener('submit', createChannel);
+$('add-member').addEventListener('submit', addMember);
+$('post').addEventListener('submit', postMessage);
+$('new-document').addEventListener('submit', createDocument);
+$('document-list').addEventListener('change', (event) => openDocument(event.target.value));
+$('document').addEventListener('input', () => {
+  state.dirty = true;
+  $('document-state').textContent = `Unsaved changes · based on version ${state.base.version}`;
+});
+$('document').addEventListener('submit', (event) => {
+  event.preventDefault();
+  saveDocument(state.base.version);
+});
+$('load-theirs').addEventListener('click', loadTheirs);
+$('overwrite').addEventListener('click', () => saveDocument(state.conflictVersion));
+window.addEventListener('focus', () => state.token && loadChannels());
+resumeSession();

@@ -1,0 +1,362 @@
+// Browser tests of GraphiQL (`/`) and the demo (`/demo`) in Debian's Chromium, driven by
+// playwright-core. `cargo test` runs them through tests/api/browser.rs, which builds the
+// server and passes its binary; run alone with
+//   SYNCGRAPH_BIN=target/debug/syncgraph node --test tests/browser/
+// A failed test leaves a screenshot of each of its pages in SCREENSHOT_DIR.
+import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.SYNCGRAPH_BIN;
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const SCREENSHOT_DIR = process.env.SCREENSHOT_DIR ?? join(process.cwd(), 'screenshots');
+/** Every wait has a deadline, so a missing event fails the test instead of hanging it. */
+const DEADLINE = 15_000;
+
+if (!BIN) throw new Error('set SYNCGRAPH_BIN to the syncgraph binary');
+
+// ---- the server -------------------------------------------------------------------------
+
+const dir = mkdtempSync(join(tmpdir(), 'syncgraph-browser-'));
+const serverArgs = [
+  '--database-url', process.env.SYNCGRAPH_DATABASE_URL ?? `sqlite://${join(dir, 'browser.db')}`,
+  '--jwt-secret', 'browser-tests-secret-browser-tests-secret',
+  '--ws-keep-alive-secs', '2',
+];
+
+/** Starts the real binary and resolves with its base URL once it serves. */
+function startServer(listen = '127.0.0.1:0') {
+  const child = spawn(BIN, ['serve', '--listen', listen, ...serverArgs], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, RUST_LOG: 'warn,syncgraph=info', NO_COLOR: '1' },
+  });
+  return new Promise((resolve, reject) => {
+    let log = '';
+    const timer = setTimeout(() => reject(new Error(`server did not start:\n${log}`)), DEADLINE);
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (chunk) => {
+      log += chunk;
+      const match = log.match(/serving GraphQL on (http:\/\/[0-9.:]+)\/graphql/);
+      if (match) {
+        clearTimeout(timer);
+        resolve({ child, url: match[1] });
+      }
+    });
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`server exited with ${code} before serving:\n${log}`));
+    });
+  });
+}
+
+function stopServer(child) {
+  return new Promise((resolve, reject) => {
+    if (child.exitCode !== null) return resolve();
+    const timer = setTimeout(() => reject(new Error('server did not stop on SIGTERM')), DEADLINE);
+    child.once('exit', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    child.kill('SIGTERM');
+  });
+}
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  if (server) await stopServer(server.child);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+// ---- helpers ----------------------------------------------------------------------------
+
+let unique = 0;
+const runId = Date.now().toString(36);
+const email = (name) => `${name}-${runId}-${++unique}@example.com`;
+
+/** Runs `body` with fresh browser contexts; on failure saves a screenshot of every page. */
+async function withPages(name, count, body) {
+  const contexts = await Promise.all(Array.from({ length: count }, () => browser.newContext()));
+  const pages = await Promise.all(contexts.map((context) => context.newPage()));
+  const problems = [];
+  pages.forEach((page, i) => {
+    page.setDefaultTimeout(DEADLINE);
+    page.on('pageerror', (error) => problems.push(`page ${i}: ${error.message}`));
+    if (process.env.BROWSER_DEBUG) {
+      page.on('request', (r) => console.log(`page ${i} request: ${r.url()} ${r.postData()?.slice(0, 80) ?? ''}`));
+      page.on('console', (m) => console.log(`page ${i} console.${m.type()}: ${m.text()}`));
+      page.on('websocket', (ws) => {
+        ws.on('framesent', (f) => console.log(`page ${i} ws sent: ${String(f.payload).slice(0, 160)}`));
+        ws.on('framereceived', (f) => console.log(`page ${i} ws received: ${String(f.payload).slice(0, 160)}`));
+        ws.on('close', () => console.log(`page ${i} ws closed`));
+      });
+    }
+  });
+  try {
+    await body(...pages);
+    assert.deepEqual(problems, [], 'uncaught errors in the page');
+  } catch (error) {
+    mkdirSync(SCREENSHOT_DIR, { recursive: true });
+    for (const [i, page] of pages.entries()) {
+      const path = join(SCREENSHOT_DIR, `${name}-${i}.png`);
+      await page.screenshot({ path, fullPage: true }).catch(() => {});
+      console.error(`screenshot: ${path}`);
+    }
+    throw error;
+  } finally {
+    await Promise.all(contexts.map((context) => context.close()));
+  }
+}
+
+async function graphql(token, query, variables = {}) {
+  const response = await fetch(`${server.url}/graphql`, {
+    method: 'POST',
+    headers: {
+      'content-type': 'application/json',
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
+    },
+    body: JSON.stringify({ query, variables }),
+  });
+  const body = await response.json();
+  assert.equal(body.errors, undefined, JSON.stringify(body.errors));
+  return body.data;
+}
+
+/** Signs up through the demo's form and returns the new user's id. */
+async function signUp(page, name) {
+  await page.goto(`${server.url}/demo`);
+  await page.locator('#auth [name=name]').fill(name);
+  await page.locator('#auth [name=email]').fill(email(name.toLowerCase()));
+  await page.locator('#auth [name=password]').fill('correct horse battery');
+  await page.getByRole('button', { name: 'Sign up' }).click();
+  const whoami = await page.locator('#whoami').textContent({ timeout: DEADLINE });
+  await page.locator('#whoami').waitFor({ state: 'visible' });
+  const id = (await page.locator('#whoami').textContent()).match(/your user id: (\d+)/)?.[1];
+  assert.ok(id, `no user id in ${whoami}`);
+  return id;
+}
+
+/** A signs up and creates a channel, B signs up, A adds B, and both open the channel. */
+async function twoUsersInAChannel(a, b, channel) {
+  await signUp(a, 'Ada');
+  const bob = await signUp(b, 'Bob');
+  await a.getByLabel('New channel name').fill(channel);
+  await a.getByRole('button', { name: 'Create', exact: true }).first().click();
+  await a.locator('#channel-name').filter({ hasText: channel }).waitFor();
+  await a.getByLabel('User id to add').fill(bob);
+  await a.getByRole('button', { name: 'Add member' }).click();
+  await a.locator('#members').filter({ hasText: `Bob (${bob})` }).waitFor();
+  await b.getByTitle('Reload the list').click();
+  await b.locator('#channels button', { hasText: channel }).click();
+  await b.locator('#channel-name').filter({ hasText: channel }).waitFor();
+  for (const page of [a, b]) await page.locator('#status.live').waitFor();
+}
+
+const message = (page, body) => page.locator('#messages li .body', { hasText: body });
+
+async function post(page, body) {
+  await page.getByLabel('Message', { exact: true }).fill(body);
+  await page.getByRole('button', { name: 'Send' }).click();
+}
+
+// ---- the demo ---------------------------------------------------------------------------
+
+test('two users on /demo: what one posts, the other sees within a second', async () => {
+  await withPages('demo-live', 2, async (a, b) => {
+    await twoUsersInAChannel(a, b, 'live');
+    const started = Date.now();
+    await post(a, 'hello from Ada');
+    await message(b, 'hello from Ada').waitFor({ timeout: 1_000 });
+    console.log(`delivered to the other browser in ${Date.now() - started} ms`);
+
+    await post(b, 'hi Ada, Bob here');
+    await message(a, 'hi Ada, Bob here').waitFor();
+
+    // An edit reaches the other user too, as the same message.
+    await a.locator('#messages li', { hasText: 'hello from Ada' }).getByRole('button', { name: 'edit' }).click();
+    await a.getByLabel('Edit message').fill('hello from Ada, edited');
+    await a.getByRole('button', { name: 'Save' }).first().click();
+    await message(b, 'hello from Ada, edited').waitFor();
+    assert.equal(await b.locator('#messages li').count(), 2);
+  });
+});
+
+test('a document saved by someone else first shows the conflict message', async () => {
+  await withPages('demo-conflict', 2, async (a, b) => {
+    await twoUsersInAChannel(a, b, 'docs');
+    await a.getByLabel('New document title').fill('Plan');
+    await a.getByRole('button', { name: 'Create' }).last().click();
+    await a.locator('#document-state', { hasText: 'version 1' }).waitFor();
+    // Bob reopens the channel to see the new document, and starts typing.
+    await b.locator('#channels button', { hasText: 'docs' }).click();
+    await b.locator('#document-state', { hasText: 'version 1' }).waitFor();
+    await b.getByLabel('Content').fill("Bob's plan");
+    // Ada saves first.
+    await a.getByLabel('Content').fill("Ada's plan");
+    await a.getByRole('button', { name: 'Save', exact: true }).click();
+    await a.locator('#document-state', { hasText: 'Saved · version 2' }).waitFor();
+    // Bob's save is refused with a visible conflict, and his text is kept.
+    await b.getByRole('button', { name: 'Save', exact: true }).click();
+    await b.locator('#conflict-message', { hasText: 'someone else saved version 2' }).waitFor();
+    assert.equal(await b.getByLabel('Content').inputValue(), "Bob's plan");
+    // Keeping his text saves version 3, which reaches Ada live.
+    await b.getByRole('button', { name: 'Keep mine and save' }).click();
+    await b.locator('#document-state', { hasText: 'Saved · version 3' }).waitFor();
+    await a.locator('#document-state', { hasText: 'version 3' }).waitFor();
+    assert.equal(await a.getByLabel('Content').inputValue(), "Bob's plan");
+  });
+});
+
+test('after a server restart the demo resumes from its cursor and loses nothing', async () => {
+  await withPages('demo-restart', 2, async (a, b) => {
+    await twoUsersInAChannel(a, b, 'restart');
+    await post(a, 'before the restart');
+    await message(b, 'before the restart').waitFor();
+    const token = await a.evaluate(() => sessionStorage.getItem('syncgraph.demo.token'));
+    const channelId = new URL(a.url()).hash.match(/channel=(\d+)/)[1];
+
+    const listen = new URL(server.url).host;
+    await stopServer(server.child);
+    await b.locator('#status', { hasText: /offline|reconnecting/ }).waitFor();
+    server = await startServer(listen);
+    // Written the moment the server is back, before the page's next reconnect attempt:
+    // only a resume from the last cursor delivers it.
+    await graphql(token, 'mutation($input: PostMessageInput!) { postMessage(input: $input) { id } }', {
+      input: { channelId, body: 'while the page was away' },
+    });
+    await message(b, 'while the page was away').waitFor();
+    await b.locator('#status.live').waitFor();
+    await post(a, 'after the restart');
+    await message(b, 'after the restart').waitFor();
+    for (const body of ['before the restart', 'while the page was away', 'after the restart']) {
+      assert.equal(await message(b, body).count(), 1, `"${body}" shown once`);
+    }
+  });
+});
+
+// ---- GraphiQL ---------------------------------------------------------------------------
+
+/** Sets a GraphiQL editor's text through its CodeMirror instance, as typing would. */
+async function setEditor(page, selector, text) {
+  await page.locator(selector).first().waitFor({ state: 'attached' });
+  await page.evaluate(
+    ([selector, text]) => {
+      const editor = [...document.querySelectorAll(selector)].find((e) => e.offsetParent !== null);
+      editor.CodeMirror.setValue(text);
+    },
+    [selector, text],
+  );
+}
+
+/**
+ * Clicks GraphiQL's run button until the operation is sent (over HTTP, or as a WebSocket
+ * `subscribe`). Right after an editor's text was set programmatically GraphiQL may ignore a
+ * click while it settles its state (a person typing never sees this), so a click that
+ * sent nothing is repeated; one that sent the operation is never repeated, as a second
+ * click on a running subscription would stop it.
+ */
+async function run(page, marker) {
+  for (let attempt = 0; attempt < 30; attempt++) {
+    let onRequest;
+    let onSocket;
+    const sent = new Promise((resolve) => {
+      onRequest = (request) => request.postData()?.includes(marker) && resolve(true);
+      onSocket = (ws) => ws.on('framesent', (frame) => String(frame.payload).includes(marker) && resolve(true));
+      page.on('request', onRequest);
+      page.on('websocket', onSocket);
+      setTimeout(() => resolve(false), 500);
+    });
+    await page.locator('.graphiql-execute-button').click();
+    const started = await sent;
+    page.off('request', onRequest);
+    page.off('websocket', onSocket);
+    if (started) return;
+  }
+  assert.fail(`GraphiQL never sent the operation containing ${marker}`);
+}
+
+async function responseText(page) {
+  return page.evaluate(() => document.querySelector('.graphiql-response .CodeMirror')?.CodeMirror.getValue() ?? '');
+}
+
+async function waitForResponse(page, what, predicate) {
+  const started = Date.now();
+  for (;;) {
+    const text = await responseText(page);
+    if (predicate(text)) return text;
+    if (Date.now() - started > DEADLINE) assert.fail(`GraphiQL never showed ${what}; it shows:\n${text}`);
+    await page.waitForTimeout(100);
+  }
+}
+
+test('GraphiQL renders offline and runs a query and a subscription with the headers editor token', async () => {
+  const { signUp: auth } = await graphql(
+    null,
+    'mutation($input: SignUpInput!) { signUp(input: $input) { token user { id } } }',
+    { input: { name: 'Grace', email: email('grace'), password: 'correct horse battery' } },
+  );
+  const { createChannel } = await graphql(auth.token, 'mutation { createChannel(input: { name: "graphiql" }) { id } }');
+  await withPages('graphiql', 1, async (page) => {
+    // Every request the page makes goes to syncgraph itself.
+    const elsewhere = [];
+    page.on('request', (request) => {
+      if (!request.url().startsWith(server.url) && !request.url().startsWith('data:')) elsewhere.push(request.url());
+    });
+    // GraphiQL runs nothing until its schema introspection has answered.
+    const introspected = page.waitForResponse(
+      (response) => response.url().endsWith('/graphql') && response.request().postData()?.includes('IntrospectionQuery'),
+    );
+    await page.goto(`${server.url}/`);
+    await page.locator('.graphiql-container').waitFor();
+    assert.equal((await introspected).status(), 200);
+    // The headers editor is open by default; the key may be in any letter case.
+    await setEditor(page, '.graphiql-editor-tool .graphiql-editor:not(.hidden) .CodeMirror', JSON.stringify({ authorization: `Bearer ${auth.token}` }));
+
+    await setEditor(page, '.graphiql-query-editor .CodeMirror', '{ me { name } }');
+    await run(page, '{ me { name } }');
+    await waitForResponse(page, 'the signed-in user', (text) => text.includes('"name": "Grace"'));
+
+    await setEditor(
+      page,
+      '.graphiql-query-editor .CodeMirror',
+      `subscription { messageEvents(channelId: "${createChannel.id}") { kind message { body } } }`,
+    );
+    await run(page, 'messageEvents');
+    // The subscription is live once the server counts it; then post and watch it arrive.
+    const posted = [];
+    for (let i = 0; i < 50; i++) {
+      const body = `live in GraphiQL ${i}`;
+      await graphql(auth.token, 'mutation($input: PostMessageInput!) { postMessage(input: $input) { id } }', {
+        input: { channelId: createChannel.id, body },
+      });
+      posted.push(body);
+      const text = await responseText(page);
+      if (posted.some((b) => text.includes(b))) break;
+      await page.waitForTimeout(200);
+    }
+    await waitForResponse(page, 'a live message', (text) => text.includes('"kind": "CREATED"') && posted.some((b) => text.includes(b)));
+    assert.deepEqual(elsewhere, [], 'requests that left the server');
+  });
+});
