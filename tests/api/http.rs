@@ -171,10 +171,10 @@ fn references(text: &str) -> Vec<String> {
         }
     }
     for line in text.lines().map(str::trim_start) {
-        if line.starts_with("import ") || line.starts_with("export ") {
-            if let Some((_, module)) = line.split_once(" from '") {
-                found.extend(module.split('\'').next().map(str::to_owned));
-            }
+        if (line.starts_with("import ") || line.starts_with("export "))
+            && let Some((_, module)) = line.split_once(" from '")
+        {
+            found.extend(module.split('\'').next().map(str::to_owned));
         }
     }
     found

@@ -5,9 +5,9 @@ mod helpers;
 mod ws_client;
 
 mod accounts;
-mod browser;
 mod channels;
 mod cli;
+mod clients;
 mod concurrency;
 mod documents;
 mod errors;

@@ -1,0 +1,154 @@
+// A walk through the typed client against a running syncgraph (SYNCGRAPH_URL, default
+// http://127.0.0.1:8000): sign up, take a snapshot and follow it live with graphql-ws and
+// with Apollo Client, post, edit with CONFLICT handling, and resume after a dropped
+// connection without losing or repeating an event. Exits non-zero on anything unexpected,
+// so it doubles as a check of the example (syncgraph's tests run it).
+import { apolloClient, editMessage } from './apollo.js';
+import { connect, followMessages, type MessageEvent } from './live.js';
+import { ChannelSnapshot, CreateChannel, MessageEvents, PostMessage, SignUp } from './operations.js';
+
+const url = (process.env['SYNCGRAPH_URL'] ?? 'http://127.0.0.1:8000').replace(/\/$/, '');
+/** Every wait has a deadline, so a missing event fails instead of hanging. */
+const TIMEOUT_MS = 15_000;
+
+function check(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new Error(`check failed: ${message}`);
+}
+
+/** Events as they arrive, and a way to wait (with a deadline) for the ones expected. */
+class Inbox<T> {
+  readonly items: T[] = [];
+  private failure: unknown = null;
+  private wake: (() => void) | null = null;
+
+  push(item: T): void {
+    this.items.push(item);
+    this.wake?.();
+  }
+
+  fail(error: unknown): void {
+    this.failure = error ?? new Error('the feed ended');
+    this.wake?.();
+  }
+
+  async until(done: (items: readonly T[]) => boolean, what: string): Promise<void> {
+    const deadline = Date.now() + TIMEOUT_MS;
+    while (!done(this.items)) {
+      if (this.failure) throw new Error(`${what}: ${JSON.stringify(this.failure)}`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timed out waiting for ${what}`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.wake = null;
+    }
+  }
+}
+
+async function main(): Promise<void> {
+  const anonymous = apolloClient(url, null);
+  const signedUp = await anonymous.mutate({
+    mutation: SignUp,
+    variables: {
+      input: { name: 'Ada', email: `ada-${Date.now()}@example.com`, password: 'correct horse battery' },
+    },
+  });
+  check(signedUp.data, 'signUp answers');
+  const { token, user } = signedUp.data.signUp;
+  const apollo = apolloClient(url, token);
+
+  const created = await apollo.mutate({ mutation: CreateChannel, variables: { name: 'typed' } });
+  check(created.data, 'createChannel answers');
+  const channelId = created.data.createChannel.id;
+  await apollo.mutate({ mutation: PostMessage, variables: { input: { channelId, body: 'before the snapshot' } } });
+
+  // 1. A snapshot, and the live feed from its feedCursor: nothing is missed in between.
+  const snapshot = await apollo.query({
+    query: ChannelSnapshot,
+    variables: { id: channelId },
+    fetchPolicy: 'network-only',
+  });
+  check(snapshot.data?.channel, 'the channel is visible to its creator');
+  const shown = snapshot.data.channel.messages.edges.map(({ node }) => node.body);
+  check(shown.includes('before the snapshot'), 'the snapshot holds the first message');
+
+  const socket = connect(`${url}/graphql`, token);
+  const events = new Inbox<MessageEvent>();
+  let reconnects = 0;
+  const feed = followMessages(socket, {
+    channelId,
+    after: snapshot.data.feedCursor,
+    onEvent: (event) => events.push(event),
+    onError: (error) => events.fail(error),
+    onReconnect: () => (reconnects += 1),
+  });
+
+  // 2. Apollo Client's own subscription to the same feed.
+  const apolloEvents = new Inbox<MessageEvent>();
+  const apolloSubscription = apollo
+    .subscribe({ query: MessageEvents, variables: { channelId, after: snapshot.data.feedCursor } })
+    .subscribe({
+      next: (result) => {
+        if (result.data) apolloEvents.push(result.data.messageEvents);
+        else apolloEvents.fail(result.error);
+      },
+      error: (error: unknown) => apolloEvents.fail(error),
+    });
+
+  const posted = await apollo.mutate({
+    mutation: PostMessage,
+    variables: { input: { channelId, body: 'hello, typed world' } },
+  });
+  check(posted.data, 'postMessage answers');
+  const message = posted.data.postMessage;
+  check(message.author.id === user.id && message.version === 1, 'a new message is ours, at version 1');
+  const hasMessage = (id: string, version: number) => (items: readonly MessageEvent[]) =>
+    items.some((event) => event.message.id === id && event.message.version === version);
+  await events.until(hasMessage(message.id, 1), 'the new message on graphql-ws');
+  await apolloEvents.until(hasMessage(message.id, 1), 'the new message on Apollo Client');
+
+  // 3. Optimistic concurrency: an edit based on a stale version is a CONFLICT that names
+  //    the version that won; retrying on top of it succeeds.
+  const edited = await editMessage(apollo, message.id, 'hello, edited', message.version);
+  check(edited.kind === 'saved' && edited.message.version === 2, 'the first edit saves version 2');
+  const stale = await editMessage(apollo, message.id, 'a stale edit', message.version);
+  check(stale.kind === 'conflict' && stale.currentVersion === 2, 'a stale edit is a CONFLICT at version 2');
+  const retried = await editMessage(apollo, message.id, 'edited on top of version 2', stale.currentVersion);
+  check(retried.kind === 'saved' && retried.message.version === 3, 'the retry saves version 3');
+  await events.until(hasMessage(message.id, 3), 'the edits on graphql-ws');
+
+  // 4. Drop the connection and write while it is down: the feed resumes from its last
+  //    cursor, so the message arrives, once.
+  socket.terminate();
+  const away = await apollo.mutate({
+    mutation: PostMessage,
+    variables: { input: { channelId, body: 'while the socket was down' } },
+  });
+  check(away.data, 'postMessage answers');
+  await events.until(hasMessage(away.data.postMessage.id, 1), 'the message written while disconnected');
+  check(reconnects >= 1, 'the feed reconnected');
+
+  const keys = events.items.map((event) => `${event.message.id}@v${event.message.version}`);
+  check(new Set(keys).size === keys.length, `no event twice: ${keys.join(', ')}`);
+  check(!events.items.some((event) => event.message.body === 'a stale edit'), 'a refused edit is never an event');
+
+  feed.stop();
+  apolloSubscription.unsubscribe();
+  await socket.dispose();
+  apollo.stop();
+  anonymous.stop();
+  console.log(`ok: ${events.items.length} events over graphql-ws (${keys.join(', ')}), ` +
+    `${apolloEvents.items.length} over Apollo Client, ${reconnects} resume(s), a CONFLICT handled`);
+}
+
+main().then(
+  () => process.exit(0),
+  (error: unknown) => {
+    console.error(error);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,185 @@
+//! The JavaScript clients, for real:
+//! - the browser tests: GraphiQL and `/demo` in Debian's Chromium, driven by playwright-core
+//!   (`tests/browser/browser.test.mjs`, run with Node's test runner) against the real binary.
+//!   A failure names the folder holding a screenshot of every page of the failed test;
+//! - the typed TypeScript example (`examples/typescript-client`): GraphQL Code Generator over
+//!   `schema.graphql`, `tsc --strict`, then its walk-through run against a server, so a
+//!   schema change that breaks typed clients fails the tests.
+//!
+//! They run when `SYNCGRAPH_TEST_CLIENTS=1` (with `CI=true` they must), and need Node.js,
+//! `/usr/bin/chromium` (or `CHROMIUM`), and `npm ci` in both folders.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use crate::helpers::{Backend, TestServer, fresh_database, run};
+
+/// How many tests `browser.test.mjs` holds.
+const BROWSER_TESTS: usize = 4;
+
+/// The whole browser suite's deadline (it takes about 15 s here).
+const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn enabled() -> bool {
+    match std::env::var("SYNCGRAPH_TEST_CLIENTS") {
+        Ok(value) if !value.is_empty() && value != "0" => true,
+        _ => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "CI=true but SYNCGRAPH_TEST_CLIENTS is not set: the client tests cannot be skipped in CI"
+                );
+            }
+            use std::io::Write;
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: client tests (browser, TypeScript) skipped: set SYNCGRAPH_TEST_CLIENTS=1 to run them"
+                );
+            });
+            false
+        }
+    }
+}
+
+/// The folder `path` of the repository, once `npm ci` has installed its packages.
+fn installed(path: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    assert!(
+        dir.join("node_modules").is_dir(),
+        "{path} has no node_modules: run `npm ci --prefix {path}`"
+    );
+    dir
+}
+
+/// `output`'s standard output and error, for a failure message.
+fn report(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+async fn browser_suite(backend: Backend) {
+    if !enabled() {
+        return;
+    }
+    let dir = installed("tests/browser");
+    let Some((database_url, database)) = fresh_database(backend).await else {
+        return;
+    };
+    let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("browser-screenshots")
+        .join(format!("{backend:?}").to_lowercase());
+    let run = Command::new("node")
+        .args(["--test", "--test-concurrency=1", "browser.test.mjs"])
+        .current_dir(&dir)
+        .env("SYNCGRAPH_BIN", env!("CARGO_BIN_EXE_syncgraph"))
+        .env("SYNCGRAPH_DATABASE_URL", &database_url)
+        .env("SCREENSHOT_DIR", &screenshots)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let outcome = tokio::time::timeout(SUITE_TIMEOUT, run).await;
+    database.drop_database().await;
+    let output = outcome
+        .unwrap_or_else(|_| panic!("the browser tests did not finish in {SUITE_TIMEOUT:?}"))
+        .expect("run node (is Node.js installed?)");
+    let report = report(&output);
+    assert!(
+        output.status.success(),
+        "browser tests failed; screenshots in {}:\n{report}",
+        screenshots.display()
+    );
+    // A test that was skipped or never registered would not fail the runner.
+    let passed = report
+        .lines()
+        .filter(|line| line.starts_with("ok "))
+        .count();
+    assert_eq!(
+        passed, BROWSER_TESTS,
+        "expected {BROWSER_TESTS} passing browser tests:\n{report}"
+    );
+    println!("{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphiql_and_the_demo_work_in_chromium_sqlite() {
+    browser_suite(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphiql_and_the_demo_work_in_chromium_postgres() {
+    browser_suite(Backend::Postgres).await;
+}
+
+/// Generates the example's types from `schema.graphql` and compiles it with `tsc --strict`,
+/// once per test run (both backends' tests share the output).
+async fn build_typescript_example() -> PathBuf {
+    static BUILT: tokio::sync::OnceCell<PathBuf> = tokio::sync::OnceCell::const_new();
+    BUILT
+        .get_or_init(|| async {
+            let dir = installed("examples/typescript-client");
+            let build = Command::new("npm")
+                .args(["run", "--silent", "build"])
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let output = tokio::time::timeout(SUITE_TIMEOUT, build)
+                .await
+                .expect("codegen and tsc finish in time")
+                .expect("run npm");
+            assert!(
+                output.status.success(),
+                "codegen or tsc failed on the TypeScript example:\n{}",
+                report(&output)
+            );
+            dir
+        })
+        .await
+        .clone()
+}
+
+async fn typescript_example(server: TestServer) {
+    let dir = build_typescript_example().await;
+    let run = Command::new("node")
+        .arg("dist/main.js")
+        .current_dir(&dir)
+        .env("SYNCGRAPH_URL", server.url(""))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(SUITE_TIMEOUT, run)
+        .await
+        .expect("the example finishes in time")
+        .expect("run node");
+    let report = report(&output);
+    assert!(
+        output.status.success(),
+        "the TypeScript example failed:\n{report}"
+    );
+    assert!(
+        report.contains("a CONFLICT handled"),
+        "the example ran to its end:\n{report}"
+    );
+    println!("{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_typescript_example_compiles_and_runs_sqlite() {
+    if enabled() {
+        run(Backend::Sqlite, typescript_example).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_typescript_example_compiles_and_runs_postgres() {
+    if enabled() {
+        run(Backend::Postgres, typescript_example).await;
+    }
+}
