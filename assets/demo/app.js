@@ -152,6 +152,7 @@ function closeChannel() {
   $('messages').replaceChildren();
   $('channel').hidden = true;
   $('docs').hidden = true;
+  $('welcome').hidden = false;
 }
 
 async function openChannel(id) {
@@ -186,6 +187,7 @@ async function openChannel(id) {
     showError('channel-error', new ApiError([{ message: 'No such channel, or you are not a member.' }]));
     return;
   }
+  $('welcome').hidden = true;
   $('channel').hidden = false;
   $('docs').hidden = false;
   $('channel-name').textContent = `# ${data.channel.name}`;

@@ -2,7 +2,8 @@
 // playwright-core. `cargo test` runs them through tests/api/browser.rs, which builds the
 // server and passes its binary; run alone with
 //   SYNCGRAPH_BIN=target/debug/syncgraph node --test tests/browser/
-// A failed test leaves a screenshot of each of its pages in SCREENSHOT_DIR.
+// A failed test leaves a screenshot of each of its pages in SCREENSHOT_DIR (every test does
+// with SCREENSHOT_ALL=1).
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -96,14 +97,31 @@ let unique = 0;
 const runId = Date.now().toString(36);
 const email = (name) => `${name}-${runId}-${++unique}@example.com`;
 
+async function screenshots(name, pages) {
+  mkdirSync(SCREENSHOT_DIR, { recursive: true });
+  for (const [i, page] of pages.entries()) {
+    const path = join(SCREENSHOT_DIR, `${name}-${i}.png`);
+    await page.screenshot({ path, fullPage: true }).catch(() => {});
+    console.error(`screenshot: ${path}`);
+  }
+}
+
 /** Runs `body` with fresh browser contexts; on failure saves a screenshot of every page. */
 async function withPages(name, count, body) {
   const contexts = await Promise.all(Array.from({ length: count }, () => browser.newContext()));
   const pages = await Promise.all(contexts.map((context) => context.newPage()));
   const problems = [];
+  const elsewhere = [];
   pages.forEach((page, i) => {
     page.setDefaultTimeout(DEADLINE);
     page.on('pageerror', (error) => problems.push(`page ${i}: ${error.message}`));
+    // Everything a page loads comes from syncgraph itself: it must work with no internet.
+    page.on('request', (request) => {
+      const url = request.url();
+      if (!url.startsWith(server.url) && !url.startsWith(server.url.replace('http', 'ws')) && !url.startsWith('data:')) {
+        elsewhere.push(url);
+      }
+    });
     if (process.env.BROWSER_DEBUG) {
       page.on('request', (r) => console.log(`page ${i} request: ${r.url()} ${r.postData()?.slice(0, 80) ?? ''}`));
       page.on('console', (m) => console.log(`page ${i} console.${m.type()}: ${m.text()}`));
@@ -117,13 +135,10 @@ async function withPages(name, count, body) {
   try {
     await body(...pages);
     assert.deepEqual(problems, [], 'uncaught errors in the page');
+    assert.deepEqual(elsewhere, [], 'requests that left the server');
+    if (process.env.SCREENSHOT_ALL) await screenshots(name, pages);
   } catch (error) {
-    mkdirSync(SCREENSHOT_DIR, { recursive: true });
-    for (const [i, page] of pages.entries()) {
-      const path = join(SCREENSHOT_DIR, `${name}-${i}.png`);
-      await page.screenshot({ path, fullPage: true }).catch(() => {});
-      console.error(`screenshot: ${path}`);
-    }
+    await screenshots(name, pages);
     throw error;
   } finally {
     await Promise.all(contexts.map((context) => context.close()));
@@ -220,6 +235,7 @@ test('a document saved by someone else first shows the conflict message', async 
     // Bob's save is refused with a visible conflict, and his text is kept.
     await b.getByRole('button', { name: 'Save', exact: true }).click();
     await b.locator('#conflict-message', { hasText: 'someone else saved version 2' }).waitFor();
+    if (process.env.SCREENSHOT_ALL) await screenshots('demo-conflict-shown', [b]);
     assert.equal(await b.getByLabel('Content').inputValue(), "Bob's plan");
     // Keeping his text saves version 3, which reaches Ada live.
     await b.getByRole('button', { name: 'Keep mine and save' }).click();
@@ -319,11 +335,6 @@ test('GraphiQL renders offline and runs a query and a subscription with the head
   );
   const { createChannel } = await graphql(auth.token, 'mutation { createChannel(input: { name: "graphiql" }) { id } }');
   await withPages('graphiql', 1, async (page) => {
-    // Every request the page makes goes to syncgraph itself.
-    const elsewhere = [];
-    page.on('request', (request) => {
-      if (!request.url().startsWith(server.url) && !request.url().startsWith('data:')) elsewhere.push(request.url());
-    });
     // GraphiQL runs nothing until its schema introspection has answered.
     const introspected = page.waitForResponse(
       (response) => response.url().endsWith('/graphql') && response.request().postData()?.includes('IntrospectionQuery'),
@@ -357,6 +368,5 @@ test('GraphiQL renders offline and runs a query and a subscription with the head
       await page.waitForTimeout(200);
     }
     await waitForResponse(page, 'a live message', (text) => text.includes('"kind": "CREATED"') && posted.some((b) => text.includes(b)));
-    assert.deepEqual(elsewhere, [], 'requests that left the server');
   });
 });
