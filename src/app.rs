@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::auth::JwtKeys;
+use crate::auth::{self, JwtKeys};
 use crate::changes::{Doorbell, PostgresDoorbell, Pruner, Retention, Tailer};
 use crate::config::Config;
 use crate::db::{self, StatementCounter};
@@ -55,11 +55,14 @@ impl App {
                 JwtKeys::new(secret.as_bytes(), config.token_ttl())
             }
             _ => {
-                tracing::warn!(
-                    "no JWT secret configured (--jwt-secret / SYNCGRAPH_JWT_SECRET): using a \
-                     random one; tokens will not survive a restart nor work on other processes"
+                let secret = db::stored_secret(&db, "jwt", auth::random_secret)
+                    .await
+                    .context("reading the stored JWT secret")?;
+                tracing::info!(
+                    "no JWT secret configured (--jwt-secret / SYNCGRAPH_JWT_SECRET): signing \
+                     tokens with the secret generated and kept in the database"
                 );
-                JwtKeys::random(config.token_ttl())
+                JwtKeys::new(secret.as_bytes(), config.token_ttl())
             }
         };
 

@@ -52,6 +52,13 @@ impl Viewer {
     }
 }
 
+/// A new secret: 32 random bytes, hex-encoded.
+pub fn random_secret() -> String {
+    let mut secret = [0u8; 32];
+    OsRng.fill_bytes(&mut secret);
+    secret.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,
@@ -93,9 +100,7 @@ impl JwtKeys {
 
     /// Keys from 32 random bytes: tokens die with the process.
     pub fn random(ttl: Duration) -> Self {
-        let mut secret = [0u8; 32];
-        OsRng.fill_bytes(&mut secret);
-        Self::new(&secret, ttl)
+        Self::new(random_secret().as_bytes(), ttl)
     }
 
     /// A signed token for `user_id`, valid for the configured lifetime.

@@ -41,7 +41,7 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
     pub database_url: String,
     /// Secret for signing tokens (HS256). Processes that share it accept each other's tokens.
-    /// Without it a random secret is generated and tokens do not survive a restart.
+    /// Without it a random secret is generated once and kept in the database.
     #[arg(
         long,
         env = "SYNCGRAPH_JWT_SECRET",

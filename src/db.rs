@@ -76,3 +76,39 @@ pub fn backend_of(url: &str) -> Option<DatabaseBackend> {
         None
     }
 }
+
+/// The secret stored under `name` in `server_secrets`; the first caller stores `generate()`.
+/// Concurrent first starts agree: the insert keeps whichever row landed first.
+pub async fn stored_secret(
+    db: &DatabaseConnection,
+    name: &str,
+    generate: impl FnOnce() -> String,
+) -> Result<String, DbErr> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = db.get_database_backend();
+    let (insert, select) = match backend {
+        DatabaseBackend::Postgres => (
+            "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+            "SELECT value FROM server_secrets WHERE name = $1",
+        ),
+        _ => (
+            "INSERT INTO server_secrets (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            "SELECT value FROM server_secrets WHERE name = ?",
+        ),
+    };
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        insert,
+        [name.into(), generate().into()],
+    ))
+    .await?;
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            select,
+            [name.into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("server secret {name}")))?;
+    row.try_get("", "value")
+}

@@ -57,12 +57,13 @@ export function connect(token, onStatus) {
   });
 }
 
+/** Closes that reconnecting cannot fix: a bad request, a refused token, a protocol error. */
 const FATAL_CLOSE_CODES = new Set([4400, 4401, 4403, 4409, 4429]);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
- * Follows one subscription for good: `onEvent` gets each event of `field` in order, exactly
- * once. When the connection drops (a server restart, a network change) or the server ends
+ * Follows one subscription until stopped: `onEvent` gets each event of `field` in order,
+ * exactly once. When the connection drops (a server restart, a network change) or the server ends
  * the stream as it shuts down, it subscribes again with `after` set to the last event's
  * cursor, so every change in between is replayed and none is lost. GraphQL errors
  * (FORBIDDEN, CURSOR_EXPIRED, ...) and refused connections end it through `onError`.
@@ -79,9 +80,14 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
         for await (const result of iterator) {
           if (result.errors?.length) throw new ApiError(result.errors);
           const event = result.data[field];
-          cursor = event.cursor;
           delay = 250;
-          onEvent(event);
+          try {
+            onEvent(event);
+          } catch (error) {
+            // A bug in the page, not a lost connection: report it and go on.
+            console.error('applying an event failed', error);
+          }
+          cursor = event.cursor;
         }
       } catch (error) {
         if (stopped) return;
@@ -92,7 +98,14 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
         }
         if (FATAL_CLOSE_CODES.has(error?.code)) {
           stopped = true;
-          onError(new ApiError([{ message: error.reason || 'The connection was refused.', extensions: { code: `CLOSE_${error.code}` } }]));
+          onError(
+            new ApiError([
+              {
+                message: error.reason || 'The connection was refused.',
+                extensions: { code: `CLOSE_${error.code}`, closeCode: error.code },
+              },
+            ]),
+          );
           return;
         }
       }

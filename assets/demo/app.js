@@ -28,6 +28,11 @@ const state = {
   dirty: false,
   /** The version that beat our save, while the conflict box is open. */
   conflictVersion: null,
+  /** Counts channel and document openings: a reply to an older one is dropped. */
+  openings: 0,
+  /** Whether the snapshot holds the channel's oldest message (else older ones are not shown). */
+  complete: true,
+  oldestShown: null,
 };
 
 // ---- status and errors ----------------------------------------------------------------
@@ -143,6 +148,7 @@ async function loadChannels() {
 }
 
 function closeChannel() {
+  state.openings += 1; // a reply to an opening still in flight is dropped
   state.channelFeed?.stop();
   state.documentFeed?.stop();
   Object.assign(state, { channelId: null, channelFeed: null, documentFeed: null, documentId: null });
@@ -157,6 +163,7 @@ function closeChannel() {
 
 async function openChannel(id) {
   closeChannel();
+  const opening = ++state.openings;
   state.channelId = id;
   window.location.hash = `channel=${id}`;
   for (const button of $('channels').querySelectorAll('button')) {
@@ -172,7 +179,7 @@ async function openChannel(id) {
         channel(id: $id) {
           id name
           members { id name }
-          messages(last: 50) { edges { node { ${MESSAGE} } } }
+          messages(last: 50) { pageInfo { hasPreviousPage } edges { node { ${MESSAGE} } } }
           documents { ${DOCUMENT} }
         }
       }`,
@@ -182,7 +189,7 @@ async function openChannel(id) {
     showError('channel-error', error);
     return;
   }
-  if (state.channelId !== id) return;
+  if (opening !== state.openings) return; // another channel (or this one again) opened since
   if (!data.channel) {
     showError('channel-error', new ApiError([{ message: 'No such channel, or you are not a member.' }]));
     return;
@@ -192,13 +199,17 @@ async function openChannel(id) {
   $('docs').hidden = false;
   $('channel-name').textContent = `# ${data.channel.name}`;
   showMembers(data.channel.members);
-  for (const { node } of data.channel.messages.edges) applyMessage(node);
+  const { edges, pageInfo } = data.channel.messages;
+  state.complete = !pageInfo.hasPreviousPage;
+  state.oldestShown = edges.length ? Number(edges[0].node.id) : null;
+  for (const { node } of edges) applyMessage(node);
   scrollToEnd();
   state.documents = new Map(data.channel.documents.map((d) => [d.id, d]));
   showDocumentList();
   if (data.channel.documents.length) openDocument(data.channel.documents[0].id);
   else $('document').hidden = true;
 
+  state.channelFeed?.stop();
   state.channelFeed = follow({
     client: state.client,
     query: `subscription Messages($channelId: ID!, $after: String) {
@@ -219,9 +230,10 @@ async function openChannel(id) {
 }
 
 function feedError(error) {
+  const closeCode = error.extensions?.closeCode;
   if (error.code === 'CURSOR_EXPIRED' && state.channelId) {
     openChannel(state.channelId); // too far behind to replay: start from a new snapshot
-  } else if (String(error.code).startsWith('CLOSE_44')) {
+  } else if (closeCode === 4401 || closeCode === 4403) {
     signOut('Your session has ended; sign in again.');
   } else {
     showError('channel-error', error);
@@ -271,6 +283,8 @@ async function addMember(event) {
 function applyMessage(message) {
   const known = state.messages.get(message.id);
   if (state.removed.has(message.id) || (known && known.version >= message.version)) return;
+  // An edit of a message older than the snapshot's first one: it is not on screen.
+  if (!known && !state.complete && state.oldestShown !== null && Number(message.id) < state.oldestShown) return;
   state.messages.set(message.id, message);
   let item = state.items.get(message.id);
   if (!item) {
@@ -348,10 +362,12 @@ function editMessage(item, message) {
       applyMessage(data.editMessage);
       showError('channel-error', null);
     } catch (error) {
-      close();
       if (error.code === 'CONFLICT') {
-        showError('channel-error', new ApiError([{ message: 'That message changed while you were editing it; your edit was not saved.' }]));
+        // Keep the draft: saving again applies it on top of the version that won.
+        message = { ...message, version: error.extensions.currentVersion ?? message.version };
+        showError('channel-error', new ApiError([{ message: 'That message changed while you were editing it; save again to replace it with your text.' }]));
       } else {
+        close();
         showError('channel-error', error);
       }
     }
@@ -406,6 +422,8 @@ function showDocumentList() {
 
 async function openDocument(id) {
   state.documentFeed?.stop();
+  state.documentFeed = null;
+  const opening = ++state.openings;
   state.documentId = id;
   $('document-list').value = id;
   let data;
@@ -419,9 +437,10 @@ async function openDocument(id) {
     showError('channel-error', error);
     return;
   }
-  if (state.documentId !== id || !data.document) return;
+  if (opening !== state.openings || !data.document) return;
   setEditor(data.document, 'Up to date');
   $('document').hidden = false;
+  state.documentFeed?.stop();
   state.documentFeed = follow({
     client: state.client,
     query: `subscription Doc($documentId: ID!, $after: String) {
@@ -432,7 +451,14 @@ async function openDocument(id) {
     after: data.feedCursor,
     onEvent: ({ kind, document: latest }) => {
       if (kind === 'DELETED') {
-        $('document-state').textContent = 'This document was deleted.';
+        // The server ends the stream after a deletion: stop here rather than resubscribe.
+        state.documentFeed?.stop();
+        state.documentFeed = null;
+        state.documents.delete(latest.id);
+        state.documentId = null;
+        showDocumentList();
+        $('document').hidden = true;
+        showError('channel-error', new ApiError([{ message: `“${latest.title}” was deleted.` }]));
         return;
       }
       state.documents.set(latest.id, latest);

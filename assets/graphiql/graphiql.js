@@ -70,7 +70,8 @@ function operationKind(query, operationName) {
   const definitions = [];
   let depth = 0;
   let head = null;
-  const tokens = /([{}])|\b(query|mutation|subscription|fragment)\b(?:\s+([_A-Za-z]\w*))?/g;
+  // A keyword, not a `$variable` or part of a longer name.
+  const tokens = /([{}])|(?<![$\w])(query|mutation|subscription|fragment)\b(?:\s+([_A-Za-z]\w*))?/g;
   for (const [, brace, keyword, name] of source.matchAll(tokens)) {
     if (brace === '{') {
       if (depth === 0) definitions.push(head ?? { kind: 'query' });

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_create_tables;
 mod m20261127_000002_create_change_log;
+mod m20261127_000003_create_server_secrets;
 
 use sea_orm_migration::sea_orm::{DatabaseBackend, Statement};
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_create_tables::Migration),
             Box::new(m20261127_000002_create_change_log::Migration),
+            Box::new(m20261127_000003_create_server_secrets::Migration),
         ]
     }
 }

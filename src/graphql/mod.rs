@@ -119,7 +119,7 @@ impl Api {
     }
 }
 
-fn missing(what: &'static str) -> AppError {
+pub(crate) fn missing(what: &'static str) -> AppError {
     AppError::Internal(Arc::new(std::io::Error::other(format!(
         "schema data missing: {what}"
     ))))

@@ -6,7 +6,7 @@ use super::error::AppResult;
 use super::input::{self, CursorKind};
 use super::loaders::{DocumentsOf, MembersOf};
 use super::types::{Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User};
-use super::{FeedMark, db, live, loaders, viewer, viewer_id};
+use super::{FeedMark, db, loaders, missing, viewer, viewer_id};
 use crate::auth::Viewer;
 use crate::store;
 
@@ -34,11 +34,10 @@ impl QueryRoot {
     /// delivered; a change already in it may be delivered too (apply events by `version`).
     async fn feed_cursor(&self, ctx: &Context<'_>) -> AppResult<String> {
         viewer_id(ctx)?;
-        let mark = match ctx.data_opt::<FeedMark>() {
-            Some(mark) => mark.0,
-            None => live(ctx)?.broker.published(),
-        };
-        Ok(input::encode_cursor(CursorKind::Event, mark))
+        // Only `Api` attaches the mark; reading the position here instead would be unsound,
+        // as sibling fields may already have read.
+        let mark = ctx.data::<FeedMark>().map_err(|_| missing("FeedMark"))?;
+        Ok(input::encode_cursor(CursorKind::Event, mark.0))
     }
 
     /// The channels the viewer is a member of, oldest first (Relay connection; `first` at

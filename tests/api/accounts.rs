@@ -61,6 +61,50 @@ both_backends! {
         }
     }
 
+    async fn without_a_configured_secret_tokens_survive_a_restart(server: TestServer) {
+        // Two servers with no JWT secret configured, one after the other, as a restart of
+        // `cargo run` would be: both sign with the secret stored in the database.
+        let me = |addr: std::net::SocketAddr, token: String| {
+            let client = server.client().clone();
+            async move {
+                let response: serde_json::Value = client
+                    .post(format!("http://{addr}/graphql"))
+                    .bearer_auth(token)
+                    .json(&json!({ "query": "{ me { name } }" }))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                response
+            }
+        };
+        let first = server.start_peer_with_secret(None).await;
+        let signed_up: serde_json::Value = server
+            .client()
+            .post(format!("http://{}/graphql", first.addr))
+            .json(&json!({
+                "query": "mutation { signUp(input: { name: \"Ada\", email: \"ada@example.com\", password: \"correct horse\" }) { token } }"
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = data(&signed_up, "signUp")["token"].as_str().unwrap().to_owned();
+        first.stop().await;
+
+        let restarted = server.start_peer_with_secret(None).await;
+        let response = me(restarted.addr, token.clone()).await;
+        assert_eq!(response["data"]["me"]["name"], "Ada", "{response}");
+        restarted.stop().await;
+        // A server configured with its own secret does not accept it.
+        let response = me(server.addr, token).await;
+        assert_eq!(error_code(&response), "UNAUTHENTICATED");
+    }
+
     async fn me_is_null_without_token_and_bad_tokens_are_unauthenticated(server: TestServer) {
         let response = server.graphql("{ me { id } }", json!({})).await;
         assert_eq!(response["data"]["me"], serde_json::Value::Null);

@@ -289,9 +289,15 @@ impl Drop for Peer {
 impl TestServer {
     /// Starts another server on this test's database (same JWT secret).
     pub async fn start_peer(&self) -> Peer {
+        self.start_peer_with_secret(Some("test-secret")).await
+    }
+
+    /// Starts another server on this test's database with `jwt_secret` (`None`: the one
+    /// stored in the database).
+    pub async fn start_peer_with_secret(&self, jwt_secret: Option<&str>) -> Peer {
         let mut config = Config::for_database(self.database_url.clone());
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.jwt_secret = Some("test-secret".into());
+        config.jwt_secret = jwt_secret.map(str::to_owned);
         config.db_max_connections = 5;
         test_settings(&mut config);
         let app = App::build(&config).await.expect("build peer");

@@ -396,6 +396,20 @@ both_backends! {
         let live = ws.next_payload("1").await;
         assert_eq!(event(&live)["message"]["body"], "live");
 
+        // The same over the WebSocket: a query there gets its own mark.
+        ws.complete("1").await;
+        crate::ws_client::wait_for_subscribers_at_most(&server, &channel, 0).await;
+        caught_up(&server).await;
+        ws.subscribe("q", "{ feedCursor }", json!({})).await;
+        let mark = ws.next_payload("q").await;
+        let cursor = mark["data"]["feedCursor"].as_str().expect("a cursor").to_owned();
+        let done = ws.recv().await;
+        assert_eq!((done["id"].as_str(), done["type"].as_str()), (Some("q"), Some("complete")));
+        sql_insert(&server.sql().await, &channel, &ada_id, "after the WebSocket mark").await;
+        ws.subscribe("2", MESSAGE_EVENTS, json!({ "c": channel, "after": cursor })).await;
+        let first = ws.next_payload("2").await;
+        assert_eq!(event(&first)["message"]["body"], "after the WebSocket mark");
+
         // Cursors are for members' subscriptions; without a token there is none.
         let anonymous = server.graphql("{ feedCursor }", json!({})).await;
         assert_eq!(crate::helpers::error_code(&anonymous), "UNAUTHENTICATED");

@@ -4,7 +4,10 @@ import { createClient, type Client } from 'graphql-ws';
 import { print } from 'graphql';
 import WebSocket from 'ws';
 
-import type { MessageEventsSubscription } from './gql/graphql.js';
+import type {
+  MessageEventsSubscription,
+  MessageEventsSubscriptionVariables,
+} from './gql/graphql.js';
 import { MessageEvents } from './operations.js';
 
 export type MessageEvent = MessageEventsSubscription['messageEvents'];
@@ -55,10 +58,13 @@ export function followMessages(client: Client, options: FollowOptions): Feed {
     let delay = 250;
     while (!stopped) {
       try {
-        const results = client.iterate<MessageEventsSubscription>({
-          query,
-          variables: { channelId: options.channelId, after: cursor },
-        });
+        // `satisfies` checks the variables against the operation's generated type, which
+        // graphql-ws (typed by result only) would not.
+        const variables = {
+          channelId: options.channelId,
+          after: cursor,
+        } satisfies MessageEventsSubscriptionVariables;
+        const results = client.iterate<MessageEventsSubscription>({ query, variables });
         current = results;
         for await (const result of results) {
           if (result.errors?.length || !result.data) {
@@ -66,9 +72,14 @@ export function followMessages(client: Client, options: FollowOptions): Feed {
             options.onError(result.errors);
             return;
           }
-          cursor = result.data.messageEvents.cursor;
           delay = 250;
-          options.onEvent(result.data.messageEvents);
+          try {
+            options.onEvent(result.data.messageEvents);
+          } catch (error) {
+            // A bug in the handler, not a lost connection: report it and go on.
+            console.error('onEvent failed', error);
+          }
+          cursor = result.data.messageEvents.cursor;
         }
         // The stream completed: the server is shutting down. Resume below.
       } catch (error) {
