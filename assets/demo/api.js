@@ -50,6 +50,8 @@ export function connect(token, onStatus) {
     lazy: true,
     retryAttempts: 0,
     keepAlive: 10_000,
+    // A handshake that never completes counts as a lost connection (and is retried).
+    connectionAckWaitTimeout: 10_000,
     on: {
       connected: () => onStatus('live'),
       closed: () => onStatus('offline'),
@@ -57,8 +59,11 @@ export function connect(token, onStatus) {
   });
 }
 
-/** Closes that reconnecting cannot fix: a bad request, a refused token, a protocol error. */
-const FATAL_CLOSE_CODES = new Set([4400, 4401, 4403, 4409, 4429]);
+/**
+ * Closes that reconnecting cannot fix: the token was refused. Any other close (a restart,
+ * a timeout, even a protocol error of one connection) is retried on a new connection.
+ */
+const FATAL_CLOSE_CODES = new Set([4401, 4403]);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
@@ -96,6 +101,7 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
           onError(error instanceof ApiError ? error : new ApiError(error));
           return;
         }
+        if (error?.code) console.warn(`feed connection closed: ${error.code} ${error.reason ?? ''}`);
         if (FATAL_CLOSE_CODES.has(error?.code)) {
           stopped = true;
           onError(

@@ -28,6 +28,9 @@ const serverArgs = [
   '--ws-keep-alive-secs', '2',
 ];
 
+/** Everything the servers logged, printed when a test fails. */
+const serverLog = [];
+
 /** Starts the real binary and resolves with its base URL once it serves. */
 function startServer(listen = '127.0.0.1:0') {
   const child = spawn(BIN, ['serve', '--listen', listen, ...serverArgs], {
@@ -40,6 +43,7 @@ function startServer(listen = '127.0.0.1:0') {
     child.stderr.setEncoding('utf8');
     child.stderr.on('data', (chunk) => {
       log += chunk;
+      serverLog.push(...chunk.split('\n').filter(Boolean));
       const match = log.match(/serving GraphQL on (http:\/\/[0-9.:]+)\/graphql/);
       if (match) {
         clearTimeout(timer);
@@ -111,9 +115,21 @@ async function withPages(name, count, body) {
   const pages = await Promise.all(contexts.map((context) => context.newPage()));
   const problems = [];
   const elsewhere = [];
+  // What each page did, printed when the test fails: console, WebSocket traffic.
+  const trace = [];
+  const logged = serverLog.length;
   pages.forEach((page, i) => {
     page.setDefaultTimeout(DEADLINE);
     page.on('pageerror', (error) => problems.push(`page ${i}: ${error.message}`));
+    page.on('console', (m) => trace.push(`page ${i} console.${m.type()}: ${m.text()}`));
+    page.on('websocket', (ws) => {
+      const at = () => new Date().toISOString().slice(11, 23);
+      trace.push(`page ${i} ${at()} ws open ${ws.url()}`);
+      ws.on('framesent', (f) => trace.push(`page ${i} ${at()} ws sent: ${String(f.payload).slice(0, 160)}`));
+      ws.on('framereceived', (f) => trace.push(`page ${i} ${at()} ws received: ${String(f.payload).slice(0, 160)}`));
+      ws.on('socketerror', (e) => trace.push(`page ${i} ${at()} ws error: ${e}`));
+      ws.on('close', () => trace.push(`page ${i} ${at()} ws closed`));
+    });
     // Everything a page loads comes from syncgraph itself: it must work with no internet.
     page.on('request', (request) => {
       const url = request.url();
@@ -121,15 +137,6 @@ async function withPages(name, count, body) {
         elsewhere.push(url);
       }
     });
-    if (process.env.BROWSER_DEBUG) {
-      page.on('request', (r) => console.log(`page ${i} request: ${r.url()} ${r.postData()?.slice(0, 80) ?? ''}`));
-      page.on('console', (m) => console.log(`page ${i} console.${m.type()}: ${m.text()}`));
-      page.on('websocket', (ws) => {
-        ws.on('framesent', (f) => console.log(`page ${i} ws sent: ${String(f.payload).slice(0, 160)}`));
-        ws.on('framereceived', (f) => console.log(`page ${i} ws received: ${String(f.payload).slice(0, 160)}`));
-        ws.on('close', () => console.log(`page ${i} ws closed`));
-      });
-    }
   });
   try {
     await body(...pages);
@@ -138,6 +145,8 @@ async function withPages(name, count, body) {
     if (process.env.SCREENSHOT_ALL) await screenshots(name, pages);
   } catch (error) {
     await screenshots(name, pages);
+    console.error(`${name}: what the pages did\n  ${trace.slice(-80).join('\n  ')}`);
+    console.error(`${name}: what the server logged\n  ${serverLog.slice(logged).slice(-40).join('\n  ')}`);
     throw error;
   } finally {
     await Promise.all(contexts.map((context) => context.close()));

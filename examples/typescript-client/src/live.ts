@@ -45,7 +45,8 @@ export interface FollowOptions {
   onReconnect?(delayMs: number): void;
 }
 
-const FATAL_CLOSE_CODES = new Set([4400, 4401, 4403, 4409, 4429]);
+/** Closes that reconnecting cannot fix: the token was refused (sign in again). */
+const FATAL_CLOSE_CODES = new Set([4401, 4403]);
 
 /** Follows a channel's messageEvents until stopped, resuming after every disconnect. */
 export function followMessages(client: Client, options: FollowOptions): Feed {
