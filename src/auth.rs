@@ -39,17 +39,25 @@ impl Viewer {
         let Some(value) = value else {
             return Viewer::Anonymous;
         };
-        let mut parts = value.trim().splitn(2, ' ');
-        let scheme = parts.next().unwrap_or_default();
-        let token = parts.next().unwrap_or_default().trim();
-        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-            return Viewer::InvalidToken;
-        }
-        match keys.verify(token) {
+        match bearer_token(value).and_then(|token| keys.verify(token)) {
             Some(user_id) => Viewer::User(user_id),
             None => Viewer::InvalidToken,
         }
     }
+
+    /// When the token of a valid `Authorization` value expires, in seconds since the epoch.
+    pub fn expiry(value: Option<&str>, keys: &JwtKeys) -> Option<u64> {
+        let token = bearer_token(value?)?;
+        keys.verify_claims(token).map(|(_, expires)| expires)
+    }
+}
+
+/// The token of a `Bearer <token>` value.
+fn bearer_token(value: &str) -> Option<&str> {
+    let mut parts = value.trim().splitn(2, ' ');
+    let scheme = parts.next().unwrap_or_default();
+    let token = parts.next().unwrap_or_default().trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// A new secret: 32 random bytes, hex-encoded.
@@ -117,8 +125,13 @@ impl JwtKeys {
 
     /// The user id of a valid, unexpired token signed with our secret and HS256.
     pub fn verify(&self, token: &str) -> Option<i64> {
+        self.verify_claims(token).map(|(user_id, _)| user_id)
+    }
+
+    /// The user id and expiry (seconds since the epoch) of a valid token.
+    fn verify_claims(&self, token: &str) -> Option<(i64, u64)> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        data.claims.sub.parse().ok()
+        Some((data.claims.sub.parse().ok()?, data.claims.exp))
     }
 }
 

@@ -140,6 +140,23 @@ fn authorization(payload: Option<&Value>) -> Option<&str> {
         .and_then(|(_, value)| value.as_str())
 }
 
+/// Waits until `at` (forever when `None`).
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The monotonic instant of a time in seconds since the epoch (now, if it has passed).
+fn instant_of(epoch_secs: u64) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let left = Duration::from_secs(epoch_secs).saturating_sub(now);
+    tokio::time::Instant::now() + left
+}
+
 /// One connection's state.
 struct Connection {
     protocol: Protocol,
@@ -151,6 +168,9 @@ struct Connection {
     control: mpsc::Sender<Outgoing>,
     /// `Some` once connection_init was accepted.
     viewer: Option<Viewer>,
+    /// When the accepted token expires: the connection is closed with 4403 then, and the
+    /// client reconnects with a fresh token.
+    expires_at: Option<tokio::time::Instant>,
     operations: HashMap<String, JoinHandle<()>>,
     finished: mpsc::UnboundedSender<(String, u64)>,
     /// Distinguishes a finished operation from a newer one that reuses its id.
@@ -206,6 +226,7 @@ pub async fn serve(
         out,
         control,
         viewer: None,
+        expires_at: None,
         operations: HashMap::new(),
         finished,
         generation: 0,
@@ -245,6 +266,10 @@ pub async fn serve(
                 if !keep_going {
                     break;
                 }
+            }
+            _ = until(connection.expires_at), if connection.expires_at.is_some() => {
+                connection.close(close::FORBIDDEN, "Token expired").await;
+                break;
             }
             _ = &mut init_deadline, if connection.viewer.is_none() => {
                 connection.close(close::INIT_TIMEOUT, "Connection initialisation timeout").await;
@@ -334,11 +359,16 @@ impl Connection {
         }
     }
 
-    /// Accepts connection_init: the viewer from its payload, or `None` for a bad token.
-    fn authenticate(&self, payload: Option<&Value>) -> Option<Viewer> {
-        match Viewer::from_authorization(authorization(payload), &self.keys) {
+    /// Accepts connection_init: the viewer from its payload (and when its token expires),
+    /// or `None` for a bad token.
+    fn authenticate(&mut self, payload: Option<&Value>) -> Option<Viewer> {
+        let value = authorization(payload);
+        match Viewer::from_authorization(value, &self.keys) {
             Viewer::InvalidToken => None,
-            viewer => Some(viewer),
+            viewer => {
+                self.expires_at = Viewer::expiry(value, &self.keys).map(instant_of);
+                Some(viewer)
+            }
         }
     }
 

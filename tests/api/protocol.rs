@@ -66,6 +66,59 @@ both_backends! {
         assert_eq!(ws.expect_close().await, (4403, "Forbidden".to_owned()));
     }
 
+    async fn an_expiring_token_closes_its_socket_with_4403(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "expiring").await;
+        // A token of the server's own secret that expires two seconds from now.
+        let short = syncgraph::auth::JwtKeys::new(b"test-secret", std::time::Duration::from_secs(2))
+            .issue(ada_id.parse().unwrap())
+            .unwrap();
+        let mut ws = WsClient::connect(&server).await;
+        ws.init(Some(&short)).await;
+        ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        assert_eq!(ws.expect_close().await, (4403, "Token expired".to_owned()));
+        // A token a minute past its expiry (beyond the 5 s leeway) is refused at
+        // connection_init.
+        let now = jsonwebtoken::get_current_timestamp();
+        let expired = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({ "sub": ada_id, "iat": now - 120, "exp": now - 60 }),
+            &jsonwebtoken::EncodingKey::from_secret(b"test-secret"),
+        )
+        .unwrap();
+        let mut ws = WsClient::connect(&server).await;
+        ws.send(json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {expired}") } })).await;
+        assert_eq!(ws.expect_close().await, (4403, "Forbidden".to_owned()));
+    }
+
+    async fn forged_tokens_are_refused_on_the_socket(server: TestServer) {
+        use base64::Engine as _;
+        let (_, ada_id) = server.sign_up("Ada").await;
+        let b64 = |value: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+        };
+        let exp = jsonwebtoken::get_current_timestamp() + 3600;
+        let claims = json!({ "sub": ada_id, "iat": exp - 3600, "exp": exp });
+        let unsigned = format!("{}.{}.", b64(json!({ "alg": "none", "typ": "JWT" })), b64(claims.clone()));
+        let other_algorithm = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"test-secret"),
+        )
+        .unwrap();
+        let other_secret = syncgraph::auth::JwtKeys::new(b"another secret", std::time::Duration::from_secs(60))
+            .issue(ada_id.parse().unwrap())
+            .unwrap();
+        for token in [unsigned, other_algorithm, other_secret] {
+            let mut ws = WsClient::connect(&server).await;
+            ws.send(json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } })).await;
+            assert_eq!(ws.expect_close().await, (4403, "Forbidden".to_owned()), "{token}");
+            let http = server.graphql_as(&token, "{ me { id } }", json!({})).await;
+            assert_eq!(crate::helpers::error_code(&http), "UNAUTHENTICATED", "{token}");
+        }
+    }
+
     async fn the_token_key_may_have_any_letter_case(server: TestServer) {
         let (ada, _) = server.sign_up("Ada").await;
         let mut ws = WsClient::connect(&server).await;
