@@ -110,14 +110,19 @@ impl App {
             broker: broker.clone(),
             doorbell: doorbell.clone(),
         };
-        let api = Api::new(db.clone(), keys.clone(), live);
+        let api = Api::new(db.clone(), keys.clone(), live, &config.limits);
         let router = http::router(HttpState {
             api: api.clone(),
             keys,
             ws: WsConfig {
                 init_timeout: Duration::from_millis(config.ws_init_timeout_ms),
                 keep_alive: Duration::from_secs(config.ws_keep_alive_secs.max(1)),
+                max_operations: config.limits.max_operations_per_connection as usize,
             },
+            max_ws_message_bytes: config.limits.max_ws_message_bytes as usize,
+            connections: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_connections as usize,
+            )),
             shutdown: stopped,
         });
         let listener = TcpListener::bind(config.listen)
@@ -184,14 +189,18 @@ impl App {
         tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/, the demo on http://{addr}/demo");
         let stop = self.stop.clone();
         let broker = self.broker.clone();
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                broker.close();
-                let _ = stop.send(true);
-            })
-            .await
-            .context("serving HTTP")?;
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            broker.close();
+            let _ = stop.send(true);
+        })
+        .await
+        .context("serving HTTP")?;
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

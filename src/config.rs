@@ -112,6 +112,51 @@ pub struct Config {
     /// Log line format (filter with RUST_LOG).
     #[arg(long, env = "SYNCGRAPH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub limits: Limits,
+}
+
+/// What one client may ask of the server; past each, a coded error, never a crash.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Deepest nesting of selections in one operation (GraphiQL's introspection needs 13).
+    #[arg(long, env = "SYNCGRAPH_MAX_QUERY_DEPTH", default_value_t = Limits::DEFAULT.max_query_depth, global = true, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub max_query_depth: u32,
+    /// Most fields one operation may select, counting every alias and nested field.
+    #[arg(long, env = "SYNCGRAPH_MAX_QUERY_COMPLEXITY", default_value_t = Limits::DEFAULT.max_query_complexity, global = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_query_complexity: u32,
+    /// Answer introspection (`__schema`, `__type`); GraphiQL needs it. `false` to switch off.
+    #[arg(long, env = "SYNCGRAPH_INTROSPECTION", default_value_t = Limits::DEFAULT.introspection, global = true, action = clap::ArgAction::Set)]
+    pub introspection: bool,
+    /// Largest WebSocket message accepted, in bytes.
+    #[arg(long, env = "SYNCGRAPH_MAX_WS_MESSAGE_BYTES", default_value_t = Limits::DEFAULT.max_ws_message_bytes, global = true, value_parser = clap::value_parser!(u32).range(1_024..=67_108_864))]
+    pub max_ws_message_bytes: u32,
+    /// Most operations running at once on one WebSocket.
+    #[arg(long, env = "SYNCGRAPH_MAX_OPERATIONS_PER_CONNECTION", default_value_t = Limits::DEFAULT.max_operations_per_connection, global = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_operations_per_connection: u32,
+    /// Most WebSocket connections open at once; more are refused with 503.
+    #[arg(long, env = "SYNCGRAPH_MAX_CONNECTIONS", default_value_t = Limits::DEFAULT.max_connections, global = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: u32,
+    /// Most subscriptions one user may have open at once in this process.
+    #[arg(long, env = "SYNCGRAPH_MAX_SUBSCRIPTIONS_PER_USER", default_value_t = Limits::DEFAULT.max_subscriptions_per_user, global = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_subscriptions_per_user: u32,
+    /// signIn and signUp attempts allowed per client address per minute.
+    #[arg(long, env = "SYNCGRAPH_AUTH_ATTEMPTS_PER_MINUTE", default_value_t = Limits::DEFAULT.auth_attempts_per_minute, global = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub auth_attempts_per_minute: u32,
+}
+
+impl Limits {
+    /// The defaults, in one place for the flags and for `Config::for_database`.
+    pub const DEFAULT: Limits = Limits {
+        max_query_depth: 24,
+        max_query_complexity: 2_000,
+        introspection: true,
+        max_ws_message_bytes: 1024 * 1024,
+        max_operations_per_connection: 100,
+        max_connections: 10_000,
+        max_subscriptions_per_user: 100,
+        auth_attempts_per_minute: 30,
+    };
 }
 
 /// How log lines are written to standard error.
@@ -142,6 +187,7 @@ impl Config {
             retention_rows: 1_000_000,
             prune_interval_secs: 60,
             poll_ms: 100,
+            limits: Limits::DEFAULT,
         }
     }
 

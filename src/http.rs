@@ -16,12 +16,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use axum::extract::{FromRequestParts, Request, WebSocketUpgrade};
-use tokio::sync::watch;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ConnectInfo;
+use tokio::sync::{Semaphore, watch};
 
 use crate::assets;
 use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::Api;
 use crate::graphql::error::code;
+use crate::graphql::limits::ClientAddr;
 use crate::ws::{self, Protocol, WsConfig};
 
 /// Largest accepted request body.
@@ -30,15 +35,16 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 const APPLICATION_JSON: &str = "application/json";
 
-/// Largest accepted WebSocket message.
-pub const MAX_WS_MESSAGE_BYTES: usize = 1024 * 1024;
-
 /// What every handler shares.
 #[derive(Clone)]
 pub struct HttpState {
     pub api: Api,
     pub keys: JwtKeys,
     pub ws: WsConfig,
+    /// Largest accepted WebSocket message.
+    pub max_ws_message_bytes: usize,
+    /// One permit per open WebSocket; none left means new ones get 503.
+    pub connections: Arc<Semaphore>,
     /// Turns true when the server shuts down; WebSockets close then.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -102,7 +108,12 @@ fn bad_request(message: &str, graphql_response: bool) -> Response {
         .into_response()
 }
 
-async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn graphql_post(
+    State(state): State<HttpState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let graphql_response = wants_graphql_response(&headers);
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -138,26 +149,41 @@ async fn graphql_post(State(state): State<HttpState>, headers: HeaderMap, body: 
             );
         }
     };
+    let request = request.data(ClientAddr(client.ip()));
     run(&state, request, &headers, graphql_response).await
 }
 
 /// GET /graphql: a WebSocket upgrade (graphql-transport-ws or legacy graphql-ws), or a
 /// query in the URL.
-async fn graphql_get(State(state): State<HttpState>, request: Request) -> Response {
+async fn graphql_get(
+    State(state): State<HttpState>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
     let is_upgrade = request
         .headers()
         .get(header::UPGRADE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    let client = ClientAddr(client.ip());
     if is_upgrade {
-        return websocket(state, request).await;
+        return websocket(state, request, client).await;
     }
     let headers = request.headers().clone();
     let query = request.uri().query().map(str::to_owned);
-    graphql_query_string(state, headers, query).await
+    graphql_query_string(state, headers, query, client).await
 }
 
-async fn websocket(state: HttpState, request: Request) -> Response {
+async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Response {
+    // Taken before the upgrade, released when the connection ends.
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+            "too many connections; try again later",
+        )
+            .into_response();
+    };
     let (mut parts, _) = request.into_parts();
     let offered = parts
         .headers
@@ -178,16 +204,19 @@ async fn websocket(state: HttpState, request: Request) -> Response {
     };
     upgrade
         .protocols([protocol.name()])
-        .max_message_size(MAX_WS_MESSAGE_BYTES)
-        .on_upgrade(move |socket| {
+        .max_message_size(state.max_ws_message_bytes)
+        .on_upgrade(move |socket| async move {
             ws::serve(
                 socket,
                 protocol,
                 state.api,
                 state.keys,
                 state.ws,
+                client,
                 state.shutdown,
             )
+            .await;
+            drop(permit);
         })
 }
 
@@ -195,6 +224,7 @@ async fn graphql_query_string(
     state: HttpState,
     headers: HeaderMap,
     query: Option<String>,
+    client: ClientAddr,
 ) -> Response {
     let graphql_response = wants_graphql_response(&headers);
     let request = match async_graphql::http::parse_query_string(
@@ -216,6 +246,7 @@ async fn graphql_query_string(
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
+    let request = request.data(client);
     run(&state, request, &headers, graphql_response).await
 }
 

@@ -20,6 +20,8 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::Api;
+use crate::graphql::error::code;
+use crate::graphql::limits::ClientAddr;
 
 /// `Sec-WebSocket-Protocol` of the graphql-ws library.
 pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
@@ -36,6 +38,10 @@ pub mod close {
     pub const INIT_TIMEOUT: u16 = 4408;
     pub const SUBSCRIBER_EXISTS: u16 = 4409;
     pub const TOO_MANY_INITS: u16 = 4429;
+    /// RFC 6455: a message over the configured size.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// RFC 6455: a frame that breaks the protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
 }
 
 /// Which of the two protocols a socket speaks.
@@ -79,6 +85,8 @@ pub struct WsConfig {
     pub init_timeout: Duration,
     /// Server pings (`ka` on the legacy protocol) this often after the ack.
     pub keep_alive: Duration,
+    /// Most operations running at once on one connection.
+    pub max_operations: usize,
 }
 
 /// What the server sends: a text frame, or a close frame that ends the connection.
@@ -166,6 +174,9 @@ struct Connection {
     out: mpsc::Sender<Outgoing>,
     /// Control messages, served before results.
     control: mpsc::Sender<Outgoing>,
+    /// The peer's address, attached to every operation (signIn/signUp are limited by it).
+    client: ClientAddr,
+    max_operations: usize,
     /// `Some` once connection_init was accepted.
     viewer: Option<Viewer>,
     /// When the accepted token expires: the connection is closed with 4403 then, and the
@@ -185,6 +196,7 @@ pub async fn serve(
     api: Api,
     keys: JwtKeys,
     config: WsConfig,
+    client: ClientAddr,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (mut sink, mut stream) = socket.split();
@@ -225,6 +237,8 @@ pub async fn serve(
         keys,
         out,
         control,
+        client,
+        max_operations: config.max_operations,
         viewer: None,
         expires_at: None,
         operations: HashMap::new(),
@@ -252,7 +266,22 @@ pub async fn serve(
                 }
             }
             frame = stream.next() => {
-                let Some(Ok(frame)) = frame else { break };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(err)) => {
+                        // axum does not expose the WebSocket library's error kinds; a frame
+                        // over the size limit is the one a client causes on purpose, so say
+                        // so with 1009 (RFC 6455's "message too big"), else 1002.
+                        let text = err.to_string().to_ascii_lowercase();
+                        if text.contains("too long") || text.contains("too big") || text.contains("limit") {
+                            connection.close(close::MESSAGE_TOO_BIG, "Message too big").await;
+                        } else {
+                            connection.close(close::PROTOCOL_ERROR, "Invalid frame").await;
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 last_heard = tokio::time::Instant::now();
                 let keep_going = match frame {
                     Frame::Text(text) => connection.on_text(text.as_str()).await,
@@ -422,6 +451,9 @@ impl Connection {
                     .await;
                     return false;
                 }
+                if self.refuse_past_limit(&id).await {
+                    return true;
+                }
                 self.start(id, *payload, viewer);
                 true
             }
@@ -465,6 +497,9 @@ impl Connection {
                 };
                 // The legacy protocol replaces an operation that reuses a running id.
                 self.stop(&id);
+                if self.refuse_past_limit(&id).await {
+                    return true;
+                }
                 self.start(id, *payload, viewer);
                 true
             }
@@ -491,7 +526,29 @@ impl Connection {
     /// message instead. As in the graphql-ws reference server, errors from resolvers,
     /// including a subscription refused at its start (FORBIDDEN, CURSOR_EXPIRED), arrive as
     /// `next` with `errors`, then `complete`.
+    /// With the connection's maximum of operations running, answers `id` with an `error`
+    /// (LIMIT_EXCEEDED) and keeps the connection: the client may complete one and retry.
+    async fn refuse_past_limit(&self, id: &str) -> bool {
+        if self.operations.len() < self.max_operations {
+            return false;
+        }
+        self.send(json!({
+            "type": "error",
+            "id": id,
+            "payload": [{
+                "message": format!(
+                    "at most {} operations may run at once on one connection",
+                    self.max_operations
+                ),
+                "extensions": { "code": code::LIMIT_EXCEEDED }
+            }]
+        }))
+        .await;
+        true
+    }
+
     fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
+        let request = request.data(self.client);
         self.generation += 1;
         let generation = self.generation;
         let protocol = self.protocol;

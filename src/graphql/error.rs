@@ -23,6 +23,8 @@ pub mod code {
     pub const CONFLICT: &str = "CONFLICT";
     pub const BAD_USER_INPUT: &str = "BAD_USER_INPUT";
     pub const CURSOR_EXPIRED: &str = "CURSOR_EXPIRED";
+    pub const RATE_LIMITED: &str = "RATE_LIMITED";
+    pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
     pub const INTERNAL_SERVER_ERROR: &str = "INTERNAL_SERVER_ERROR";
 }
 
@@ -41,6 +43,10 @@ pub enum AppError {
     CursorExpired,
     /// The client sent something invalid; `field` names the argument or input field.
     BadInput { field: String, message: String },
+    /// Too many attempts from this client address; try again after this many seconds.
+    RateLimited { retry_after_secs: u64 },
+    /// A configured limit (open subscriptions, operations on one socket) is reached.
+    LimitExceeded(String),
     /// Something broke on our side; logged, shown generically.
     Internal(Arc<dyn std::error::Error + Send + Sync>),
 }
@@ -66,6 +72,8 @@ impl AppError {
             AppError::Conflict { .. } => code::CONFLICT,
             AppError::BadInput { .. } => code::BAD_USER_INPUT,
             AppError::CursorExpired => code::CURSOR_EXPIRED,
+            AppError::RateLimited { .. } => code::RATE_LIMITED,
+            AppError::LimitExceeded(_) => code::LIMIT_EXCEEDED,
             AppError::Internal(_) => code::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,7 +121,9 @@ impl From<AppError> for async_graphql::Error {
             AppError::Unauthenticated(message) => {
                 async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
             }
-            AppError::Forbidden(message) | AppError::NotFound(message) => {
+            AppError::Forbidden(message)
+            | AppError::NotFound(message)
+            | AppError::LimitExceeded(message) => {
                 async_graphql::Error::new(message).extend_with(|_, e| e.set("code", code))
             }
             AppError::Conflict { current_version } => async_graphql::Error::new(format!(
@@ -122,6 +132,13 @@ impl From<AppError> for async_graphql::Error {
             .extend_with(|_, e| {
                 e.set("code", code);
                 e.set("currentVersion", current_version);
+            }),
+            AppError::RateLimited { retry_after_secs } => async_graphql::Error::new(format!(
+                "too many attempts from this address; try again in {retry_after_secs} s"
+            ))
+            .extend_with(|_, e| {
+                e.set("code", code);
+                e.set("retryAfter", retry_after_secs);
             }),
             AppError::CursorExpired => async_graphql::Error::new(
                 "the cursor is older than the change log's retention; \

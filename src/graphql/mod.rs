@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod input;
+pub mod limits;
 pub mod loaders;
 pub mod mutation;
 pub mod query;
@@ -18,8 +19,10 @@ use sea_orm::DatabaseConnection;
 
 use crate::auth::{JwtKeys, Viewer};
 use crate::changes::Doorbell;
+use crate::config::Limits;
 use crate::pubsub::Broker;
 use error::{AppError, AppResult};
+use limits::{AuthLimiter, SubscriptionQuota};
 use loaders::Loaders;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
@@ -37,12 +40,25 @@ pub struct Live {
 }
 
 /// Builds the schema over a database connection, this process's token keys and the feed.
-pub fn build_schema(db: DatabaseConnection, keys: JwtKeys, live: Live) -> AppSchema {
-    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+pub fn build_schema(
+    db: DatabaseConnection,
+    keys: JwtKeys,
+    live: Live,
+    limits: &Limits,
+) -> AppSchema {
+    let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(db)
         .data(keys)
         .data(live)
-        .finish()
+        .data(SubscriptionQuota::new(limits.max_subscriptions_per_user))
+        .data(AuthLimiter::new(limits.auth_attempts_per_minute))
+        .limit_depth(limits.max_query_depth as usize)
+        .limit_complexity(limits.max_query_complexity as usize);
+    if limits.introspection {
+        builder.finish()
+    } else {
+        builder.disable_introspection().finish()
+    }
 }
 
 /// The schema's SDL, as committed in `schema.graphql`.
@@ -67,10 +83,10 @@ pub(crate) struct FeedMark(pub i64);
 
 impl Api {
     /// The API over `db`, signing tokens with `keys`, streaming from `live`.
-    pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live) -> Self {
+    pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &Limits) -> Self {
         Self {
             broker: live.broker.clone(),
-            schema: build_schema(db.clone(), keys, live),
+            schema: build_schema(db.clone(), keys, live, limits),
             db,
         }
     }

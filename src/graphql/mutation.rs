@@ -4,8 +4,9 @@ use async_graphql::{Context, ID, InputObject, Object};
 
 use super::error::{AppError, AppResult};
 use super::input::{self, *};
+use super::limits::{AuthLimiter, ClientAddr};
 use super::types::{AuthPayload, Channel, Document, Message, User};
-use super::{committed, db, jwt_keys, viewer_id};
+use super::{committed, db, jwt_keys, missing, viewer_id};
 use crate::{auth, store};
 
 /// Input of `signUp`.
@@ -119,6 +120,7 @@ impl MutationRoot {
         ctx: &Context<'_>,
         #[graphql(desc = "What to do; see the input type.")] input: SignUpInput,
     ) -> AppResult<AuthPayload> {
+        auth_attempt(ctx)?;
         let name = required_text("input.name", &input.name, USER_NAME_MAX)?;
         let email = input::email("input.email", &input.email)?;
         input::password("input.password", &input.password)?;
@@ -145,6 +147,7 @@ impl MutationRoot {
         ctx: &Context<'_>,
         #[graphql(desc = "What to do; see the input type.")] input: SignInInput,
     ) -> AppResult<AuthPayload> {
+        auth_attempt(ctx)?;
         let email = input.email.trim().to_lowercase();
         let user = store::user::find_by_email(db(ctx)?, &email).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
@@ -297,4 +300,19 @@ impl MutationRoot {
         committed(ctx);
         Ok(written)
     }
+}
+
+/// Counts a signIn/signUp attempt against the client address's allowance (password
+/// guessing and account spraying); RATE_LIMITED with `retryAfter` when it is used up. A
+/// request without an address (run in-process, not over a socket) is not limited.
+fn auth_attempt(ctx: &Context<'_>) -> AppResult<()> {
+    let Some(ClientAddr(addr)) = ctx.data_opt::<ClientAddr>() else {
+        return Ok(());
+    };
+    let limiter = ctx
+        .data::<AuthLimiter>()
+        .map_err(|_| missing("AuthLimiter"))?;
+    limiter.check(*addr).map_err(|wait| AppError::RateLimited {
+        retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+    })
 }

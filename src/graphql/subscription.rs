@@ -19,6 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
+use super::limits::{QuotaSlot, SubscriptionQuota};
 use super::types::{Document, Message};
 use super::{db, live, viewer_id};
 use crate::changes;
@@ -185,6 +186,8 @@ struct Follow {
     seen: i64,
     /// Replay the log up to here before following the topic.
     target: i64,
+    /// Counts against the viewer's open subscriptions until the stream ends.
+    _slot: QuotaSlot,
 }
 
 impl Follow {
@@ -209,7 +212,17 @@ impl Follow {
                 return Err(AppError::CursorExpired);
             }
         }
+        let quota = ctx
+            .data::<Arc<SubscriptionQuota>>()
+            .map_err(|_| super::missing("SubscriptionQuota"))?;
+        let slot = quota.acquire(viewer).ok_or_else(|| {
+            AppError::LimitExceeded(format!(
+                "at most {} open subscriptions per user",
+                quota.max()
+            ))
+        })?;
         Ok(Follow {
+            _slot: slot,
             db,
             broker,
             receiver,

@@ -157,6 +157,11 @@ impl FreshDatabase {
 pub fn test_settings(config: &mut Config) {
     config.ws_init_timeout_ms = 500;
     config.ws_keep_alive_secs = 1;
+    // Tests sign up many users and hold many subscriptions from one address; the limits
+    // themselves are tested with their own settings (`limits.rs`).
+    config.limits.auth_attempts_per_minute = 1_000_000;
+    config.limits.max_subscriptions_per_user = 1_000_000;
+    config.limits.max_operations_per_connection = 1_000_000;
 }
 
 /// Says once, on the real standard error (the test harness captures `eprintln!`), that the

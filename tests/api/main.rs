@@ -13,6 +13,7 @@ mod documents;
 mod errors;
 mod feed;
 mod http;
+mod limits;
 mod messages;
 mod process;
 mod protocol;

@@ -1,0 +1,262 @@
+//! Limits: each configurable, each answered with a coded error (or close code), never a
+//! crash, and the connection or server keeps working afterwards.
+
+use serde_json::json;
+
+use crate::helpers::{Backend, TestServer, data, error_code, run_with};
+use crate::subscriptions::MESSAGE_EVENTS;
+use crate::ws_client::{WsClient, wait_for_subscribers, wait_for_subscribers_at_most};
+
+/// The introspection query GraphiQL and most tools send (graphql-js's
+/// `getIntrospectionQuery()`).
+const INTROSPECTION: &str = include_str!("introspection.graphql");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_limits_admit_the_standard_introspection_query() {
+    run_with(
+        Backend::Sqlite,
+        |_| {},
+        |server: TestServer| async move {
+            let response = server.graphql(INTROSPECTION, json!({})).await;
+            assert!(response.get("errors").is_none(), "{response}");
+            assert!(response["data"]["__schema"]["types"].is_array());
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_or_complex_operations_are_refused() {
+    fn small(config: &mut syncgraph::config::Config) {
+        config.limits.max_query_depth = 5;
+        config.limits.max_query_complexity = 50;
+    }
+    run_with(Backend::Sqlite, small, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let deep =
+            "{ channels { edges { node { messages { edges { node { author { name } } } } } } } }";
+        let response = server.graphql_as(&ada, deep, json!({})).await;
+        assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
+        assert!(
+            response["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("nested too deep")
+        );
+        assert!(
+            response.get("data").is_none_or(|d| d.is_null()),
+            "nothing ran: {response}"
+        );
+
+        // Aliases multiply work: each one counts.
+        let aliases: String = (0..60).map(|i| format!("a{i}: me {{ id }} ")).collect();
+        let response = server
+            .graphql_as(&ada, &format!("{{ {aliases} }}"), json!({}))
+            .await;
+        assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
+        assert!(
+            response["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("too complex")
+        );
+
+        // Within the limits all is well.
+        let response = server.graphql_as(&ada, "{ me { name } }", json!({})).await;
+        assert_eq!(data(&response, "me")["name"], "Ada");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_can_be_switched_off() {
+    fn off(config: &mut syncgraph::config::Config) {
+        config.limits.introspection = false;
+    }
+    run_with(Backend::Sqlite, off, |server: TestServer| async move {
+        let response = server
+            .graphql("{ __schema { types { name } } }", json!({}))
+            .await;
+        assert!(
+            response.get("errors").is_some() || response["data"]["__schema"].is_null(),
+            "{response}"
+        );
+        let response = server.graphql("{ me { id } }", json!({})).await;
+        assert!(response.get("errors").is_none(), "{response}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_over_the_limit_closes_with_1009() {
+    fn small(config: &mut syncgraph::config::Config) {
+        config.limits.max_ws_message_bytes = 2_048;
+    }
+    run_with(Backend::Sqlite, small, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        let padding = "x".repeat(4_096);
+        ws.send(json!({ "type": "ping", "payload": { "padding": padding } }))
+            .await;
+        assert_eq!(
+            ws.expect_close().await,
+            (1009, "Message too big".to_owned())
+        );
+        // The server goes on.
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("me", "{ me { name } }", json!({})).await;
+        assert_eq!(ws.next_payload("me").await["data"]["me"]["name"], "Ada");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_per_connection_are_limited() {
+    fn two(config: &mut syncgraph::config::Config) {
+        config.limits.max_operations_per_connection = 2;
+    }
+    run_with(Backend::Sqlite, two, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "ops").await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        ws.subscribe("2", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        wait_for_subscribers(&server.broker, &channel, 2).await;
+        ws.subscribe("3", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        let refused = ws.recv().await;
+        assert_eq!(refused["type"], "error", "{refused}");
+        assert_eq!(refused["id"], "3");
+        assert_eq!(
+            refused["payload"][0]["extensions"]["code"],
+            "LIMIT_EXCEEDED"
+        );
+        // Completing one makes room on the same connection.
+        ws.complete("1").await;
+        wait_for_subscribers_at_most(&server, &channel, 1).await;
+        ws.subscribe("3", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        wait_for_subscribers(&server.broker, &channel, 2).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_maximum_get_503() {
+    fn two(config: &mut syncgraph::config::Config) {
+        config.limits.max_connections = 2;
+    }
+    run_with(Backend::Sqlite, two, |server: TestServer| async move {
+        let first = WsClient::connect(&server).await;
+        let _second = WsClient::connect(&server).await;
+        match WsClient::try_connect(server.addr, "graphql-transport-ws").await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+            }
+            Err(other) => panic!("expected 503, got {other}"),
+            Ok(_) => panic!("a third connection was accepted"),
+        }
+        // A closed connection frees its place.
+        first.close().await;
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        loop {
+            if WsClient::try_connect(server.addr, "graphql-transport-ws")
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the place is freed in time"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_user_are_limited() {
+    fn two(config: &mut syncgraph::config::Config) {
+        config.limits.max_subscriptions_per_user = 2;
+    }
+    run_with(Backend::Sqlite, two, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "subs").await;
+        // Across connections: the limit is per user.
+        let mut first = WsClient::connect_as(&server, Some(&ada)).await;
+        first
+            .subscribe("1", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        let mut second = WsClient::connect_as(&server, Some(&ada)).await;
+        second
+            .subscribe("1", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        wait_for_subscribers(&server.broker, &channel, 2).await;
+        let mut third = WsClient::connect_as(&server, Some(&ada)).await;
+        third
+            .subscribe("1", MESSAGE_EVENTS, json!({ "c": channel }))
+            .await;
+        let refused = third.next_payload("1").await;
+        assert_eq!(
+            refused["errors"][0]["extensions"]["code"], "LIMIT_EXCEEDED",
+            "{refused}"
+        );
+        assert_eq!(third.recv().await, json!({ "type": "complete", "id": "1" }));
+        // Ending one frees a slot.
+        first.complete("1").await;
+        wait_for_subscribers_at_most(&server, &channel, 1).await;
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        let mut attempt = 2;
+        loop {
+            third
+                .subscribe(
+                    &attempt.to_string(),
+                    MESSAGE_EVENTS,
+                    json!({ "c": channel }),
+                )
+                .await;
+            let started = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+                wait_for_subscribers(&server.broker, &channel, 2).await
+            })
+            .await;
+            if started.is_ok() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot is freed in time"
+            );
+            attempt += 1;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_attempts_per_address_are_rate_limited() {
+    fn three(config: &mut syncgraph::config::Config) {
+        config.limits.auth_attempts_per_minute = 3;
+    }
+    run_with(Backend::Sqlite, three, |server: TestServer| async move {
+        let sign_in = "mutation { signIn(input: { email: \"nobody@example.com\", password: \"wrong password\" }) { token } }";
+        for _ in 0..3 {
+            let response = server.graphql(sign_in, json!({})).await;
+            assert_eq!(error_code(&response), "UNAUTHENTICATED", "{response}");
+        }
+        let response = server.graphql(sign_in, json!({})).await;
+        assert_eq!(error_code(&response), "RATE_LIMITED", "{response}");
+        let retry_after = response["errors"][0]["extensions"]["retryAfter"].as_u64().unwrap();
+        assert!((1..=20).contains(&retry_after), "{response}");
+        // signUp draws on the same allowance; other operations do not.
+        let sign_up = "mutation { signUp(input: { name: \"Eve\", email: \"eve@example.com\", password: \"correct horse\" }) { token } }";
+        let response = server.graphql(sign_up, json!({})).await;
+        assert_eq!(error_code(&response), "RATE_LIMITED", "{response}");
+        let response = server.graphql("{ me { id } }", json!({})).await;
+        assert!(response.get("errors").is_none(), "{response}");
+    })
+    .await;
+}
