@@ -378,7 +378,11 @@ test('GraphiQL renders offline and runs a query and a subscription with the head
     );
     await page.goto(`${server.url}/`);
     await page.locator('.graphiql-container').waitFor();
-    assert.equal((await introspected).status(), 200);
+    const introspection = await introspected;
+    assert.equal(introspection.status(), 200);
+    const schema = await introspection.json();
+    assert.equal(schema.errors, undefined, `GraphiQL's introspection failed: ${JSON.stringify(schema.errors)}`);
+    assert.ok(schema.data.__schema.types.length > 10);
     // The headers editor is open by default. The key is written as the README says; the
     // page and the server match it in any letter case.
     await setEditor(page, '.graphiql-editor-tool .graphiql-editor:not(.hidden) .CodeMirror', JSON.stringify({ Authorization: `Bearer ${auth.token}` }));
