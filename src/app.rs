@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::db::{self, StatementCounter};
 use crate::graphql::{Api, Live};
 use crate::http::{self, HttpState};
+use crate::metrics::Health;
 use crate::pubsub::Broker;
 use crate::ws::WsConfig;
 
@@ -111,6 +112,16 @@ impl App {
             doorbell: doorbell.clone(),
         };
         let api = Api::new(db.clone(), keys.clone(), live, &config.limits);
+        let connections = Arc::new(tokio::sync::Semaphore::new(
+            config.limits.max_connections as usize,
+        ));
+        let health = Arc::new(Health::new(
+            broker.clone(),
+            feed_db.clone(),
+            connections.clone(),
+            config.limits.max_connections as usize,
+            api.error_counts(),
+        ));
         let router = http::router(HttpState {
             api: api.clone(),
             keys,
@@ -120,9 +131,8 @@ impl App {
                 max_operations: config.limits.max_operations_per_connection as usize,
             },
             max_ws_message_bytes: config.limits.max_ws_message_bytes as usize,
-            connections: Arc::new(tokio::sync::Semaphore::new(
-                config.limits.max_connections as usize,
-            )),
+            connections,
+            health,
             shutdown: stopped,
         });
         let listener = TcpListener::bind(config.listen)

@@ -27,6 +27,7 @@ use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::Api;
 use crate::graphql::error::code;
 use crate::graphql::limits::ClientAddr;
+use crate::metrics::Health;
 use crate::ws::{self, Protocol, WsConfig};
 
 /// Largest accepted request body.
@@ -45,6 +46,8 @@ pub struct HttpState {
     pub max_ws_message_bytes: usize,
     /// One permit per open WebSocket; none left means new ones get 503.
     pub connections: Arc<Semaphore>,
+    /// Metrics and readiness.
+    pub health: Arc<Health>,
     /// Turns true when the server shuts down; WebSockets close then.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -58,12 +61,47 @@ pub fn router(state: HttpState) -> Router {
         .route("/assets/{*path}", get(assets::asset))
         .route("/graphql", get(graphql_get).post(graphql_post))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
+/// Alive: the process serves HTTP.
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Ready: the database answers and the change feed is caught up; 503 otherwise, with the
+/// checks' results as JSON.
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let (ready, report) = state.health.ready().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(APPLICATION_JSON),
+        )],
+        report.to_string(),
+    )
+        .into_response()
+}
+
+/// Prometheus metrics (OpenMetrics text).
+async fn metrics(State(state): State<HttpState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        state.health.render().await,
+    )
+        .into_response()
 }
 
 async fn graphiql(headers: HeaderMap) -> Response {

@@ -23,6 +23,7 @@ pub mod config;
 pub mod db;
 pub mod graphql;
 pub mod http;
+pub mod metrics;
 pub mod pubsub;
 pub mod store;
 pub mod ws;

@@ -111,6 +111,27 @@ pub struct Broker {
     closed: std::sync::atomic::AtomicBool,
     streaming: std::sync::atomic::AtomicUsize,
     recent: Mutex<Recent>,
+    /// Counters for `/metrics`.
+    pub stats: FeedStats,
+}
+
+/// What the feed has done since the process started (read by `/metrics`).
+#[derive(Debug, Default)]
+pub struct FeedStats {
+    /// Changes the tailer published.
+    pub published: std::sync::atomic::AtomicU64,
+    /// Events sent to subscribers (one per subscriber and event).
+    pub delivered: std::sync::atomic::AtomicU64,
+    /// Pages of the log read to replay or catch up (the broker's memory did not cover).
+    pub log_replays: std::sync::atomic::AtomicU64,
+    /// Times a subscriber fell behind its topic's buffer and had to catch up.
+    pub lagged: std::sync::atomic::AtomicU64,
+}
+
+impl FeedStats {
+    pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// The most recent published events: complete for every position after `after`.
@@ -167,6 +188,7 @@ impl Broker {
                 after: published,
                 events: std::collections::VecDeque::with_capacity(RECENT_CAPACITY),
             }),
+            stats: FeedStats::default(),
         }
     }
 
@@ -220,6 +242,7 @@ impl Broker {
             }
         }
         self.published.fetch_max(through, Ordering::AcqRel);
+        FeedStats::add(&self.stats.published, events.len() as u64);
         let mut topics = self.topics();
         for event in events {
             let Some(topic) = event.scope else { continue };

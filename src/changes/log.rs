@@ -128,3 +128,32 @@ fn decode(row: &QueryResult) -> Result<ChangeEvent, ChangeError> {
         memo: Memo::default(),
     })
 }
+
+/// How far the feed is behind the log: positions past `published`, and the age in seconds
+/// of the oldest of them (0 when none waits).
+pub async fn lag(db: &impl ConnectionTrait, published: i64) -> Result<(i64, f64), ChangeError> {
+    let head = max_position(db).await?;
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DatabaseBackend::Postgres => {
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp() - changed_at)::float8 AS behind \
+             FROM change_log WHERE position > $1 ORDER BY position LIMIT 1"
+        }
+        _ => {
+            "SELECT (julianday('now') - julianday(changed_at)) * 86400.0 AS behind \
+             FROM change_log WHERE position > ? ORDER BY position LIMIT 1"
+        }
+    };
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [published.into()],
+        ))
+        .await?;
+    let behind = match row {
+        Some(row) => row.try_get::<f64>("", "behind")?.max(0.0),
+        None => 0.0,
+    };
+    Ok(((head - published).max(0), behind))
+}

@@ -13,7 +13,7 @@ use sea_orm::DbErr;
 use tokio::sync::Notify;
 
 pub use listener::PostgresDoorbell;
-pub use log::{pruned_through, read_scope};
+pub use log::{lag, pruned_through, read_scope};
 pub use prune::{Pruner, Retention};
 pub use tailer::Tailer;
 

@@ -20,6 +20,7 @@ use sea_orm::DatabaseConnection;
 use crate::auth::{JwtKeys, Viewer};
 use crate::changes::Doorbell;
 use crate::config::Limits;
+use crate::metrics::{CodeLabel, ErrorCounts};
 use crate::pubsub::Broker;
 use error::{AppError, AppResult};
 use limits::{AuthLimiter, SubscriptionQuota};
@@ -27,6 +28,7 @@ use loaders::Loaders;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
 pub use subscription::SubscriptionRoot;
+use tracing::Instrument as _;
 
 /// The executable schema.
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
@@ -74,6 +76,7 @@ pub struct Api {
     schema: AppSchema,
     db: DatabaseConnection,
     broker: Arc<Broker>,
+    errors: ErrorCounts,
 }
 
 /// The feed position published when a request began, before any of its fields was read:
@@ -85,6 +88,7 @@ impl Api {
     /// The API over `db`, signing tokens with `keys`, streaming from `live`.
     pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &Limits) -> Self {
         Self {
+            errors: ErrorCounts::default(),
             broker: live.broker.clone(),
             schema: build_schema(db.clone(), keys, live, limits),
             db,
@@ -111,10 +115,40 @@ impl Api {
         request: async_graphql::Request,
         viewer: Viewer,
     ) -> async_graphql::Response {
+        let span = operation_span(&request, viewer);
+        let started = std::time::Instant::now();
         let request = self.prepare(request, viewer);
-        let mut response = self.schema.execute(request).await;
-        error::ensure_codes(&mut response);
+        let mut response = self.schema.execute(request).instrument(span.clone()).await;
+        self.finish(&mut response);
+        tracing::debug!(
+            parent: &span,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            errors = response.errors.len(),
+            "operation finished"
+        );
         response
+    }
+
+    /// GraphQL errors sent so far, by code (for `/metrics`).
+    pub fn error_counts(&self) -> ErrorCounts {
+        self.errors.clone()
+    }
+
+    /// Gives every error a code, and counts it.
+    fn finish(&self, response: &mut async_graphql::Response) {
+        error::ensure_codes(response);
+        for err in &response.errors {
+            let code = err
+                .extensions
+                .as_ref()
+                .and_then(|extensions| extensions.get("code"))
+                .and_then(|code| match code {
+                    async_graphql::Value::String(code) => Some(code.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            self.errors.get_or_create(&CodeLabel { code }).inc();
+        }
     }
 
     /// Runs one operation of any kind as `viewer` and streams its responses (one for a
@@ -124,15 +158,32 @@ impl Api {
         request: async_graphql::Request,
         viewer: Viewer,
     ) -> BoxStream<'static, async_graphql::Response> {
+        let span = operation_span(&request, viewer);
         let request = self.prepare(request, viewer);
+        let api = self.clone();
         self.schema
             .execute_stream(request)
-            .map(|mut response| {
-                error::ensure_codes(&mut response);
+            .map(move |mut response| {
+                // Each response (one per event of a subscription) is recorded in the span.
+                api.finish(&mut response);
+                tracing::debug!(parent: &span, errors = response.errors.len(), "response");
                 response
             })
             .boxed()
     }
+}
+
+/// The span an operation runs in: its name (when the request names one) and the viewer.
+fn operation_span(request: &async_graphql::Request, viewer: Viewer) -> tracing::Span {
+    let viewer = match viewer {
+        Viewer::User(id) => Some(id),
+        _ => None,
+    };
+    tracing::info_span!(
+        "graphql",
+        operation = request.operation_name.as_deref().unwrap_or(""),
+        viewer,
+    )
 }
 
 pub(crate) fn missing(what: &'static str) -> AppError {

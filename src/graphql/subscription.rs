@@ -23,6 +23,7 @@ use super::limits::{QuotaSlot, SubscriptionQuota};
 use super::types::{Document, Message};
 use super::{db, live, viewer_id};
 use crate::changes;
+use crate::pubsub::FeedStats;
 use crate::pubsub::{Broker, ChangeEvent, Op};
 use crate::store;
 
@@ -260,6 +261,7 @@ impl Follow {
                         Ok(event) => (vec![event], false),
                         Err(RecvError::Lagged(_)) => {
                             // Too slow for the topic's buffer: catch up instead.
+                            FeedStats::add(&self.broker.stats.lagged, 1);
                             self.target = self.broker.published();
                             continue;
                         }
@@ -275,9 +277,13 @@ impl Follow {
                     let history = event.position <= history_through;
                     match self.handle(&event, history, &render) {
                         Step::Skip => {}
-                        Step::Yield(item) => yield item,
+                        Step::Yield(item) => {
+                            FeedStats::add(&self.broker.stats.delivered, 1);
+                            yield item
+                        }
                         Step::End(item) => {
                             if let Some(item) = item {
+                                FeedStats::add(&self.broker.stats.delivered, u64::from(item.is_ok()));
                                 yield item;
                             }
                             return;
@@ -298,6 +304,7 @@ impl Follow {
         if let Some(events) = self.broker.recent(self.channel_id, self.seen, self.target) {
             return Ok((events, true));
         }
+        FeedStats::add(&self.broker.stats.log_replays, 1);
         let page = changes::read_scope(
             &self.db,
             self.channel_id,

@@ -15,6 +15,7 @@ mod feed;
 mod http;
 mod limits;
 mod messages;
+mod observability;
 mod process;
 mod protocol;
 mod schema;

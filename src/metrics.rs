@@ -1,0 +1,226 @@
+//! Operations: Prometheus metrics for `/metrics` (prometheus-client, one registry per
+//! server, so in-process test servers do not share counts) and the readiness check for
+//! `/readyz`. Counters live where things happen (the broker's `FeedStats`, the API's error
+//! counts, the connection semaphore) and are read at each scrape.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::changes;
+use crate::pubsub::Broker;
+
+/// The `code` label of `syncgraph_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: String,
+}
+
+/// GraphQL errors sent, by `extensions.code`.
+pub type ErrorCounts = Family<CodeLabel, Counter>;
+
+/// A change older than this that the feed has not published makes the server not ready.
+pub const READY_LAG: Duration = Duration::from_secs(10);
+
+/// The tailer's lag as last measured (at a scrape or a readiness check).
+#[derive(Debug, Default)]
+struct Lag {
+    positions: AtomicI64,
+    millis: AtomicU64,
+}
+
+/// What `/metrics` and `/readyz` read.
+pub struct Health {
+    registry: Registry,
+    lag: Arc<Lag>,
+    broker: Arc<Broker>,
+    /// The change feed's pool, so a scrape never waits behind requests.
+    db: DatabaseConnection,
+}
+
+impl Health {
+    pub fn new(
+        broker: Arc<Broker>,
+        db: DatabaseConnection,
+        connections: Arc<Semaphore>,
+        max_connections: usize,
+        errors: ErrorCounts,
+    ) -> Self {
+        let lag = Arc::new(Lag::default());
+        let mut registry = Registry::with_prefix("syncgraph");
+        registry.register("errors", "GraphQL errors sent, by extensions.code", errors);
+        registry.register_collector(Box::new(FeedCollector {
+            broker: broker.clone(),
+            connections,
+            max_connections,
+            lag: lag.clone(),
+        }));
+        Self {
+            registry,
+            lag,
+            broker,
+            db,
+        }
+    }
+
+    /// Measures the feed's lag: positions not yet published, and the age of the oldest.
+    async fn measure(&self) -> Result<(i64, f64), changes::ChangeError> {
+        let (positions, seconds) = changes::lag(&self.db, self.broker.published()).await?;
+        self.lag.positions.store(positions, Ordering::Relaxed);
+        self.lag
+            .millis
+            .store((seconds * 1000.0) as u64, Ordering::Relaxed);
+        Ok((positions, seconds))
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub async fn render(&self) -> String {
+        if let Err(err) = self.measure().await {
+            tracing::warn!(error = %err, "cannot measure the feed's lag for /metrics");
+        }
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            tracing::error!("cannot encode metrics");
+        }
+        text
+    }
+
+    /// Whether this process should get traffic: the database answers and the feed is caught
+    /// up (no change older than `READY_LAG` waits to be published). With the checks' results.
+    pub async fn ready(&self) -> (bool, Value) {
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.db.execute_unprepared("SELECT 1"),
+        )
+        .await;
+        let database = matches!(ping, Ok(Ok(_)));
+        let lag = if database {
+            tokio::time::timeout(Duration::from_secs(2), self.measure())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        } else {
+            None
+        };
+        let feed = lag.is_some_and(|(_, seconds)| seconds < READY_LAG.as_secs_f64());
+        let (positions, seconds) = lag.unwrap_or((-1, -1.0));
+        let report = json!({
+            "ready": database && feed,
+            "database": database,
+            "feed_caught_up": feed,
+            "feed_lag_positions": positions,
+            "feed_lag_seconds": seconds,
+        });
+        (database && feed, report)
+    }
+}
+
+impl std::fmt::Debug for FeedCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeedCollector").finish_non_exhaustive()
+    }
+}
+
+/// Reads the feed's counters and gauges at each scrape.
+struct FeedCollector {
+    broker: Arc<Broker>,
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+    lag: Arc<Lag>,
+}
+
+impl FeedCollector {
+    fn counter(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: u64,
+    ) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+    }
+
+    fn gauge(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        value: f64,
+    ) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+    }
+}
+
+impl Collector for FeedCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.broker.stats;
+        let open = self
+            .max_connections
+            .saturating_sub(self.connections.available_permits());
+        Self::gauge(
+            &mut encoder,
+            "ws_connections",
+            "Open WebSocket connections",
+            open as f64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "subscriptions",
+            "Subscriptions streaming (past their access checks)",
+            self.broker.streaming_count() as f64,
+        )?;
+        Self::counter(
+            &mut encoder,
+            "changes_published",
+            "Captured changes the tailer published to subscribers",
+            stats.published.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            &mut encoder,
+            "events_delivered",
+            "Events sent to subscribers, one per subscriber and event",
+            stats.delivered.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            &mut encoder,
+            "log_replays",
+            "Pages of the change log read to replay or catch up a subscriber",
+            stats.log_replays.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            &mut encoder,
+            "lagging_subscribers",
+            "Times a subscriber fell behind its topic's buffer and caught up",
+            stats.lagged.load(Ordering::Relaxed),
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "feed_published_position",
+            "Log position through which the feed has published every change",
+            self.broker.published() as f64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "feed_lag_positions",
+            "Captured changes not yet published",
+            self.lag.positions.load(Ordering::Relaxed) as f64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "feed_lag_seconds",
+            "Age of the oldest captured change not yet published",
+            self.lag.millis.load(Ordering::Relaxed) as f64 / 1000.0,
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,117 @@
+//! `/metrics` (Prometheus), `/readyz` and `/healthz`.
+
+use serde_json::json;
+
+use crate::both_backends;
+use crate::subscriptions::MESSAGE_EVENTS;
+use crate::ws_client::{WsClient, caught_up, wait_for_subscribers};
+
+/// The value of the sample `name` (with its labels, if any) in an OpenMetrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+both_backends! {
+    async fn metrics_count_connections_subscriptions_changes_deliveries_and_errors(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "metrics").await;
+        let refused = server.graphql_as("not a token", "{ me { id } }", json!({})).await;
+        assert_eq!(crate::helpers::error_code(&refused), "UNAUTHENTICATED");
+
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        server.post_message(&ada, &channel, "counted").await;
+        ws.next_payload("1").await;
+        caught_up(&server).await;
+
+        let response = server.client().get(server.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+        let text = response.text().await.unwrap();
+        let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        assert_eq!(value("syncgraph_ws_connections"), 1.0);
+        assert_eq!(value("syncgraph_subscriptions"), 1.0);
+        assert!(value("syncgraph_changes_published_total") >= 1.0);
+        assert_eq!(value("syncgraph_events_delivered_total"), 1.0);
+        assert!(value("syncgraph_errors_total{code=\"UNAUTHENTICATED\"}") >= 1.0);
+        assert_eq!(value("syncgraph_feed_lag_positions"), 0.0);
+        assert!(value("syncgraph_feed_published_position") >= 1.0);
+        for name in ["syncgraph_log_replays_total", "syncgraph_lagging_subscribers_total", "syncgraph_feed_lag_seconds"] {
+            value(name);
+        }
+
+        // Closing the socket ends its subscription and connection in the gauges.
+        ws.close().await;
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        loop {
+            let text = server.client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            if sample(&text, "syncgraph_ws_connections") == Some(0.0) && sample(&text, "syncgraph_subscriptions") == Some(0.0) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gauges fall back to 0 in time:\n{text}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn readyz_reports_the_database_and_the_feed(server: TestServer) {
+        let health = server.client().get(server.url("/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let report: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(report["ready"], true, "{report}");
+        assert_eq!(report["database"], true);
+        assert_eq!(report["feed_caught_up"], true);
+    }
+}
+
+/// The feed's lag as `/metrics` reports it: (positions, seconds).
+async fn lag(server: &crate::helpers::TestServer) -> (f64, f64) {
+    let text = server
+        .client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (
+        sample(&text, "syncgraph_feed_lag_positions").expect("lag positions"),
+        sample(&text, "syncgraph_feed_lag_seconds").expect("lag seconds"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_held_behind_an_open_transaction_shows_as_lag_postgres() {
+    use sea_orm::TransactionTrait;
+    crate::helpers::run(crate::helpers::Backend::Postgres, |server| async move {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "lag").await;
+        caught_up(&server).await;
+        // A takes a position and stays open; B commits after it. The feed may not publish
+        // B before A is decided, so B waits: that is lag.
+        let first = server.sql().await;
+        let a = first.begin().await.unwrap();
+        crate::subscriptions::sql_insert(&a, &channel, &ada_id, "A").await;
+        crate::subscriptions::sql_insert(&server.sql().await, &channel, &ada_id, "B").await;
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        loop {
+            let (positions, _) = lag(&server).await;
+            if positions >= 1.0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "B shows as lag in time"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        a.commit().await.unwrap();
+        caught_up(&server).await;
+        assert_eq!(lag(&server).await, (0.0, 0.0));
+    })
+    .await;
+}
