@@ -42,9 +42,11 @@ impl App {
     /// Connects to the database, applies migrations, starts the change feed and binds
     /// `config.listen`.
     pub async fn build(config: &Config) -> anyhow::Result<App> {
-        let (db, statements) = db::connect(&config.database_url, config.db_max_connections)
-            .await
-            .context("opening the database")?;
+        let patience = Duration::from_secs(config.db_connect_timeout_secs);
+        let (db, statements) =
+            db::connect_patiently(&config.database_url, config.db_max_connections, patience)
+                .await
+                .context("opening the database")?;
         migrate(&db).await?;
         // The feed reads through its own small pool: requests never wait behind it, and
         // statement counts of requests (tests) do not include its polling.

@@ -65,6 +65,14 @@ pub struct Config {
         global = true
     )]
     pub db_max_connections: u32,
+    /// At start, keep retrying a database that cannot be reached for this many seconds.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_DB_CONNECT_TIMEOUT_SECS",
+        default_value_t = 60,
+        global = true
+    , value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub db_connect_timeout_secs: u64,
     /// Close a WebSocket with 4408 when no connection_init arrives within this, in ms.
     #[arg(
         long,
@@ -180,6 +188,7 @@ impl Config {
             jwt_secret: None,
             token_ttl_secs: 86_400,
             db_max_connections: 10,
+            db_connect_timeout_secs: 60,
             log_format: LogFormat::Text,
             ws_init_timeout_ms: 3_000,
             ws_keep_alive_secs: 12,

@@ -17,6 +17,8 @@ pub enum ConnectError {
     UnsupportedUrl,
     #[error("cannot connect to the database")]
     Connect(#[source] DbErr),
+    #[error("the database could not be reached in {0} s of retrying (--db-connect-timeout-secs)")]
+    Unreachable(u64, #[source] DbErr),
 }
 
 /// Counts every statement the connection runs; tests use it to prove batching.
@@ -64,6 +66,51 @@ pub async fn connect(
         count.fetch_add(1, Ordering::Relaxed);
     });
     Ok((db, counter))
+}
+
+/// `connect`, retried with backoff (0.5 s doubling to 8 s) while the database cannot be
+/// reached, for up to `patience`: a server started before its database comes up waits
+/// for it. An unsupported URL fails at once.
+pub async fn connect_patiently(
+    url: &str,
+    max_connections: u32,
+    patience: Duration,
+) -> Result<(DatabaseConnection, StatementCounter), ConnectError> {
+    let backend = backend_of(url).ok_or(ConnectError::UnsupportedUrl)?;
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(500);
+    // Probe with one connection and a short timeout, so each attempt is quick and logged;
+    // the real pool (with its longer acquire timeout) is opened once the database answers.
+    if backend == DatabaseBackend::Sqlite {
+        // A file: nothing to wait for.
+        return connect(url, max_connections).await;
+    }
+    loop {
+        let mut probe = ConnectOptions::new(url.to_owned());
+        probe
+            .max_connections(1)
+            .min_connections(0)
+            .connect_timeout(Duration::from_secs(2))
+            .acquire_timeout(Duration::from_secs(2))
+            .sqlx_logging(false);
+        match sea_orm::Database::connect(probe).await {
+            Ok(db) => {
+                db.close().await.ok();
+                break;
+            }
+            Err(err) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(
+                    error = %err,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "the database cannot be reached; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+            }
+            Err(err) => return Err(ConnectError::Unreachable(patience.as_secs(), err)),
+        }
+    }
+    connect(url, max_connections).await
 }
 
 /// The backend a URL names, if it is one we serve.

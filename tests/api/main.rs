@@ -11,6 +11,7 @@ mod clients;
 mod concurrency;
 mod documents;
 mod errors;
+mod faults;
 mod feed;
 mod http;
 mod limits;
