@@ -40,6 +40,8 @@ pub mod close {
     pub const TOO_MANY_INITS: u16 = 4429;
     /// RFC 6455: a message over the configured size.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// RFC 6455: a text message that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// RFC 6455: a frame that breaks the protocol.
     pub const PROTOCOL_ERROR: u16 = 1002;
 }
@@ -177,6 +179,8 @@ struct Connection {
     /// The peer's address, attached to every operation (signIn/signUp are limited by it).
     client: ClientAddr,
     max_operations: usize,
+    /// Set when a required reply could not be queued: the connection then ends.
+    overflowed: std::sync::atomic::AtomicBool,
     /// `Some` once connection_init was accepted.
     viewer: Option<Viewer>,
     /// When the accepted token expires: the connection is closed with 4403 then, and the
@@ -239,6 +243,7 @@ pub async fn serve(
         control,
         client,
         max_operations: config.max_operations,
+        overflowed: std::sync::atomic::AtomicBool::new(false),
         viewer: None,
         expires_at: None,
         operations: HashMap::new(),
@@ -275,6 +280,8 @@ pub async fn serve(
                         let text = err.to_string().to_ascii_lowercase();
                         if text.contains("too long") || text.contains("too big") || text.contains("limit") {
                             connection.close(close::MESSAGE_TOO_BIG, "Message too big").await;
+                        } else if text.contains("utf") {
+                            connection.close(close::INVALID_DATA, "Invalid UTF-8").await;
                         } else {
                             connection.close(close::PROTOCOL_ERROR, "Invalid frame").await;
                         }
@@ -295,6 +302,10 @@ pub async fn serve(
                 if !keep_going {
                     break;
                 }
+                if connection.overflowed.load(std::sync::atomic::Ordering::Relaxed) {
+                    tracing::debug!("closing a WebSocket whose client does not read its replies");
+                    break;
+                }
             }
             _ = until(connection.expires_at), if connection.expires_at.is_some() => {
                 connection.close(close::FORBIDDEN, "Token expired").await;
@@ -311,11 +322,7 @@ pub async fn serve(
                     tracing::debug!("closing a silent WebSocket");
                     break;
                 }
-                let ping = match connection.protocol {
-                    Protocol::TransportWs => json!({ "type": "ping" }),
-                    Protocol::Legacy => json!({ "type": "ka" }),
-                };
-                connection.send(ping).await;
+                connection.ping();
             }
             _ = shutdown.changed() => {
                 // The hub is closed: each operation sends `complete` as its stream ends.
@@ -348,7 +355,25 @@ impl Connection {
     /// which the writer serves first. Never waits: a full control queue means the client
     /// reads nothing, and the message is dropped rather than stalling this loop.
     async fn send(&self, message: Value) {
-        let _ = self.control.try_send(Outgoing::Text(message.to_string()));
+        if self
+            .control
+            .try_send(Outgoing::Text(message.to_string()))
+            .is_err()
+        {
+            // The client sends faster than it reads our replies (a flood): a reply the
+            // protocol requires cannot be dropped silently, so the connection ends instead.
+            self.overflowed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Queues a keep-alive ping; skipped when the client is not reading anyway.
+    fn ping(&self) {
+        let ping = match self.protocol {
+            Protocol::TransportWs => json!({ "type": "ping" }),
+            Protocol::Legacy => json!({ "type": "ka" }),
+        };
+        let _ = self.control.try_send(Outgoing::Text(ping.to_string()));
     }
 
     /// Queues a close frame (like `send`: never waits; the connection ends either way).
@@ -607,6 +632,62 @@ mod tests {
         assert_eq!(Protocol::negotiate(["graphql-ws"]), Some(Protocol::Legacy));
         assert_eq!(Protocol::negotiate(["mqtt"]), None);
         assert_eq!(Protocol::negotiate([]), None);
+    }
+
+    /// Arbitrary JSON of the message shape: `type` from the protocol (or not), `id`,
+    /// `payload` of any kind.
+    fn message_like() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        let value = leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        let kind = prop_oneof![
+            Just("connection_init"),
+            Just("ping"),
+            Just("pong"),
+            Just("subscribe"),
+            Just("complete"),
+            Just("start"),
+            Just("stop"),
+            Just("connection_terminate"),
+            Just("other"),
+        ];
+        (kind, ".{0,8}", value).prop_map(|(kind, id, payload)| {
+            json!({ "type": kind, "id": id, "payload": payload }).to_string()
+        })
+    }
+
+    proptest::proptest! {
+        /// The decoders take any text (including any message-shaped JSON) without panicking,
+        /// and `authorization` finds the token key of any payload or nothing.
+        #[test]
+        fn any_text_decodes_or_is_refused(text in ".*") {
+            let _ = serde_json::from_str::<TransportMessage>(&text);
+            let _ = serde_json::from_str::<LegacyMessage>(&text);
+        }
+
+        #[test]
+        fn any_message_shaped_json_decodes_or_is_refused(text in message_like()) {
+            let transport = serde_json::from_str::<TransportMessage>(&text);
+            let _ = serde_json::from_str::<LegacyMessage>(&text);
+            let value: Value = serde_json::from_str(&text).expect("generated JSON");
+            let _ = authorization(value.get("payload"));
+            // A subscribe decodes only with its id as sent (a payload without a query then
+            // fails as an empty document and gets an `error`).
+            if let Ok(TransportMessage::Subscribe { id, .. }) = transport {
+                proptest::prop_assert_eq!(Some(id.as_str()), value["id"].as_str());
+            }
+        }
     }
 
     #[test]

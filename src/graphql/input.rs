@@ -134,6 +134,8 @@ pub fn decode_cursor(field: &str, kind: CursorKind, cursor: &str) -> AppResult<i
     let id = text.strip_prefix(kind.prefix()).ok_or_else(invalid)?;
     match id.parse::<i64>() {
         Ok(id) if id > 0 => Ok(id),
+        // Position 0 is the start of the change log: `feedCursor` before any change.
+        Ok(0) if kind == CursorKind::Event => Ok(0),
         _ => Err(invalid()),
     }
 }
@@ -193,6 +195,51 @@ mod tests {
         assert!(decode_cursor("after", CursorKind::Message, "").is_err());
         let negative = URL_SAFE_NO_PAD.encode("message:-1");
         assert!(decode_cursor("after", CursorKind::Message, &negative).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any string is a cursor or a BAD_USER_INPUT naming the field, never a panic.
+        #[test]
+        fn any_string_decodes_or_is_refused(cursor in ".*") {
+            for kind in [CursorKind::Message, CursorKind::Channel, CursorKind::Event] {
+                match decode_cursor("after", kind, &cursor) {
+                    Ok(id) => proptest::prop_assert!(id >= 0),
+                    Err(AppError::BadInput { field, .. }) => proptest::prop_assert_eq!(field, "after"),
+                    Err(other) => proptest::prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+        }
+
+        /// Base64 of arbitrary bytes (the shape of a real cursor) is handled the same way.
+        #[test]
+        fn any_encoded_bytes_decode_or_are_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let cursor = URL_SAFE_NO_PAD.encode(&bytes);
+            for kind in [CursorKind::Message, CursorKind::Channel, CursorKind::Event] {
+                let _ = decode_cursor("after", kind, &cursor);
+            }
+        }
+
+        /// Every cursor we hand out decodes to what it was made from, only for its own kind.
+        #[test]
+        fn issued_cursors_round_trip(id in 1..i64::MAX) {
+            for kind in [CursorKind::Message, CursorKind::Channel, CursorKind::Event] {
+                let cursor = encode_cursor(kind, id);
+                proptest::prop_assert_eq!(decode_cursor("after", kind, &cursor).ok(), Some(id));
+            }
+            let cursor = encode_cursor(CursorKind::Message, id);
+            proptest::prop_assert!(decode_cursor("after", CursorKind::Event, &cursor).is_err());
+        }
+    }
+
+    #[test]
+    fn the_start_of_the_log_is_a_valid_event_cursor_only() {
+        let start = encode_cursor(CursorKind::Event, 0);
+        assert_eq!(
+            decode_cursor("after", CursorKind::Event, &start).unwrap(),
+            0
+        );
+        let zero = encode_cursor(CursorKind::Message, 0);
+        assert!(decode_cursor("after", CursorKind::Message, &zero).is_err());
     }
 
     #[test]

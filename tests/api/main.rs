@@ -5,6 +5,7 @@ mod helpers;
 mod ws_client;
 
 mod accounts;
+mod bad_input;
 mod channels;
 mod cli;
 mod clients;

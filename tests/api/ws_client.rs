@@ -76,6 +76,16 @@ impl WsClient {
         self.socket.send(message).await.expect("send");
     }
 
+    /// Sends `message`, reporting (rather than panicking on) a connection the server ended;
+    /// fails after `RECEIVE_TIMEOUT` if the server stops reading.
+    pub async fn try_send(&mut self, message: Message) -> Result<(), String> {
+        match tokio::time::timeout(RECEIVE_TIMEOUT, self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => panic!("the server neither reads nor closes"),
+        }
+    }
+
     /// The next frame (text as JSON, or a close), failing after `RECEIVE_TIMEOUT`.
     pub async fn recv_frame(&mut self) -> Frame {
         self.recv_frame_by(tokio::time::Instant::now() + RECEIVE_TIMEOUT)
