@@ -140,6 +140,18 @@ async fn serve_then_sigterm(url: String) {
         .unwrap();
     assert_eq!(health.status(), 200);
 
+    // A mutation in flight when SIGTERM arrives: its request is half sent.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"query":"mutation { signUp(input: { name: \"Late\", email: \"late@example.com\", password: \"correct horse\" }) { token } }"}"#;
+    let mut in_flight = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /graphql HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.unwrap();
+    in_flight.write_all(&body.as_bytes()[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
     let pid = child.id().unwrap().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
@@ -147,11 +159,26 @@ async fn serve_then_sigterm(url: String) {
         .await
         .unwrap();
     assert!(killed.success());
+    // Shutting down, the server still finishes the mutation it had begun to receive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_flight.write_all(&body.as_bytes()[20..]).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(TIMEOUT, in_flight.read_to_string(&mut answer))
+        .await
+        .expect("the in-flight mutation is answered in time")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"token\""), "{answer}");
+    // It exits 0, and nothing listens any more.
     let status = tokio::time::timeout(TIMEOUT, child.wait())
         .await
         .expect("the server stops in time")
         .unwrap();
     assert!(status.success(), "graceful exit: {status}");
+    assert!(
+        tokio::net::TcpStream::connect(&addr).await.is_err(),
+        "nothing listens after the exit"
+    );
 }
 
 #[tokio::test]
