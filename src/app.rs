@@ -36,6 +36,9 @@ pub struct App {
     doorbell: Doorbell,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// One permit per open WebSocket: shutdown waits until every one is back.
+    connections: Arc<tokio::sync::Semaphore>,
+    max_connections: u32,
 }
 
 impl App {
@@ -133,7 +136,7 @@ impl App {
                 max_operations: config.limits.max_operations_per_connection as usize,
             },
             max_ws_message_bytes: config.limits.max_ws_message_bytes as usize,
-            connections,
+            connections: connections.clone(),
             health,
             shutdown: stopped,
         });
@@ -152,6 +155,8 @@ impl App {
             doorbell,
             stop,
             tasks,
+            connections,
+            max_connections: config.limits.max_connections,
         })
     }
 
@@ -214,6 +219,16 @@ impl App {
         .await
         .context("serving HTTP")?;
         let _ = self.stop.send(true);
+        // WebSockets live in tasks of their own that axum does not wait for: wait until each
+        // has completed its subscriptions, finished its operations and sent its 1012.
+        let closed = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.connections.acquire_many(self.max_connections),
+        )
+        .await;
+        if !matches!(closed, Ok(Ok(_))) {
+            tracing::warn!("some WebSockets did not close within 10 s of shutdown");
+        }
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }

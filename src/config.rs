@@ -38,7 +38,7 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
     /// Database URL: `sqlite://PATH` (created if missing) or `postgres://...`.
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true, hide_env_values = true)]
     pub database_url: String,
     /// Secret for signing tokens (HS256). Processes that share it accept each other's tokens.
     /// Without it a random secret is generated once and kept in the database.

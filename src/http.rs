@@ -243,6 +243,7 @@ async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Re
     upgrade
         .protocols([protocol.name()])
         .max_message_size(state.max_ws_message_bytes)
+        .max_frame_size(state.max_ws_message_bytes)
         .on_upgrade(move |socket| async move {
             ws::serve(
                 socket,

@@ -150,6 +150,10 @@ fn authorization(payload: Option<&Value>) -> Option<&str> {
         .and_then(|(_, value)| value.as_str())
 }
 
+/// How long a required reply (ack, pong, error) may wait for the client to read earlier
+/// ones before the connection is ended.
+const REPLY_PATIENCE: Duration = Duration::from_secs(5);
+
 /// Waits until `at` (forever when `None`).
 async fn until(at: Option<tokio::time::Instant>) {
     match at {
@@ -163,7 +167,10 @@ fn instant_of(epoch_secs: u64) -> tokio::time::Instant {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let left = Duration::from_secs(epoch_secs).saturating_sub(now);
+    // At most a year ahead: a far-future `exp` must not overflow the clock.
+    let left = Duration::from_secs(epoch_secs)
+        .saturating_sub(now)
+        .min(Duration::from_secs(365 * 24 * 3600));
     tokio::time::Instant::now() + left
 }
 
@@ -326,8 +333,10 @@ pub async fn serve(
             }
             _ = shutdown.changed() => {
                 // The hub is closed: each operation sends `complete` as its stream ends.
-                for (_, operation) in connection.operations.drain() {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), operation).await;
+                for (_, mut operation) in connection.operations.drain() {
+                    if tokio::time::timeout(Duration::from_secs(1), &mut operation).await.is_err() {
+                        operation.abort();
+                    }
                 }
                 // After the operations' `complete` messages, in order; bounded in time.
                 let close = Outgoing::Close(close::SERVICE_RESTART, "Server restarting".to_owned());
@@ -355,13 +364,15 @@ impl Connection {
     /// which the writer serves first. Never waits: a full control queue means the client
     /// reads nothing, and the message is dropped rather than stalling this loop.
     async fn send(&self, message: Value) {
-        if self
-            .control
-            .try_send(Outgoing::Text(message.to_string()))
-            .is_err()
-        {
-            // The client sends faster than it reads our replies (a flood): a reply the
-            // protocol requires cannot be dropped silently, so the connection ends instead.
+        let queued = tokio::time::timeout(
+            REPLY_PATIENCE,
+            self.control.send(Outgoing::Text(message.to_string())),
+        )
+        .await;
+        if !matches!(queued, Ok(Ok(()))) {
+            // The client has not read our replies for this long while sending more (a
+            // flood): a reply the protocol requires cannot be dropped silently, so the
+            // connection ends instead.
             self.overflowed
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -492,6 +503,13 @@ impl Connection {
     async fn on_legacy(&mut self, message: LegacyMessage) -> bool {
         match message {
             LegacyMessage::ConnectionInit { payload } => {
+                if self.viewer.is_some() {
+                    // A second init could swap the token (and its expiry) under running
+                    // operations; the legacy protocol has no code for it, so end the socket.
+                    self.close(close::TOO_MANY_INITS, "Too many initialisation requests")
+                        .await;
+                    return false;
+                }
                 match self.authenticate(payload.as_ref()) {
                     Some(viewer) => {
                         self.viewer = Some(viewer);

@@ -5,7 +5,9 @@ use async_graphql::{Context, ID, Object};
 use super::error::AppResult;
 use super::input::{self, CursorKind};
 use super::loaders::{DocumentsOf, MembersOf};
-use super::types::{Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User};
+use super::types::{
+    Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User, page_complexity,
+};
 use super::{FeedMark, db, loaders, missing, viewer, viewer_id};
 use crate::auth::Viewer;
 use crate::store;
@@ -42,6 +44,7 @@ impl QueryRoot {
 
     /// The channels the viewer is a member of, oldest first (Relay connection; `first` at
     /// most 100, default 20).
+    #[graphql(complexity = "page_complexity(first, child_complexity)")]
     async fn channels(
         &self,
         ctx: &Context<'_>,

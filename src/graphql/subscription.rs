@@ -199,6 +199,16 @@ impl Follow {
         viewer: i64,
         after: Option<i64>,
     ) -> AppResult<Follow> {
+        // The quota first: a refused subscription costs no database work.
+        let quota = ctx
+            .data::<Arc<SubscriptionQuota>>()
+            .map_err(|_| super::missing("SubscriptionQuota"))?;
+        let slot = quota.acquire(viewer).ok_or_else(|| {
+            AppError::LimitExceeded(format!(
+                "at most {} open subscriptions per user",
+                quota.max()
+            ))
+        })?;
         let db = db(ctx)?.clone();
         let broker = live(ctx)?.broker.clone();
         let receiver = broker.subscribe(channel_id);
@@ -213,15 +223,6 @@ impl Follow {
                 return Err(AppError::CursorExpired);
             }
         }
-        let quota = ctx
-            .data::<Arc<SubscriptionQuota>>()
-            .map_err(|_| super::missing("SubscriptionQuota"))?;
-        let slot = quota.acquire(viewer).ok_or_else(|| {
-            AppError::LimitExceeded(format!(
-                "at most {} open subscriptions per user",
-                quota.max()
-            ))
-        })?;
         Ok(Follow {
             _slot: slot,
             db,

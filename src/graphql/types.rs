@@ -67,6 +67,7 @@ impl Channel {
     /// The messages, oldest first, as a Relay connection. Page forward with `first`/`after`
     /// or backward with `last`/`before` (the newest messages: `last: 20`). At most 100 per
     /// page; 20 when neither `first` nor `last` is given.
+    #[graphql(complexity = "page_complexity(first.or(last), child_complexity)")]
     async fn messages(
         &self,
         ctx: &Context<'_>,
@@ -315,4 +316,13 @@ pub struct ChannelConnection {
     pub edges: Vec<ChannelEdge>,
     /// Where this page sits in the list.
     pub page_info: PageInfo,
+}
+
+/// A page's cost against `--max-query-complexity`: what each item selects, times the items
+/// it may hold, so nested pages multiply as their reads do.
+pub(crate) fn page_complexity(size: Option<i32>, child_complexity: usize) -> usize {
+    let items = size.map_or(input::PAGE_SIZE_DEFAULT as i32, |size| {
+        size.clamp(1, input::PAGE_SIZE_MAX)
+    }) as usize;
+    items.saturating_mul(child_complexity).saturating_add(1)
 }

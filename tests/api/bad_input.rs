@@ -55,11 +55,18 @@ async fn a_10_mb_frame_closes_with_1009() {
             r#"{{"type":"connection_init","payload":{{"x":"{}"}}}}"#,
             "x".repeat(10 * 1024 * 1024)
         );
-        ws.send_raw(Message::Text(huge.into())).await;
-        assert_eq!(
-            ws.expect_close().await,
-            (1009, "Message too big".to_owned())
-        );
+        // The server stops reading at the first frame over the limit: the client sees 1009,
+        // or, still sending, a reset.
+        match ws.try_send(Message::Text(huge.into())).await {
+            Ok(()) => assert_eq!(
+                ws.expect_close().await,
+                (1009, "Message too big".to_owned())
+            ),
+            Err(err) => assert!(
+                err.contains("reset") || err.contains("Broken pipe") || err.contains("closed"),
+                "{err}"
+            ),
+        }
         still_serving(&server).await;
     })
     .await;
@@ -143,7 +150,7 @@ async fn a_client_that_floods_without_reading_is_disconnected() {
         // Thousands of refused operations whose replies are never read: the server cannot
         // drop a required reply, so it ends the connection rather than buffer without bound.
         let mut ended = false;
-        for i in 0..20_000 {
+        for i in 0..100_000 {
             let frame = json!({ "type": "subscribe", "id": i.to_string(), "payload": { "query": MESSAGE_EVENTS, "variables": { "c": channel } } });
             if ws.try_send(Message::Text(frame.to_string().into())).await.is_err() {
                 ended = true;

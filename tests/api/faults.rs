@@ -149,7 +149,12 @@ async fn a_server_started_before_its_database_exists_waits_for_it_postgres() {
     let serving = tokio::spawn(app.run(async {
         stopped.await.ok();
     }));
-    let health = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    let health = reqwest::Client::new()
+        .get(format!("http://{addr}/readyz"))
+        .timeout(crate::helpers::TIMEOUT)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     stop.send(()).ok();
     tokio::time::timeout(crate::helpers::TIMEOUT, serving)
