@@ -199,3 +199,19 @@ async fn malformed_http_bodies_get_400_with_a_code() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_nested_a_hundred_thousand_deep_is_refused_not_a_crash() {
+    run_with(Backend::Sqlite, defaults, |server: TestServer| async move {
+        // About 400 KB, under the body limit: the parser's recursion limit refuses it before
+        // any stack could overflow.
+        let query = format!("{{{}b{}}}", "a{".repeat(100_000), "}".repeat(100_000));
+        let response = server.graphql(&query, json!({})).await;
+        assert_eq!(crate::helpers::error_code(&response), "BAD_USER_INPUT");
+        let query = format!("query {{{}id{}}}", "me {".repeat(5_000), "}".repeat(5_000));
+        let response = server.graphql(&query, json!({})).await;
+        assert_eq!(crate::helpers::error_code(&response), "BAD_USER_INPUT");
+        still_serving(&server).await;
+    })
+    .await;
+}
