@@ -126,6 +126,8 @@ impl App {
             connections.clone(),
             config.limits.max_connections as usize,
             api.error_counts(),
+            Duration::from_millis(config.poll_ms.max(1)),
+            stopped.clone(),
         ));
         let router = http::router(HttpState {
             api: api.clone(),

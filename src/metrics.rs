@@ -46,6 +46,10 @@ pub struct Health {
     broker: Arc<Broker>,
     /// The change feed's pool, so a scrape never waits behind requests.
     db: DatabaseConnection,
+    /// A tailer silent for longer than this is not running (stuck, or dead).
+    tailer_stale_after: Duration,
+    /// Turns true when the server shuts down: it is no longer ready.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Health {
@@ -55,6 +59,8 @@ impl Health {
         connections: Arc<Semaphore>,
         max_connections: usize,
         errors: ErrorCounts,
+        poll: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let lag = Arc::new(Lag::default());
         let mut registry = Registry::with_prefix("syncgraph");
@@ -70,6 +76,10 @@ impl Health {
             lag,
             broker,
             db,
+            // The tailer reads at least every `poll`; allow ten misses, and never less than
+            // 5 s, so one slow read is not an outage.
+            tailer_stale_after: (poll * 10).max(Duration::from_secs(5)),
+            shutdown,
         }
     }
 
@@ -95,8 +105,9 @@ impl Health {
         text
     }
 
-    /// Whether this process should get traffic: the database answers and the feed is caught
-    /// up (no change older than `READY_LAG` waits to be published). With the checks' results.
+    /// Whether this process should get traffic: it is not shutting down, the database
+    /// answers, the tailer has read the log recently, and the feed is caught up (no change
+    /// older than `READY_LAG` waits to be published). With the checks' results.
     pub async fn ready(&self) -> (bool, Value) {
         let ping = tokio::time::timeout(
             Duration::from_secs(2),
@@ -114,14 +125,21 @@ impl Health {
         };
         let feed = lag.is_some_and(|(_, seconds)| seconds < READY_LAG.as_secs_f64());
         let (positions, seconds) = lag.unwrap_or((-1, -1.0));
+        let since_beat = self.broker.stats.since_heartbeat();
+        let tailer = since_beat.is_some_and(|age| age < self.tailer_stale_after);
+        let stopping = *self.shutdown.borrow();
+        let ready = database && feed && tailer && !stopping;
         let report = json!({
-            "ready": database && feed,
+            "ready": ready,
             "database": database,
             "feed_caught_up": feed,
             "feed_lag_positions": positions,
             "feed_lag_seconds": seconds,
+            "tailer_running": tailer,
+            "tailer_last_read_ms_ago": since_beat.map(|age| age.as_millis() as u64),
+            "shutting_down": stopping,
         });
-        (database && feed, report)
+        (ready, report)
     }
 }
 

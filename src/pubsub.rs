@@ -126,9 +126,26 @@ pub struct FeedStats {
     pub log_replays: std::sync::atomic::AtomicU64,
     /// Times a subscriber fell behind its topic's buffer and had to catch up.
     pub lagged: std::sync::atomic::AtomicU64,
+    /// When the tailer last finished a read of the log (ms since the Unix epoch).
+    pub tailer_heartbeat_ms: std::sync::atomic::AtomicU64,
 }
 
 impl FeedStats {
+    /// Records that the tailer has just finished a read.
+    pub fn beat(&self) {
+        self.tailer_heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long ago the tailer last finished a read (`None` before its first).
+    pub fn since_heartbeat(&self) -> Option<std::time::Duration> {
+        match self.tailer_heartbeat_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(std::time::Duration::from_millis(
+                now_ms().saturating_sub(at),
+            )),
+        }
+    }
+
     pub fn add(counter: &std::sync::atomic::AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -396,4 +413,11 @@ mod tests {
         let mut late = broker.subscribe(1);
         assert!(late.recv().await.is_err());
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }

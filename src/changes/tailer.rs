@@ -84,7 +84,11 @@ impl Tailer {
             if *shutdown.borrow() {
                 return;
             }
-            match self.step().await {
+            let step = self.step().await;
+            if step.is_ok() {
+                self.broker.stats.beat();
+            }
+            match step {
                 Ok(true) => continue,
                 Ok(false) => {
                     backoff = Duration::from_millis(50);
