@@ -129,7 +129,8 @@ fn viewer(state: &HttpState, headers: &HeaderMap) -> Viewer {
 }
 
 /// A request the server could not even read as GraphQL: 400 with a coded error.
-fn bad_request(message: &str, graphql_response: bool) -> Response {
+fn bad_request(state: &HttpState, message: &str, graphql_response: bool) -> Response {
+    state.api.count_error(code::BAD_USER_INPUT);
     let body = serde_json::json!({
         "errors": [{ "message": message, "extensions": { "code": code::BAD_USER_INPUT } }]
     });
@@ -162,6 +163,7 @@ async fn graphql_post(
         .to_ascii_lowercase()
         .starts_with(APPLICATION_JSON)
     {
+        state.api.count_error(code::BAD_USER_INPUT);
         let body = serde_json::json!({
             "errors": [{
                 "message": "send the request as application/json",
@@ -182,6 +184,7 @@ async fn graphql_post(
         Ok(request) => request,
         Err(_) => {
             return bad_request(
+                &state,
                 "the body is not a GraphQL request: expected JSON with a `query` string",
                 graphql_response,
             );
@@ -272,13 +275,15 @@ async fn graphql_query_string(
         Ok(request) => request,
         Err(_) => {
             return bad_request(
+                &state,
                 "the query string is not a GraphQL request: expected `query`, and JSON `variables`",
                 graphql_response,
             );
         }
     };
     if is_mutation(&request) {
-        let mut response = bad_request("mutations must be sent with POST", graphql_response);
+        let mut response =
+            bad_request(&state, "mutations must be sent with POST", graphql_response);
         *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         response
             .headers_mut()

@@ -575,6 +575,7 @@ impl Connection {
         if self.operations.len() < self.max_operations {
             return false;
         }
+        self.api.count_error(code::LIMIT_EXCEEDED);
         self.send(json!({
             "type": "error",
             "id": id,

@@ -129,6 +129,16 @@ impl Api {
         response
     }
 
+    /// Counts an error the transport sent itself (a request it could not read, an
+    /// operation past a limit), so `/metrics` sees every coded error.
+    pub fn count_error(&self, code: &str) {
+        self.errors
+            .get_or_create(&CodeLabel {
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
     /// GraphQL errors sent so far, by code (for `/metrics`).
     pub fn error_counts(&self) -> ErrorCounts {
         self.errors.clone()

@@ -69,8 +69,15 @@ async fn every_connection_dropped_by_postgres_loses_nothing_postgres() {
         assert_eq!(replayed, ["by sql", "by api"]);
         // And the server says it is ready again.
         caught_up(&server).await;
-        let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
-        assert_eq!(ready.status(), 200);
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        loop {
+            let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
+            if ready.status() == 200 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "ready again in time");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let _ = sql.execute_unprepared("SELECT 1").await;
     })
     .await;
@@ -149,13 +156,22 @@ async fn a_server_started_before_its_database_exists_waits_for_it_postgres() {
     let serving = tokio::spawn(app.run(async {
         stopped.await.ok();
     }));
-    let health = reqwest::Client::new()
-        .get(format!("http://{addr}/readyz"))
-        .timeout(crate::helpers::TIMEOUT)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    // Ready once the tailer has finished its first read.
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+    loop {
+        let health = client
+            .get(format!("http://{addr}/readyz"))
+            .timeout(crate::helpers::TIMEOUT)
+            .send()
+            .await
+            .unwrap();
+        if health.status() == 200 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ready in time");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     stop.send(()).ok();
     tokio::time::timeout(crate::helpers::TIMEOUT, serving)
         .await

@@ -18,6 +18,9 @@ both_backends! {
         let channel = server.create_channel(&ada, "metrics").await;
         let refused = server.graphql_as("not a token", "{ me { id } }", json!({})).await;
         assert_eq!(crate::helpers::error_code(&refused), "UNAUTHENTICATED");
+        // A body the transport cannot read is counted too.
+        let unreadable = server.client().post(server.url("/graphql")).header("content-type", "application/json").body("{").send().await.unwrap();
+        assert_eq!(unreadable.status(), 400);
 
         let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
         ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
@@ -36,6 +39,7 @@ both_backends! {
         assert!(value("syncgraph_changes_published_total") >= 1.0);
         assert_eq!(value("syncgraph_events_delivered_total"), 1.0);
         assert!(value("syncgraph_errors_total{code=\"UNAUTHENTICATED\"}") >= 1.0);
+        assert!(value("syncgraph_errors_total{code=\"BAD_USER_INPUT\"}") >= 1.0);
         assert_eq!(value("syncgraph_feed_lag_positions"), 0.0);
         assert!(value("syncgraph_feed_published_position") >= 1.0);
         for name in ["syncgraph_log_replays_total", "syncgraph_lagging_subscribers_total", "syncgraph_feed_lag_seconds"] {
@@ -58,9 +62,19 @@ both_backends! {
     async fn readyz_reports_the_database_and_the_feed(server: TestServer) {
         let health = server.client().get(server.url("/healthz")).send().await.unwrap();
         assert_eq!(health.status(), 200);
-        let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
-        assert_eq!(ready.status(), 200);
-        let report: serde_json::Value = ready.json().await.unwrap();
+        // Ready once the tailer has finished its first read (a moment after start).
+        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
+        let report: serde_json::Value = loop {
+            let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
+            let status = ready.status();
+            let report: serde_json::Value = ready.json().await.unwrap();
+            if status == 200 {
+                break report;
+            }
+            assert_eq!(report["database"], true, "{report}");
+            assert!(tokio::time::Instant::now() < deadline, "ready in time: {report}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         assert_eq!(report["ready"], true, "{report}");
         assert_eq!(report["database"], true);
         assert_eq!(report["feed_caught_up"], true);
