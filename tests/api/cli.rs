@@ -140,6 +140,58 @@ async fn serve_then_sigterm(url: String) {
         .unwrap();
     assert_eq!(health.status(), 200);
 
+    // A subscriber connected when SIGTERM arrives: the process does not exit before its
+    // subscription is completed and its socket closed with 1012.
+    let client = reqwest::Client::new();
+    let signed_up: serde_json::Value = client
+        .post(format!("http://{addr}/graphql"))
+        .json(&serde_json::json!({ "query": "mutation { signUp(input: { name: \"Sub\", email: \"sub@example.com\", password: \"correct horse\" }) { token } }" }))
+        .timeout(TIMEOUT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = signed_up["data"]["signUp"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let created: serde_json::Value = client
+        .post(format!("http://{addr}/graphql"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "query": "mutation { createChannel(input: { name: \"bye\" }) { id } }" }))
+        .timeout(TIMEOUT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let channel = created["data"]["createChannel"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut subscriber =
+        crate::ws_client::WsClient::connect_to(addr.parse().unwrap(), Some(&token)).await;
+    subscriber
+        .subscribe(
+            "1",
+            crate::subscriptions::MESSAGE_EVENTS,
+            serde_json::json!({ "c": channel }),
+        )
+        .await;
+    // The subscription is running once a post reaches it.
+    client
+        .post(format!("http://{addr}/graphql"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "query": "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"hi\" }) { id } }", "variables": { "c": channel } }))
+        .timeout(TIMEOUT)
+        .send()
+        .await
+        .unwrap();
+    subscriber.next_payload("1").await;
+
     // A mutation in flight when SIGTERM arrives: its request is half sent.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = r#"{"query":"mutation { signUp(input: { name: \"Late\", email: \"late@example.com\", password: \"correct horse\" }) { token } }"}"#;
@@ -169,6 +221,11 @@ async fn serve_then_sigterm(url: String) {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"token\""), "{answer}");
+    assert_eq!(
+        subscriber.recv().await,
+        serde_json::json!({ "type": "complete", "id": "1" })
+    );
+    assert_eq!(subscriber.expect_close().await.0, 1012);
     // It exits 0, and nothing listens any more.
     let status = tokio::time::timeout(TIMEOUT, child.wait())
         .await

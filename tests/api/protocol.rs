@@ -178,6 +178,20 @@ both_backends! {
         wait_for_subscribers(&server.broker, &channel, 2).await;
     }
 
+    async fn a_second_legacy_connection_init_closes_the_socket(server: TestServer) {
+        // Re-initialising would swap the token (and its expiry) under running operations.
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "reinit").await;
+        let mut ws = WsClient::try_connect(server.addr, "graphql-ws").await.unwrap();
+        ws.send(json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {ada}") } })).await;
+        assert_eq!(ws.recv_raw().await, json!({ "type": "connection_ack" }));
+        ws.send(json!({ "type": "start", "id": "1", "payload": { "query": MESSAGE_EVENTS, "variables": { "c": channel } } })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        ws.send(json!({ "type": "connection_init" })).await;
+        assert_eq!(ws.expect_close().await, (4429, "Too many initialisation requests".to_owned()));
+        wait_for_subscribers_at_most(&server, &channel, 0).await;
+    }
+
     async fn the_legacy_protocol_works_with_keep_alives(server: TestServer) {
         let (ada, _) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "legacy").await;
