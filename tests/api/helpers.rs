@@ -213,6 +213,23 @@ where
     }
 }
 
+/// `run_with` on a database the test made itself (`database_url`), which the test also
+/// removes.
+pub async fn run_on<F, Fut>(
+    backend: Backend,
+    database_url: String,
+    configure: fn(&mut Config),
+    test: F,
+) where
+    F: FnOnce(TestServer) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let outcome = tokio::spawn(serve_and_test(backend, database_url, configure, test)).await;
+    if let Err(err) = outcome {
+        std::panic::resume_unwind(err.into_panic());
+    }
+}
+
 async fn serve_and_test<F, Fut>(
     backend: Backend,
     database_url: String,
