@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod input;
+mod introspection;
 pub mod limits;
 pub mod loaders;
 pub mod mutation;
@@ -59,7 +60,10 @@ pub fn build_schema(
     if limits.introspection {
         builder.finish()
     } else {
-        builder.disable_introspection().finish()
+        builder
+            .disable_introspection()
+            .extension(introspection::RefuseIntrospection)
+            .finish()
     }
 }
 

@@ -97,10 +97,26 @@ async fn introspection_can_be_switched_off() {
         let response = server
             .graphql("{ __schema { types { name } } }", json!({}))
             .await;
-        assert!(
-            response.get("errors").is_some() || response["data"]["__schema"].is_null(),
+        // Refused with a code and nothing run, not a silent null.
+        assert_eq!(
+            crate::helpers::error_code(&response),
+            "FORBIDDEN",
             "{response}"
         );
+        assert!(response.get("data").is_none(), "{response}");
+        let through_fragment = server
+            .graphql(
+                "query { ...F } fragment F on QueryRoot { __type(name: \"User\") { name } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            crate::helpers::error_code(&through_fragment),
+            "FORBIDDEN",
+            "{through_fragment}"
+        );
+        let typename = server.graphql("{ __typename }", json!({})).await;
+        assert_eq!(typename["data"]["__typename"], "QueryRoot", "{typename}");
         let response = server.graphql("{ me { id } }", json!({})).await;
         assert!(response.get("errors").is_none(), "{response}");
     })
