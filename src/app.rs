@@ -138,6 +138,7 @@ impl App {
                 max_operations: config.limits.max_operations_per_connection as usize,
             },
             max_ws_message_bytes: config.limits.max_ws_message_bytes as usize,
+            max_body_bytes: config.limits.max_body_bytes as usize,
             connections: connections.clone(),
             health,
             shutdown: stopped,

@@ -148,6 +148,12 @@ pub struct Limits {
     /// Most subscriptions one user may have open at once in this process.
     #[arg(long, env = "SYNCGRAPH_MAX_SUBSCRIPTIONS_PER_USER", default_value_t = Limits::DEFAULT.max_subscriptions_per_user, global = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_subscriptions_per_user: u32,
+    /// Largest `first`/`last` of one page (channels, messages).
+    #[arg(long, env = "SYNCGRAPH_MAX_PAGE_SIZE", default_value_t = Limits::DEFAULT.max_page_size, global = true, value_parser = clap::value_parser!(u32).range(1..=crate::graphql::input::PAGE_SIZE_CEILING as i64))]
+    pub max_page_size: u32,
+    /// Largest HTTP request body accepted, in bytes; larger gets 413.
+    #[arg(long, env = "SYNCGRAPH_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT.max_body_bytes, global = true, value_parser = clap::value_parser!(u32).range(1_024..=67_108_864))]
+    pub max_body_bytes: u32,
     /// signIn and signUp attempts allowed per client address per minute.
     #[arg(long, env = "SYNCGRAPH_AUTH_ATTEMPTS_PER_MINUTE", default_value_t = Limits::DEFAULT.auth_attempts_per_minute, global = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub auth_attempts_per_minute: u32,
@@ -164,6 +170,8 @@ impl Limits {
         max_connections: 10_000,
         max_subscriptions_per_user: 100,
         auth_attempts_per_minute: 30,
+        max_page_size: crate::graphql::input::PAGE_SIZE_MAX as u32,
+        max_body_bytes: 1024 * 1024,
     };
 }
 

@@ -10,6 +10,7 @@
 use async_graphql::parser::types::OperationType;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,9 +31,6 @@ use crate::graphql::limits::ClientAddr;
 use crate::metrics::Health;
 use crate::ws::{self, Protocol, WsConfig};
 
-/// Largest accepted request body.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 const APPLICATION_JSON: &str = "application/json";
 
@@ -44,6 +42,8 @@ pub struct HttpState {
     pub ws: WsConfig,
     /// Largest accepted WebSocket message.
     pub max_ws_message_bytes: usize,
+    /// Largest accepted HTTP request body.
+    pub max_body_bytes: usize,
     /// One permit per open WebSocket; none left means new ones get 503.
     pub connections: Arc<Semaphore>,
     /// Metrics and readiness.
@@ -54,6 +54,7 @@ pub struct HttpState {
 
 /// The application's routes.
 pub fn router(state: HttpState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/", get(graphiql))
         .route("/graphiql", get(graphiql))
@@ -63,7 +64,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 
@@ -131,8 +132,18 @@ fn viewer(state: &HttpState, headers: &HeaderMap) -> Viewer {
 /// A request the server could not even read as GraphQL: 400 with a coded error.
 fn bad_request(state: &HttpState, message: &str, graphql_response: bool) -> Response {
     state.api.count_error(code::BAD_USER_INPUT);
+    coded_error(
+        StatusCode::BAD_REQUEST,
+        message,
+        code::BAD_USER_INPUT,
+        graphql_response,
+    )
+}
+
+/// `status` with a GraphQL error body carrying `code`.
+fn coded_error(status: StatusCode, message: &str, code: &str, graphql_response: bool) -> Response {
     let body = serde_json::json!({
-        "errors": [{ "message": message, "extensions": { "code": code::BAD_USER_INPUT } }]
+        "errors": [{ "message": message, "extensions": { "code": code } }]
     });
     let content_type = if graphql_response {
         GRAPHQL_RESPONSE_JSON
@@ -140,7 +151,7 @@ fn bad_request(state: &HttpState, message: &str, graphql_response: bool) -> Resp
         APPLICATION_JSON
     };
     (
-        StatusCode::BAD_REQUEST,
+        status,
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
         body.to_string(),
     )
@@ -151,7 +162,7 @@ async fn graphql_post(
     State(state): State<HttpState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let graphql_response = wants_graphql_response(&headers);
     let content_type = headers
@@ -180,6 +191,29 @@ async fn graphql_post(
         )
             .into_response();
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            state.api.count_error(code::LIMIT_EXCEEDED);
+            let message = format!(
+                "the request body is larger than this server accepts ({} bytes)",
+                state.max_body_bytes
+            );
+            return coded_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &message,
+                code::LIMIT_EXCEEDED,
+                graphql_response,
+            );
+        }
+        Err(_) => {
+            return bad_request(
+                &state,
+                "the request body could not be read",
+                graphql_response,
+            );
+        }
+    };
     let request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(_) => {
@@ -218,6 +252,7 @@ async fn graphql_get(
 async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Response {
     // Taken before the upgrade, released when the connection ends.
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        state.api.count_error(code::LIMIT_EXCEEDED);
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, HeaderValue::from_static("5"))],

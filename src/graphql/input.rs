@@ -25,8 +25,10 @@ pub const DOCUMENT_TITLE_MAX: usize = 200;
 pub const DOCUMENT_BODY_MAX: usize = 100_000;
 /// Page size when neither `first` nor `last` is given.
 pub const PAGE_SIZE_DEFAULT: u64 = 20;
-/// Largest `first` or `last`.
+/// Largest `first` or `last` unless `--max-page-size` says otherwise.
 pub const PAGE_SIZE_MAX: i32 = 100;
+/// The highest `--max-page-size` accepts.
+pub const PAGE_SIZE_CEILING: i32 = 10_000;
 
 /// A database id from a GraphQL `ID`.
 pub fn id(field: &str, value: &ID) -> AppResult<i64> {
@@ -144,16 +146,17 @@ pub fn decode_cursor(field: &str, kind: CursorKind, cursor: &str) -> AppResult<i
 /// each between 0 and `PAGE_SIZE_MAX`; `after`/`before` cursors of `kind`.
 pub fn page_request(
     kind: CursorKind,
+    max: i32,
     first: Option<i32>,
     after: Option<&str>,
     last: Option<i32>,
     before: Option<&str>,
 ) -> AppResult<PageRequest> {
     let size = |field: &str, value: i32| -> AppResult<u64> {
-        if !(0..=PAGE_SIZE_MAX).contains(&value) {
+        if !(0..=max).contains(&value) {
             return Err(AppError::bad_input(
                 field,
-                format!("{field}: must be between 0 and {PAGE_SIZE_MAX}"),
+                format!("{field}: must be between 0 and {max}"),
             ));
         }
         Ok(value as u64)
@@ -167,7 +170,7 @@ pub fn page_request(
         }
         (Some(first), None) => (size("first", first)?, false),
         (None, Some(last)) => (size("last", last)?, true),
-        (None, None) => (PAGE_SIZE_DEFAULT, false),
+        (None, None) => (PAGE_SIZE_DEFAULT.min(max.max(0) as u64), false),
     };
     Ok(PageRequest {
         limit,
@@ -265,10 +268,48 @@ mod tests {
 
     #[test]
     fn page_sizes_are_bounded() {
-        assert!(page_request(CursorKind::Message, Some(101), None, None, None).is_err());
-        assert!(page_request(CursorKind::Message, Some(-1), None, None, None).is_err());
-        assert!(page_request(CursorKind::Message, Some(1), None, Some(1), None).is_err());
-        let request = page_request(CursorKind::Message, None, None, Some(5), None).unwrap();
+        assert!(
+            page_request(
+                CursorKind::Message,
+                PAGE_SIZE_MAX,
+                Some(101),
+                None,
+                None,
+                None
+            )
+            .is_err()
+        );
+        assert!(
+            page_request(
+                CursorKind::Message,
+                PAGE_SIZE_MAX,
+                Some(-1),
+                None,
+                None,
+                None
+            )
+            .is_err()
+        );
+        assert!(
+            page_request(
+                CursorKind::Message,
+                PAGE_SIZE_MAX,
+                Some(1),
+                None,
+                Some(1),
+                None
+            )
+            .is_err()
+        );
+        let request = page_request(
+            CursorKind::Message,
+            PAGE_SIZE_MAX,
+            None,
+            None,
+            Some(5),
+            None,
+        )
+        .unwrap();
         assert_eq!((request.limit, request.from_end), (5, true));
     }
 

@@ -10,6 +10,16 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
+/// Largest `first`/`last` of a page (`--max-page-size`), as schema data.
+#[derive(Clone, Copy, Debug)]
+pub struct PageLimit(pub i32);
+
+/// The page-size limit of the schema serving `ctx`.
+pub fn page_limit(ctx: &async_graphql::Context<'_>) -> i32 {
+    ctx.data_opt::<PageLimit>()
+        .map_or(crate::graphql::input::PAGE_SIZE_MAX, |limit| limit.0)
+}
+
 /// The client's address, attached to each request by the transport.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);

@@ -24,7 +24,7 @@ use crate::config::Limits;
 use crate::metrics::{CodeLabel, ErrorCounts};
 use crate::pubsub::Broker;
 use error::{AppError, AppResult};
-use limits::{AuthLimiter, SubscriptionQuota};
+use limits::{AuthLimiter, PageLimit, SubscriptionQuota};
 use loaders::Loaders;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
@@ -55,6 +55,7 @@ pub fn build_schema(
         .data(live)
         .data(SubscriptionQuota::new(limits.max_subscriptions_per_user))
         .data(AuthLimiter::new(limits.auth_attempts_per_minute))
+        .data(PageLimit(limits.max_page_size as i32))
         .limit_depth(limits.max_query_depth as usize)
         .limit_complexity(limits.max_query_complexity as usize);
     if limits.introspection {

@@ -4,6 +4,7 @@ use async_graphql::{Context, ID, Object};
 
 use super::error::AppResult;
 use super::input::{self, CursorKind};
+use super::limits::page_limit;
 use super::loaders::{DocumentsOf, MembersOf};
 use super::types::{
     Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User, page_complexity,
@@ -43,17 +44,26 @@ impl QueryRoot {
     }
 
     /// The channels the viewer is a member of, oldest first (Relay connection; `first` at
-    /// most 100, default 20).
+    /// most `--max-page-size`, 100 by default; 20 when not given).
     #[graphql(complexity = "page_complexity(first, child_complexity)")]
     async fn channels(
         &self,
         ctx: &Context<'_>,
-        #[graphql(desc = "Page size, 0 to 100 (default 20).")] first: Option<i32>,
+        #[graphql(
+            desc = "Page size, 0 to the server's `--max-page-size` (100 by default); 20 when not given."
+        )]
+        first: Option<i32>,
         #[graphql(desc = "Cursor of the edge to start after.")] after: Option<String>,
     ) -> AppResult<ChannelConnection> {
         let viewer = viewer_id(ctx)?;
-        let request =
-            input::page_request(CursorKind::Channel, first, after.as_deref(), None, None)?;
+        let request = input::page_request(
+            CursorKind::Channel,
+            page_limit(ctx),
+            first,
+            after.as_deref(),
+            None,
+            None,
+        )?;
         let page = store::channel::page_for_member(db(ctx)?, viewer, request).await?;
         // Load the page's members and documents as one batch each when they are selected.
         let node = ctx.look_ahead().field("edges").field("node");

@@ -10,6 +10,7 @@ use entities::{channel, document, message, user};
 
 use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
+use super::limits::page_limit;
 use super::loaders::{DocumentsOf, MembersOf, UserId};
 use super::{db, loaders};
 use crate::pubsub::ChangeEvent;
@@ -65,19 +66,26 @@ impl Channel {
     }
 
     /// The messages, oldest first, as a Relay connection. Page forward with `first`/`after`
-    /// or backward with `last`/`before` (the newest messages: `last: 20`). At most 100 per
+    /// or backward with `last`/`before` (the newest messages: `last: 20`). At most `--max-page-size` (100 by default) per
     /// page; 20 when neither `first` nor `last` is given.
     #[graphql(complexity = "page_complexity(first.or(last), child_complexity)")]
     async fn messages(
         &self,
         ctx: &Context<'_>,
-        #[graphql(desc = "Page size from the start (after `after`), 0 to 100.")] first: Option<i32>,
+        #[graphql(
+            desc = "Page size from the start (after `after`), 0 to the server's `--max-page-size` (100 by default)."
+        )]
+        first: Option<i32>,
         #[graphql(desc = "Cursor of the edge to start after.")] after: Option<String>,
-        #[graphql(desc = "Page size from the end (before `before`), 0 to 100.")] last: Option<i32>,
+        #[graphql(
+            desc = "Page size from the end (before `before`), 0 to the server's `--max-page-size` (100 by default)."
+        )]
+        last: Option<i32>,
         #[graphql(desc = "Cursor of the edge to end before.")] before: Option<String>,
     ) -> AppResult<MessageConnection> {
         let request = input::page_request(
             CursorKind::Message,
+            page_limit(ctx),
             first,
             after.as_deref(),
             last,
@@ -321,8 +329,10 @@ pub struct ChannelConnection {
 /// A page's cost against `--max-query-complexity`: what each item selects, times the items
 /// it may hold, so nested pages multiply as their reads do.
 pub(crate) fn page_complexity(size: Option<i32>, child_complexity: usize) -> usize {
+    // Sizes past the server's `--max-page-size` are refused when the field runs; the
+    // complexity check (which cannot see the setting) clamps to what any setting allows.
     let items = size.map_or(input::PAGE_SIZE_DEFAULT as i32, |size| {
-        size.clamp(1, input::PAGE_SIZE_MAX)
+        size.clamp(1, input::PAGE_SIZE_CEILING)
     }) as usize;
     items.saturating_mul(child_complexity).saturating_add(1)
 }

@@ -83,6 +83,8 @@ both_backends! {
             .await
             .unwrap();
         assert_eq!(huge.status(), 413);
+        let body: serde_json::Value = huge.json().await.unwrap();
+        assert_eq!(body["errors"][0]["extensions"]["code"], "LIMIT_EXCEEDED", "{body}");
     }
 
     async fn graphiql_and_health_are_served(server: TestServer) {

@@ -180,6 +180,54 @@ async fn operations_per_connection_are_limited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_size_and_body_size_follow_their_settings() {
+    fn small(config: &mut syncgraph::config::Config) {
+        config.limits.max_page_size = 5;
+        config.limits.max_body_bytes = 4_096;
+    }
+    run_with(Backend::Sqlite, small, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "pages").await;
+        for i in 0..7 {
+            server.post_message(&ada, &channel, &format!("m{i}")).await;
+        }
+        let page = "query($c: ID!, $n: Int) { channel(id: $c) { messages(first: $n) { edges { node { body } } } } }";
+        let five = server.graphql_as(&ada, page, json!({ "c": channel, "n": 5 })).await;
+        let edges = data(&five, "channel")["messages"]["edges"].as_array().unwrap().len();
+        assert_eq!(edges, 5, "{five}");
+        let six = server.graphql_as(&ada, page, json!({ "c": channel, "n": 6 })).await;
+        assert_eq!(error_code(&six), "BAD_USER_INPUT", "{six}");
+        assert!(six.to_string().contains("between 0 and 5"), "{six}");
+        // With neither first nor last, the page is the default 20 cut to the limit.
+        let default = server
+            .graphql_as(&ada, "query($c: ID!) { channel(id: $c) { messages { edges { node { body } } } } channels { edges { node { id } } } }", json!({ "c": channel }))
+            .await;
+        assert_eq!(data(&default, "channel")["messages"]["edges"].as_array().unwrap().len(), 5, "{default}");
+        let channels = server
+            .graphql_as(&ada, "{ channels(first: 6) { edges { node { id } } } }", json!({}))
+            .await;
+        assert_eq!(error_code(&channels), "BAD_USER_INPUT", "{channels}");
+
+        let post = |body: String| {
+            server
+                .client()
+                .post(server.url("/graphql"))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+        };
+        let padded = |size: usize| format!(r#"{{"query":"{{ __typename }}{}"}}"#, " ".repeat(size));
+        let fits = post(padded(3_000)).await.unwrap();
+        assert_eq!(fits.status(), 200);
+        let over = post(padded(5_000)).await.unwrap();
+        assert_eq!(over.status(), 413);
+        let over: serde_json::Value = over.json().await.unwrap();
+        assert_eq!(over["errors"][0]["extensions"]["code"], "LIMIT_EXCEEDED", "{over}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_maximum_get_503() {
     fn two(config: &mut syncgraph::config::Config) {
         config.limits.max_connections = 2;
@@ -195,6 +243,17 @@ async fn connections_past_the_maximum_get_503() {
             Err(other) => panic!("expected 503, got {other}"),
             Ok(_) => panic!("a third connection was accepted"),
         }
+        let metrics = server
+            .client()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap();
+        let metrics = metrics.text().await.unwrap();
+        assert!(
+            metrics.contains("syncgraph_errors_total{code=\"LIMIT_EXCEEDED\"} 1"),
+            "the refusal is counted: {metrics}"
+        );
         // A closed connection frees its place.
         first.close().await;
         let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
