@@ -167,7 +167,9 @@ impl Api {
     }
 
     /// Runs one operation of any kind as `viewer` and streams its responses (one for a
-    /// query or mutation, one per event for a subscription), every error with a code.
+    /// query or mutation, one per event for a subscription), every error with a code. The
+    /// operation's work runs in its span; when the stream ends or is dropped (the client
+    /// completed it), its duration and response count are logged.
     pub fn execute_stream(
         &self,
         request: async_graphql::Request,
@@ -176,15 +178,39 @@ impl Api {
         let span = operation_span(&request, viewer);
         let request = self.prepare(request, viewer);
         let api = self.clone();
-        self.schema
-            .execute_stream(request)
-            .map(move |mut response| {
-                // Each response (one per event of a subscription) is recorded in the span.
+        let mut inner = self.schema.execute_stream(request);
+        async_stream::stream! {
+            let mut finished = Finished {
+                span: span.clone(),
+                started: std::time::Instant::now(),
+                responses: 0,
+            };
+            while let Some(mut response) = inner.next().instrument(span.clone()).await {
                 api.finish(&mut response);
+                finished.responses += 1;
                 tracing::debug!(parent: &span, errors = response.errors.len(), "response");
-                response
-            })
-            .boxed()
+                yield response;
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Logs an operation's end (however it ends) in its span.
+struct Finished {
+    span: tracing::Span,
+    started: std::time::Instant,
+    responses: u64,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        tracing::debug!(
+            parent: &self.span,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            responses = self.responses,
+            "operation finished"
+        );
     }
 }
 

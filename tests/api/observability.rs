@@ -170,3 +170,161 @@ async fn a_change_held_behind_an_open_transaction_shows_as_lag_postgres() {
     })
     .await;
 }
+
+/// Every operation runs in a `graphql` span with its name and viewer, and its end is logged
+/// there with its duration: queries over HTTP, and subscriptions when the client completes
+/// them. Read from the real binary's JSON log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_operation_is_logged_in_a_span_with_name_viewer_and_duration() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("spans.db").display());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgraph"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--log-format",
+            "json",
+        ])
+        .env("SYNCGRAPH_JWT_SECRET", "test-secret")
+        .env("RUST_LOG", "syncgraph=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The next log line (JSON) for which `wanted` holds.
+    async fn next_matching(
+        lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        tokio::time::timeout(crate::helpers::TIMEOUT, async {
+            while let Some(line) = lines.recv().await {
+                let entry: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("a JSON log line: {line}"));
+                if wanted(&entry) {
+                    return entry;
+                }
+            }
+            panic!("the server's log ended");
+        })
+        .await
+        .expect("the log line comes in time")
+    }
+    let serving = next_matching(&mut lines, |entry| {
+        entry["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("serving GraphQL on http://"))
+    })
+    .await;
+    let message = serving["fields"]["message"].as_str().unwrap();
+    let addr: std::net::SocketAddr = message
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value, token: Option<String>| {
+        let mut request = client.post(format!("http://{addr}/graphql")).json(&body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let joined = post(
+        json!({ "query": "mutation Join { signUp(input: { name: \"Spanner\", email: \"span@example.com\", password: \"correct horse\" }) { token user { id } } }", "operationName": "Join" }),
+        None,
+    )
+    .await;
+    let token = joined["data"]["signUp"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let user_id: i64 = joined["data"]["signUp"]["user"]["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let me = post(
+        json!({ "query": "query Me { me { id } }", "operationName": "Me" }),
+        Some(token.clone()),
+    )
+    .await;
+    assert!(me.get("errors").is_none(), "{me}");
+    let finished = |operation: &'static str| {
+        move |entry: &serde_json::Value| {
+            entry["fields"]["message"] == "operation finished"
+                && entry["span"]["name"] == "graphql"
+                && entry["span"]["operation"] == operation
+        }
+    };
+    let me_done = next_matching(&mut lines, finished("Me")).await;
+    assert_eq!(me_done["span"]["viewer"], user_id, "{me_done}");
+    assert!(
+        me_done["fields"]["duration_ms"].as_f64().is_some(),
+        "{me_done}"
+    );
+    assert_eq!(me_done["fields"]["errors"], 0, "{me_done}");
+
+    let created = post(
+        json!({ "query": "mutation { createChannel(input: { name: \"spans\" }) { id } }" }),
+        Some(token.clone()),
+    )
+    .await;
+    let channel = created["data"]["createChannel"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut ws = WsClient::connect_to(addr, Some(&token)).await;
+    ws.send(json!({
+        "type": "subscribe",
+        "id": "1",
+        "payload": {
+            "query": "subscription Live($c: ID!) { messageEvents(channelId: $c) { cursor } }",
+            "variables": { "c": channel },
+            "operationName": "Live"
+        }
+    }))
+    .await;
+    post(
+        json!({ "query": "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"hi\" }) { id } }", "variables": { "c": channel } }),
+        Some(token.clone()),
+    )
+    .await;
+    ws.next_payload("1").await;
+    ws.complete("1").await;
+    let live_done = next_matching(&mut lines, finished("Live")).await;
+    assert_eq!(live_done["span"]["viewer"], user_id, "{live_done}");
+    assert!(
+        live_done["fields"]["duration_ms"].as_f64().is_some(),
+        "{live_done}"
+    );
+    assert_eq!(live_done["fields"]["responses"], 1, "{live_done}");
+    ws.close().await;
+    child.start_kill().ok();
+}
