@@ -148,8 +148,8 @@ pub struct Limits {
     /// Most subscriptions one user may have open at once in this process.
     #[arg(long, env = "SYNCGRAPH_MAX_SUBSCRIPTIONS_PER_USER", default_value_t = Limits::DEFAULT.max_subscriptions_per_user, global = true, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_subscriptions_per_user: u32,
-    /// Largest `first`/`last` of one page (channels, messages).
-    #[arg(long, env = "SYNCGRAPH_MAX_PAGE_SIZE", default_value_t = Limits::DEFAULT.max_page_size, global = true, value_parser = clap::value_parser!(u32).range(1..=crate::graphql::input::PAGE_SIZE_CEILING as i64))]
+    /// Largest `first`/`last` of one page (channels, messages), 1 to 100.
+    #[arg(long, env = "SYNCGRAPH_MAX_PAGE_SIZE", default_value_t = Limits::DEFAULT.max_page_size, global = true, value_parser = clap::value_parser!(u32).range(1..=crate::graphql::input::PAGE_SIZE_MAX as i64))]
     pub max_page_size: u32,
     /// Largest HTTP request body accepted, in bytes; larger gets 413.
     #[arg(long, env = "SYNCGRAPH_MAX_BODY_BYTES", default_value_t = Limits::DEFAULT.max_body_bytes, global = true, value_parser = clap::value_parser!(u32).range(1_024..=67_108_864))]

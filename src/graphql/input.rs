@@ -25,10 +25,9 @@ pub const DOCUMENT_TITLE_MAX: usize = 200;
 pub const DOCUMENT_BODY_MAX: usize = 100_000;
 /// Page size when neither `first` nor `last` is given.
 pub const PAGE_SIZE_DEFAULT: u64 = 20;
-/// Largest `first` or `last` unless `--max-page-size` says otherwise.
+/// Largest `first` or `last`; `--max-page-size` may lower it, not raise it (the complexity
+/// check counts a page as at most this many items).
 pub const PAGE_SIZE_MAX: i32 = 100;
-/// The highest `--max-page-size` accepts.
-pub const PAGE_SIZE_CEILING: i32 = 10_000;
 
 /// A database id from a GraphQL `ID`.
 pub fn id(field: &str, value: &ID) -> AppResult<i64> {

@@ -55,7 +55,9 @@ pub fn build_schema(
         .data(live)
         .data(SubscriptionQuota::new(limits.max_subscriptions_per_user))
         .data(AuthLimiter::new(limits.auth_attempts_per_minute))
-        .data(PageLimit(limits.max_page_size as i32))
+        .data(PageLimit(
+            (limits.max_page_size as i32).clamp(1, input::PAGE_SIZE_MAX),
+        ))
         .limit_depth(limits.max_query_depth as usize)
         .limit_complexity(limits.max_query_complexity as usize);
     if limits.introspection {

@@ -329,10 +329,11 @@ pub struct ChannelConnection {
 /// A page's cost against `--max-query-complexity`: what each item selects, times the items
 /// it may hold, so nested pages multiply as their reads do.
 pub(crate) fn page_complexity(size: Option<i32>, child_complexity: usize) -> usize {
-    // Sizes past the server's `--max-page-size` are refused when the field runs; the
-    // complexity check (which cannot see the setting) clamps to what any setting allows.
+    // Sizes past the page limit are refused when the field runs, with the field named; the
+    // complexity check (which cannot see `--max-page-size`, at most PAGE_SIZE_MAX) counts
+    // them at the most any setting allows, so it does not refuse them first.
     let items = size.map_or(input::PAGE_SIZE_DEFAULT as i32, |size| {
-        size.clamp(1, input::PAGE_SIZE_CEILING)
+        size.clamp(1, input::PAGE_SIZE_MAX)
     }) as usize;
     items.saturating_mul(child_complexity).saturating_add(1)
 }
