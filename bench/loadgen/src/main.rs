@@ -1,0 +1,772 @@
+//! `loadgen`: drives any graphql-transport-ws server the way a busy app would, and reports
+//! what arrived and how fast.
+//!
+//! C connections hold S subscriptions spread over K topics (subscription i on connection
+//! i mod C and topic i mod K). Publishers send a mutation over HTTP, each owning a share of
+//! the topics with one request in flight, so a topic's changes commit in the order they were
+//! numbered. Every published body carries `~lg~<topic>~<seq>~<send time ns>~`; each
+//! subscription checks it gets every number of its topic once and in order, and the time from
+//! send to arrival goes into an HDR histogram. Before publishing, a probe (seq 0) per topic
+//! proves every subscription is live. Loopback only; it stops by itself.
+//!
+//! Output: human-readable lines, then one JSON line (prefix `JSON `).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const DEFAULT_SUBSCRIPTION: &str =
+    "subscription($c: ID!) { messageEvents(channelId: $c) { cursor message { body } } }";
+const DEFAULT_MUTATION: &str =
+    "mutation($c: ID!, $b: String!) { postMessage(input: { channelId: $c, body: $b }) { id } }";
+
+#[derive(Parser, Clone, Debug)]
+#[command(about = "Load generator for graphql-transport-ws servers (loopback only)")]
+struct Args {
+    /// The GraphQL endpoint; its WebSocket is the same path with ws://.
+    #[arg(long, default_value = "http://127.0.0.1:8000/graphql")]
+    url: String,
+    /// WebSocket connections.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Subscriptions in all, spread round-robin over connections and topics.
+    #[arg(long, default_value_t = 10_000)]
+    subscriptions: usize,
+    /// Topic ids, comma-separated (substituted for `{topic}` in the templates).
+    #[arg(long, value_delimiter = ',')]
+    topics: Vec<String>,
+    /// On a syncgraph server: sign up a user and create this many channels as the topics
+    /// (the token is then the user's).
+    #[arg(long)]
+    setup_channels: Option<usize>,
+    /// Bearer token for HTTP and for connection_init (`{"Authorization": "Bearer …"}`).
+    #[arg(long)]
+    token: Option<String>,
+    /// connection_init payload (JSON); overrides the one made from --token.
+    #[arg(long)]
+    init_payload: Option<String>,
+    /// Subscription document.
+    #[arg(long, default_value = DEFAULT_SUBSCRIPTION)]
+    subscription: String,
+    /// Subscription variables template: `{topic}` is replaced.
+    #[arg(long, default_value = r#"{"c":"{topic}"}"#)]
+    sub_vars: String,
+    /// Mutation document.
+    #[arg(long, default_value = DEFAULT_MUTATION)]
+    mutation: String,
+    /// Mutation variables template: `{topic}` and `{body}` are replaced.
+    #[arg(long, default_value = r#"{"c":"{topic}","b":"{body}"}"#)]
+    mut_vars: String,
+    /// Changes per second over all publishers; 0 publishes back to back.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Publishers: each owns topics p, p+P, …, with one request in flight.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait, after the last publish, for outstanding deliveries.
+    #[arg(long, default_value_t = 15.0)]
+    drain: f64,
+    /// The server's pid, for its RSS and CPU time.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Connect and subscribe, report memory, publish nothing.
+    #[arg(long)]
+    idle: bool,
+    /// Connections opened at once while connecting.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
+    /// A name for this run in the report.
+    #[arg(long, default_value = "run")]
+    label: String,
+}
+
+/// What one subscription saw.
+struct SubState {
+    topic: usize,
+    probed: bool,
+    seen: Vec<u64>,
+    unique: u64,
+    max_seq: u64,
+    duplicates: u64,
+    out_of_order: u64,
+}
+
+impl SubState {
+    fn new(topic: usize) -> Self {
+        SubState {
+            topic,
+            probed: false,
+            seen: Vec::new(),
+            unique: 0,
+            max_seq: 0,
+            duplicates: 0,
+            out_of_order: 0,
+        }
+    }
+
+    fn record(&mut self, seq: u64) {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if self.seen.len() <= word {
+            self.seen.resize(word + 1, 0);
+        }
+        if self.seen[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+            return;
+        }
+        self.seen[word] |= 1 << bit;
+        self.unique += 1;
+        if seq < self.max_seq {
+            self.out_of_order += 1;
+        }
+        self.max_seq = self.max_seq.max(seq);
+    }
+}
+
+/// Counters every reader shares with the controller.
+#[derive(Default)]
+struct Shared {
+    probes_seen: AtomicUsize,
+    delivered: AtomicU64,
+    /// When the latest delivery arrived, in ns since the run's start.
+    last_delivery_ns: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What a reader hands back when it stops.
+struct ReaderResult {
+    latency: Histogram<u64>,
+    subs: Vec<SubState>,
+    closed_early: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds are valid")
+}
+
+/// `"key":"value"` → value, without parsing the whole frame.
+fn string_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("\"{key}\":\"");
+    let start = text.find(&pattern)? + pattern.len();
+    let len = text[start..].find('"')?;
+    Some(&text[start..start + len])
+}
+
+/// The `(topic, seq, sent ns)` marker of a published body.
+fn marker(text: &str) -> Option<(usize, u64, u64)> {
+    let start = text.find("~lg~")? + 4;
+    let mut parts = text[start..].splitn(4, '~');
+    let topic = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let sent = parts.next()?.parse().ok()?;
+    Some((topic, seq, sent))
+}
+
+/// Reads one connection until `stop`: answers pings, records every event.
+async fn reader(
+    mut ws: Ws,
+    mut subs: Vec<SubState>,
+    connections: usize,
+    shared: Arc<Shared>,
+    started: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> ReaderResult {
+    let mut latency = histogram();
+    let mut closed_early = false;
+    loop {
+        let frame = tokio::select! {
+            frame = ws.next() => frame,
+            _ = stop.changed() => break,
+        };
+        let text = match frame {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                closed_early = !*stop.borrow();
+                break;
+            }
+            Some(Ok(_)) => continue,
+        };
+        let text = text.as_str();
+        match string_field(text, "type") {
+            Some("next") => {
+                let Some(index) = string_field(text, "id")
+                    .and_then(|id| id.strip_prefix('s'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                else {
+                    continue;
+                };
+                let Some((_, seq, sent)) = marker(text) else {
+                    continue;
+                };
+                let Some(sub) = subs.get_mut(index / connections) else {
+                    continue;
+                };
+                if seq == 0 {
+                    if !sub.probed {
+                        sub.probed = true;
+                        shared.probes_seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                let arrived = now_ns();
+                let _ = latency.record((arrived.saturating_sub(sent) / 1_000).max(1));
+                sub.record(seq);
+                shared.delivered.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .last_delivery_ns
+                    .fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            Some("ping") => {
+                let _ = ws.send(Message::text(r#"{"type":"pong"}"#)).await;
+            }
+            Some("error") | Some("complete")
+                if shared.errors.fetch_add(1, Ordering::Relaxed) < 3 =>
+            {
+                eprintln!("loadgen: subscription ended by the server: {text}");
+            }
+            _ => {}
+        }
+    }
+    let _ = ws.close(None).await;
+    ReaderResult {
+        latency,
+        subs,
+        closed_early,
+    }
+}
+
+/// Opens a graphql-transport-ws connection and waits for its ack.
+async fn connect(ws_url: &str, init: &Value) -> anyhow::Result<Ws> {
+    let mut request = ws_url.into_client_request()?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "graphql-transport-ws"
+            .parse()
+            .expect("a valid header value"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
+    ws.send(Message::text(
+        json!({ "type": "connection_init", "payload": init }).to_string(),
+    ))
+    .await?;
+    let acked = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(frame) = ws.next().await {
+            if let Message::Text(text) = frame? {
+                match string_field(text.as_str(), "type") {
+                    Some("connection_ack") => return Ok(()),
+                    Some("ping") => ws.send(Message::text(r#"{"type":"pong"}"#)).await?,
+                    _ => bail!("unexpected before the ack: {}", text.as_str()),
+                }
+            }
+        }
+        bail!("closed before the ack")
+    })
+    .await;
+    match acked {
+        Ok(result) => result.map(|()| ws),
+        Err(_) => bail!("no connection_ack within 30 s"),
+    }
+}
+
+/// `template` with `{topic}` and `{body}` replaced (as JSON strings' contents).
+fn variables(template: &str, topic: &str, body: &str) -> anyhow::Result<Value> {
+    let text = template.replace("{topic}", topic).replace("{body}", body);
+    serde_json::from_str(&text).with_context(|| format!("variables template is not JSON: {text}"))
+}
+
+/// Resident set of `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// CPU time (user + system) of `pid` in seconds.
+fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+struct Publisher {
+    client: reqwest::Client,
+    url: String,
+    token: Option<String>,
+    mutation: String,
+    template: String,
+}
+
+impl Publisher {
+    /// Sends one change; true when the server took it.
+    async fn publish(&self, topic_id: &str, body: &str) -> bool {
+        let Ok(vars) = variables(&self.template, topic_id, body) else {
+            return false;
+        };
+        let mut request = self
+            .client
+            .post(&self.url)
+            .json(&json!({ "query": self.mutation, "variables": vars }));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                match response.json::<Value>().await {
+                    Ok(value) if value.get("errors").is_none() => true,
+                    Ok(value) => {
+                        eprintln!("loadgen: the mutation failed: {value}");
+                        false
+                    }
+                    Err(_) => false,
+                }
+            }
+            Ok(response) => {
+                eprintln!("loadgen: the mutation got HTTP {}", response.status());
+                false
+            }
+            Err(err) => {
+                eprintln!("loadgen: the mutation could not be sent: {err}");
+                false
+            }
+        }
+    }
+}
+
+/// Signs up a user and creates `count` channels; returns the token and the channel ids.
+async fn setup_channels(
+    client: &reqwest::Client,
+    url: &str,
+    count: usize,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let email = format!("loadgen-{}@example.com", now_ns());
+    let signed: Value = client
+        .post(url)
+        .json(&json!({
+            "query": "mutation($e: String!) { signUp(input: { name: \"loadgen\", email: $e, password: \"loadgen password\" }) { token } }",
+            "variables": { "e": email }
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let token = signed["data"]["signUp"]["token"]
+        .as_str()
+        .with_context(|| format!("signUp failed: {signed}"))?
+        .to_owned();
+    let mut topics = Vec::with_capacity(count);
+    for i in 0..count {
+        let created: Value = client
+            .post(url)
+            .bearer_auth(&token)
+            .json(&json!({
+                "query": "mutation($n: String!) { createChannel(input: { name: $n }) { id } }",
+                "variables": { "n": format!("loadgen {i}") }
+            }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        topics.push(
+            created["data"]["createChannel"]["id"]
+                .as_str()
+                .with_context(|| format!("createChannel failed: {created}"))?
+                .to_owned(),
+        );
+    }
+    Ok((token, topics))
+}
+
+fn percentiles(h: &Histogram<u64>) -> Value {
+    let ms = |us: u64| us as f64 / 1000.0;
+    if h.is_empty() {
+        return Value::Null;
+    }
+    json!({
+        "p50_ms": ms(h.value_at_quantile(0.50)),
+        "p90_ms": ms(h.value_at_quantile(0.90)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "p999_ms": ms(h.value_at_quantile(0.999)),
+        "max_ms": ms(h.max()),
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if !args.url.starts_with("http://127.0.0.1") && !args.url.starts_with("http://localhost") {
+        bail!("loadgen drives loopback servers only (http://127.0.0.1:…)");
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(args.publishers.max(1) + 4)
+        .build()?;
+    if let Some(count) = args.setup_channels {
+        let (token, topics) = setup_channels(&client, &args.url, count).await?;
+        args.token = Some(token);
+        args.topics = topics;
+    }
+    if args.topics.is_empty() {
+        bail!("no topics: pass --topics or --setup-channels");
+    }
+    if args.subscriptions > 0 && args.connections == 0 {
+        bail!("subscriptions need at least one connection");
+    }
+    let topics = args.topics.clone();
+    let init: Value = match (&args.init_payload, &args.token) {
+        (Some(payload), _) => {
+            serde_json::from_str(payload).context("--init-payload is not JSON")?
+        }
+        (None, Some(token)) => json!({ "Authorization": format!("Bearer {token}") }),
+        (None, None) => json!({}),
+    };
+    let ws_url = args.url.replacen("http://", "ws://", 1);
+    let pid = args.pid;
+    let rss = || pid.and_then(rss_kib);
+    let started = Instant::now();
+    let shared = Arc::new(Shared::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Connect.
+    let rss_before = rss();
+    let connect_started = Instant::now();
+    let mut sockets: Vec<Ws> = Vec::with_capacity(args.connections);
+    let mut pending = futures_util::stream::iter(0..args.connections)
+        .map(|_| connect(&ws_url, &init))
+        .buffered(args.connect_concurrency.max(1));
+    while let Some(ws) = pending.next().await {
+        sockets.push(ws.context("connecting")?);
+    }
+    drop(pending);
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    let rss_connected = rss();
+
+    // Subscribe: subscription i on connection i mod C, topic i mod K.
+    let mut subs_per_topic = vec![0u64; topics.len()];
+    let mut readers = Vec::with_capacity(args.connections);
+    for (conn, mut ws) in sockets.into_iter().enumerate() {
+        let mut subs = Vec::new();
+        let mut index = conn;
+        while index < args.subscriptions {
+            let topic = index % topics.len();
+            subs_per_topic[topic] += 1;
+            let vars = variables(&args.sub_vars, &topics[topic], "")?;
+            ws.feed(Message::text(
+                json!({
+                    "type": "subscribe",
+                    "id": format!("s{index}"),
+                    "payload": { "query": args.subscription, "variables": vars }
+                })
+                .to_string(),
+            ))
+            .await?;
+            subs.push(SubState::new(topic));
+            index += args.connections;
+        }
+        ws.flush().await?;
+        readers.push(tokio::spawn(reader(
+            ws,
+            subs,
+            args.connections,
+            shared.clone(),
+            started,
+            stop_rx.clone(),
+        )));
+    }
+
+    let publisher = Arc::new(Publisher {
+        client: client.clone(),
+        url: args.url.clone(),
+        token: args.token.clone(),
+        mutation: args.mutation.clone(),
+        template: args.mut_vars.clone(),
+    });
+
+    // Probe every topic (seq 0) until every subscription has seen its probe: all are live.
+    let subscribe_started = Instant::now();
+    if args.subscriptions > 0 {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            for (t, topic) in topics.iter().enumerate() {
+                if subs_per_topic[t] > 0 {
+                    publisher
+                        .publish(topic, &format!("~lg~{t}~0~{}~", now_ns()))
+                        .await;
+                }
+            }
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until
+                && shared.probes_seen.load(Ordering::Relaxed) < args.subscriptions
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if shared.probes_seen.load(Ordering::Relaxed) >= args.subscriptions {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {} subscriptions became live within 120 s",
+                    shared.probes_seen.load(Ordering::Relaxed),
+                    args.subscriptions
+                );
+            }
+        }
+    }
+    let subscribe_secs = subscribe_started.elapsed().as_secs_f64();
+    let rss_subscribed = rss();
+
+    let mut report = json!({
+        "label": args.label,
+        "connections": args.connections,
+        "subscriptions": args.subscriptions,
+        "topics": topics.len(),
+        "connect_secs": connect_secs,
+        "subscribe_secs": subscribe_secs,
+        "rss_before_kib": rss_before,
+        "rss_connected_kib": rss_connected,
+        "rss_subscribed_kib": rss_subscribed,
+    });
+    if let (Some(before), Some(connected), Some(subscribed)) =
+        (rss_before, rss_connected, rss_subscribed)
+    {
+        if args.connections > 0 {
+            report["rss_per_connection_kib"] =
+                json!((connected as f64 - before as f64) / args.connections as f64);
+        }
+        if args.subscriptions > 0 {
+            report["rss_per_subscription_kib"] =
+                json!((subscribed as f64 - connected as f64) / args.subscriptions as f64);
+        }
+    }
+
+    let mut mutation_latency = histogram();
+    let mut published_ok = vec![0u64; topics.len()];
+    let mut publish_failed = 0u64;
+    let mut publish_secs = 0.0;
+    let pid_text = pid.map(|p| p.to_string());
+    let server_cpu_before = pid_text.as_deref().and_then(cpu_secs);
+    let self_cpu_before = cpu_secs("self");
+    let publish_started = Instant::now();
+    let publish_started_ns = started.elapsed().as_nanos() as u64;
+    if !args.idle {
+        let publishers = args.publishers.clamp(1, topics.len());
+        let per_publisher_rate = args.rate / publishers as f64;
+        let until = Instant::now() + Duration::from_secs_f64(args.duration);
+        let mut tasks = Vec::new();
+        for p in 0..publishers {
+            let publisher = publisher.clone();
+            let owned: Vec<(usize, String)> = topics
+                .iter()
+                .enumerate()
+                .filter(|(t, _)| t % publishers == p)
+                .map(|(t, id)| (t, id.clone()))
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut ticker = (per_publisher_rate > 0.0).then(|| {
+                    let mut ticker =
+                        tokio::time::interval(Duration::from_secs_f64(1.0 / per_publisher_rate));
+                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    ticker
+                });
+                let mut seqs = vec![0u64; owned.len()];
+                let mut ok = vec![0u64; owned.len()];
+                let mut failed = 0u64;
+                let mut latency = histogram();
+                let mut turn = 0usize;
+                while Instant::now() < until {
+                    if let Some(ticker) = ticker.as_mut() {
+                        ticker.tick().await;
+                    }
+                    let slot = turn % owned.len();
+                    turn += 1;
+                    let (t, id) = &owned[slot];
+                    seqs[slot] += 1;
+                    let sent = Instant::now();
+                    let body = format!("~lg~{t}~{}~{}~", seqs[slot], now_ns());
+                    if publisher.publish(id, &body).await {
+                        ok[slot] += 1;
+                        let _ = latency.record((sent.elapsed().as_micros() as u64).max(1));
+                    } else {
+                        failed += 1;
+                        // The number is spent; the next change gets a new one, and a gap is
+                        // expected here (reported as a failed publish, not a loss).
+                    }
+                }
+                (owned, ok, failed, latency)
+            }));
+        }
+        for task in tasks {
+            let (owned, ok, failed, latency) = task.await?;
+            for ((t, _), n) in owned.iter().zip(ok) {
+                published_ok[*t] += n;
+            }
+            publish_failed += failed;
+            mutation_latency.add(&latency)?;
+        }
+        publish_secs = publish_started.elapsed().as_secs_f64();
+    }
+
+    // Drain: wait for every expected delivery, or the drain time.
+    let expected: u64 = published_ok
+        .iter()
+        .zip(&subs_per_topic)
+        .map(|(published, subs)| published * subs)
+        .sum();
+    let drain_until = Instant::now() + Duration::from_secs_f64(args.drain);
+    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let server_cpu = match (server_cpu_before, pid_text.as_deref().and_then(cpu_secs)) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
+    let self_cpu = match (self_cpu_before, cpu_secs("self")) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
+    let measured_secs = publish_started.elapsed().as_secs_f64();
+    let rss_end = rss();
+    stop_tx.send(true).ok();
+
+    let mut latency = histogram();
+    let (mut unique, mut lost, mut duplicates, mut out_of_order, mut closed_early) =
+        (0u64, 0u64, 0u64, 0u64, 0usize);
+    for reader in readers {
+        let result = reader.await?;
+        latency.add(&result.latency)?;
+        closed_early += usize::from(result.closed_early);
+        for sub in &result.subs {
+            unique += sub.unique;
+            lost += published_ok[sub.topic].saturating_sub(sub.unique);
+            duplicates += sub.duplicates;
+            out_of_order += sub.out_of_order;
+        }
+    }
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let last_delivery_ns = shared.last_delivery_ns.load(Ordering::Relaxed);
+    let delivery_secs = (last_delivery_ns.saturating_sub(publish_started_ns)) as f64 / 1e9;
+    let published: u64 = published_ok.iter().sum();
+
+    report["published"] = json!(published);
+    report["publish_failed"] = json!(publish_failed);
+    report["publish_secs"] = json!(publish_secs);
+    report["mutations_per_sec"] = json!(if publish_secs > 0.0 {
+        published as f64 / publish_secs
+    } else {
+        0.0
+    });
+    report["mutation_latency"] = percentiles(&mutation_latency);
+    report["expected"] = json!(expected);
+    report["delivered"] = json!(delivered);
+    report["unique"] = json!(unique);
+    report["lost"] = json!(lost);
+    report["duplicates"] = json!(duplicates);
+    report["out_of_order"] = json!(out_of_order);
+    report["subscription_errors"] = json!(shared.errors.load(Ordering::Relaxed));
+    report["closed_early"] = json!(closed_early);
+    report["latency"] = percentiles(&latency);
+    report["deliveries_per_sec"] = json!(if delivery_secs > 0.0 {
+        delivered as f64 / delivery_secs
+    } else {
+        0.0
+    });
+    report["measured_secs"] = json!(measured_secs);
+    report["server_cpu_percent"] = json!(server_cpu.map(|s| 100.0 * s / measured_secs));
+    report["loadgen_cpu_percent"] = json!(self_cpu.map(|s| 100.0 * s / measured_secs));
+    report["rss_end_kib"] = json!(rss_end);
+
+    println!("== {}", args.label);
+    println!(
+        "connections {} subscriptions {} topics {} (connected in {:.1} s, live in {:.1} s)",
+        args.connections,
+        args.subscriptions,
+        topics.len(),
+        connect_secs,
+        subscribe_secs
+    );
+    if let (Some(before), Some(connected), Some(subscribed)) =
+        (rss_before, rss_connected, rss_subscribed)
+    {
+        println!(
+            "server RSS: {:.1} MiB before, {:.1} MiB connected, {:.1} MiB subscribed",
+            before as f64 / 1024.0,
+            connected as f64 / 1024.0,
+            subscribed as f64 / 1024.0
+        );
+    }
+    if !args.idle {
+        println!(
+            "published {published} ({publish_failed} failed) in {publish_secs:.1} s: {:.0} mutations/s, mutation latency {}",
+            report["mutations_per_sec"].as_f64().unwrap_or(0.0),
+            report["mutation_latency"]
+        );
+        println!(
+            "delivered {delivered} / expected {expected}: lost {lost}, duplicates {duplicates}, out of order {out_of_order}, subscription errors {}, closed early {closed_early}",
+            report["subscription_errors"]
+        );
+        println!(
+            "end-to-end latency {}; {:.0} deliveries/s",
+            report["latency"],
+            report["deliveries_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "CPU: server {:?} %, loadgen {:?} %",
+            report["server_cpu_percent"].as_f64().map(|v| v.round()),
+            report["loadgen_cpu_percent"].as_f64().map(|v| v.round())
+        );
+    }
+    println!("JSON {report}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_and_fields_are_read_from_raw_frames() {
+        let frame = r#"{"id":"s42","type":"next","payload":{"data":{"messageEvents":{"cursor":"ZXY","message":{"body":"~lg~3~17~1234567~"}}}}}"#;
+        assert_eq!(string_field(frame, "type"), Some("next"));
+        assert_eq!(string_field(frame, "id"), Some("s42"));
+        assert_eq!(marker(frame), Some((3, 17, 1_234_567)));
+        assert_eq!(marker(r#"{"body":"hello"}"#), None);
+    }
+
+    #[test]
+    fn a_subscription_counts_duplicates_and_out_of_order() {
+        let mut sub = SubState::new(0);
+        for seq in [1, 2, 4, 3, 3, 200] {
+            sub.record(seq);
+        }
+        assert_eq!(sub.unique, 5);
+        assert_eq!(sub.duplicates, 1);
+        assert_eq!(sub.out_of_order, 1);
+        assert_eq!(sub.max_seq, 200);
+    }
+}

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The benchmark suite (BENCHMARKS.md): syncgraph on each backend and the ceiling server (the
+# leanest graphql-transport-ws fan-out, bench/loadgen/src/bin/ceiling.rs), each driven by
+# the same load generator (bench/loadgen). The server runs on core 0, the load generator on
+# core 1. Every scenario gets a fresh server (and database).
+#
+#   bench/run.sh [scenario ...]     scenarios: fanout saturation sustained memory mutations
+#                                   (default: all of them)
+#   TARGETS="ceiling sqlite postgres" DURATION=10 bench/run.sh fanout
+#
+# Each run's JSON line is appended to bench/results/<target>.jsonl;
+# `python3 bench/tables.py` turns the newest of each into BENCHMARKS.md's tables.
+# PostgreSQL runs use a fresh database `syncgraph_bench` on SYNCGRAPH_TEST_POSTGRES's server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scenarios=("${@:-fanout saturation sustained memory mutations}")
+read -r -a scenarios <<< "${scenarios[*]}"
+read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
+duration="${DURATION:-10}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/syncgraph-target}"
+cargo build --release -p syncgraph -p loadgen
+server_bin="$CARGO_TARGET_DIR/release/syncgraph"
+ceiling_bin="$CARGO_TARGET_DIR/release/ceiling"
+loadgen_bin="$CARGO_TARGET_DIR/release/loadgen"
+admin="${SYNCGRAPH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
+results=bench/results
+mkdir -p "$results"
+# 10,000 connections need 10,000 descriptors on each side.
+ulimit -n "$(ulimit -Hn)"
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+server_pid=""
+port=""
+data_dir=""
+
+start() { # start <target>
+    local target="$1"
+    port=$((20000 + RANDOM % 20000))
+    case "$target" in
+        ceiling)
+            taskset -c 0 "$ceiling_bin" --listen "127.0.0.1:$port" 2> "$results/$target-server.log" &
+            ;;
+        sqlite|postgres)
+            local url
+            if [ "$target" = sqlite ]; then
+                data_dir="$(mktemp -d)"
+                url="sqlite://$data_dir/bench.db"
+            else
+                psql "$admin" -qc "DROP DATABASE IF EXISTS syncgraph_bench WITH (FORCE)" \
+                    -c "CREATE DATABASE syncgraph_bench" >/dev/null
+                url="${admin%/*}/syncgraph_bench"
+            fi
+            # One user holds every subscription and sends every write: lift the per-user,
+            # per-socket and per-address limits, and the connection cap.
+            RUST_LOG=warn taskset -c 0 "$server_bin" --listen "127.0.0.1:$port" --database-url "$url" \
+                --jwt-secret bench-secret-bench-secret-bench-secret \
+                --auth-attempts-per-minute 1000000 --max-subscriptions-per-user 10000000 \
+                --max-operations-per-connection 1000000 --max-connections 1000000 \
+                2> "$results/$target-server.log" &
+            ;;
+        *) echo "unknown target $target" >&2; exit 2 ;;
+    esac
+    server_pid=$!
+    for _ in $(seq 1 150); do
+        if curl -s -o /dev/null "http://127.0.0.1:$port/graphql" 2>/dev/null; then return; fi
+        sleep 0.2
+    done
+    echo "$target did not start" >&2
+    exit 1
+}
+
+stop() {
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    if [ -n "$data_dir" ]; then rm -rf "$data_dir"; data_dir=""; fi
+}
+trap stop EXIT
+
+# loadgen <target> <label> <topics> [args...]: one run against the started server.
+loadgen() {
+    local target="$1" label="$2" topics="$3"; shift 3
+    local topic_args
+    if [ "$target" = ceiling ]; then
+        topic_args=(--topics "$(seq -s, -f 't%g' 0 $((topics - 1)))")
+    else
+        topic_args=(--setup-channels "$topics")
+    fi
+    local out
+    out="$(taskset -c 1 "$loadgen_bin" --url "http://127.0.0.1:$port/graphql" --pid "$server_pid" \
+        --label "$label" "${topic_args[@]}" "$@")"
+    echo "$out" | grep -v '^JSON '
+    echo "$out" | sed -n 's/^JSON //p' \
+        | jq -c --arg target "$target" --arg commit "$commit" '. + {target: $target, commit: $commit, at: (now | todate)}' \
+        >> "$results/$target.jsonl"
+    last_json="$(echo "$out" | sed -n 's/^JSON //p')"
+}
+
+for scenario in "${scenarios[@]}"; do
+    for target in "${targets[@]}"; do
+        echo "### $scenario on $target"
+        case "$scenario" in
+            fanout)
+                start "$target"
+                loadgen "$target" fanout 1 --connections 100 --subscriptions 10000 \
+                    --rate 10 --duration "$duration"
+                stop ;;
+            saturation)
+                start "$target"
+                loadgen "$target" saturation 1 --connections 100 --subscriptions 10000 \
+                    --rate 0 --duration "$duration"
+                stop ;;
+            sustained)
+                for rate in 250 500 1000 2000 3000 4000 6000; do
+                    start "$target"
+                    loadgen "$target" "sustained-$rate" 100 --connections 100 --subscriptions 100 \
+                        --rate "$rate" --publishers 64 --duration "$duration"
+                    stop
+                    p99="$(echo "$last_json" | jq '.latency.p99_ms // 1e9')"
+                    achieved="$(echo "$last_json" | jq '.mutations_per_sec')"
+                    if jq -en "$p99 > 100 or $achieved < 0.9 * $rate" >/dev/null; then
+                        echo "sustained on $target: $rate/s not held (p99 $p99 ms, $achieved/s)"
+                        break
+                    fi
+                done ;;
+            memory)
+                start "$target"
+                loadgen "$target" idle-connections 1 --connections 10000 --subscriptions 0 --idle
+                stop
+                start "$target"
+                loadgen "$target" idle-subscriptions 1 --connections 100 --subscriptions 10000 --idle
+                stop ;;
+            mutations)
+                start "$target"
+                loadgen "$target" mutations 64 --connections 0 --subscriptions 0 \
+                    --rate 0 --publishers 64 --duration "$duration"
+                stop ;;
+            *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+        esac
+    done
+done
