@@ -31,6 +31,9 @@ use crate::graphql::limits::ClientAddr;
 use crate::metrics::Health;
 use crate::ws::{self, Protocol, WsConfig};
 
+/// Read buffer of each WebSocket (see `websocket`).
+const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
 const APPLICATION_JSON: &str = "application/json";
 
@@ -282,6 +285,10 @@ async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Re
         .protocols([protocol.name()])
         .max_message_size(state.max_ws_message_bytes)
         .max_frame_size(state.max_ws_message_bytes)
+        // tungstenite allocates its whole read buffer per socket up front (128 KiB by
+        // default), which made an idle connection cost ~136 KiB. Clients send small messages;
+        // a larger one is read in several chunks.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             ws::serve(
                 socket,

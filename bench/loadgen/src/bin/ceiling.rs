@@ -60,7 +60,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn upgrade(State(hub): State<Arc<Hub>>, ws: WebSocketUpgrade) -> Response {
+    // The same small read buffer as syncgraph's (tungstenite allocates 128 KiB per socket
+    // by default), so idle connections are compared like for like.
     ws.protocols(["graphql-transport-ws"])
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| connection(hub, socket))
         .into_response()
 }
