@@ -589,8 +589,12 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             tasks.push(tokio::spawn(async move {
                 let mut ticker = (per_publisher_rate > 0.0).then(|| {
+                    // Publishers are spread evenly over the period, so the load is a steady
+                    // rate rather than a burst of every publisher at once.
+                    let period = Duration::from_secs_f64(1.0 / per_publisher_rate);
+                    let offset = period.mul_f64(p as f64 / publishers as f64);
                     let mut ticker =
-                        tokio::time::interval(Duration::from_secs_f64(1.0 / per_publisher_rate));
+                        tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
                     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     ticker
                 });
