@@ -6,12 +6,6 @@ use syncgraph::config::{Cli, Command, LogFormat};
 use syncgraph::{App, db, graphql};
 use tracing_subscriber::EnvFilter;
 
-// Fan-out allocates per event and subscriber; under glibc's malloc about a third of the
-// server's time at saturation went to malloc/free (perf, BENCHMARKS.md). mimalloc is the
-// ecosystem's well-kept drop-in for that.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
