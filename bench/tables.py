@@ -10,6 +10,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def newest(target):
+    """The newest run of each label; the sustained rates only from their newest series."""
     runs = {}
     path = RESULTS / f"{target}.jsonl"
     if not path.exists():
@@ -18,6 +19,10 @@ def newest(target):
         if line.strip():
             run = json.loads(line)
             runs[run["label"]] = run
+    series = [r for l, r in runs.items() if l.startswith("sustained-")]
+    if series:
+        latest = max(series, key=lambda r: r["at"])["commit"]
+        runs = {l: r for l, r in runs.items() if not l.startswith("sustained-") or r["commit"] == latest}
     return runs
 
 
