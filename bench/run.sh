@@ -26,7 +26,7 @@ admin="${SYNCGRAPH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
 results=bench/results
 mkdir -p "$results"
 # 10,000 connections need 10,000 descriptors on each side.
-ulimit -n "$(ulimit -Hn)"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 1048576 || true
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 server_pid=""
@@ -62,6 +62,8 @@ start() { # start <target>
     esac
     server_pid=$!
     for _ in $(seq 1 150); do
+        # Ours answering, not something else that already held the port.
+        kill -0 "$server_pid" 2>/dev/null || { echo "$target exited at start" >&2; exit 1; }
         if curl -s -o /dev/null "http://127.0.0.1:$port/graphql" 2>/dev/null; then return; fi
         sleep 0.2
     done
@@ -70,8 +72,11 @@ start() { # start <target>
 }
 
 stop() {
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
+    if [ -n "$server_pid" ]; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+        server_pid=""
+    fi
     if [ -n "$data_dir" ]; then rm -rf "$data_dir"; data_dir=""; fi
 }
 trap stop EXIT

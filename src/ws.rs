@@ -217,27 +217,41 @@ pub async fn serve(
     let (control, mut controls) = mpsc::channel::<Outgoing>(32);
     let writer = tokio::spawn(async move {
         loop {
-            let message = tokio::select! {
+            let mut message = tokio::select! {
                 biased;
                 Some(message) = controls.recv() => message,
                 Some(message) = outgoing.recv() => message,
                 else => return,
             };
-            match message {
-                Outgoing::Text(text) => {
-                    if sink.send(Frame::Text(Utf8Bytes::from(text))).await.is_err() {
+            // Everything already queued goes out in one write (one syscall for an event's
+            // frames to all of this socket's subscriptions), control messages first.
+            loop {
+                match message {
+                    Outgoing::Text(text) => {
+                        if sink.feed(Frame::Text(Utf8Bytes::from(text))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Outgoing::Close(code, reason) => {
+                        let frame = CloseFrame {
+                            code,
+                            reason: Utf8Bytes::from(reason),
+                        };
+                        let _ = sink.send(Frame::Close(Some(frame))).await;
+                        let _ = sink.close().await;
                         return;
                     }
                 }
-                Outgoing::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code,
-                        reason: Utf8Bytes::from(reason),
-                    };
-                    let _ = sink.send(Frame::Close(Some(frame))).await;
-                    let _ = sink.close().await;
-                    return;
-                }
+                message = match controls.try_recv() {
+                    Ok(next) => next,
+                    Err(_) => match outgoing.try_recv() {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                };
+            }
+            if sink.flush().await.is_err() {
+                return;
             }
         }
     });
@@ -613,18 +627,20 @@ impl Connection {
                 let never_ran = response.errors.iter().all(|e| e.path.is_empty());
                 let failed_before_data = first && failed && never_ran;
                 first = false;
+                // Serialized straight into the frame's text, without a JSON tree in between:
+                // this runs once per event and subscriber.
                 let message = if failed_before_data {
-                    json!({ "type": "error", "id": id, "payload": response.errors })
+                    frame("error", &id, &response.errors)
                 } else {
-                    json!({ "type": data_type, "id": id, "payload": response })
+                    frame(data_type, &id, &response)
                 };
                 if failed_before_data {
                     // `error` ends the operation; no `complete` follows it. Free the id first.
                     let _ = finished.send((id.clone(), generation));
-                    let _ = out.send(Outgoing::Text(message.to_string())).await;
+                    let _ = out.send(Outgoing::Text(message)).await;
                     return;
                 }
-                if out.send(Outgoing::Text(message.to_string())).await.is_err() {
+                if out.send(Outgoing::Text(message)).await.is_err() {
                     return;
                 }
             }
@@ -635,6 +651,30 @@ impl Connection {
         });
         self.generations.insert(id.clone(), generation);
         self.operations.insert(id, operation);
+    }
+}
+
+/// `{"type":…,"id":…,"payload":…}` as text.
+fn frame<P: serde::Serialize>(kind: &str, id: &str, payload: &P) -> String {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a, P> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        id: &'a str,
+        payload: &'a P,
+    }
+    match serde_json::to_string(&Envelope { kind, id, payload }) {
+        Ok(text) => text,
+        Err(err) => {
+            // Only a map with non-string keys fails; a GraphQL response has none.
+            tracing::error!(error = %err, "a response could not be serialized");
+            json!({
+                "type": "error",
+                "id": id,
+                "payload": [{ "message": "internal error", "extensions": { "code": "INTERNAL_SERVER_ERROR" } }]
+            })
+            .to_string()
+        }
     }
 }
 

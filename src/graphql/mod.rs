@@ -181,15 +181,22 @@ impl Api {
         let request = self.prepare(request, viewer);
         let api = self.clone();
         let mut inner = self.schema.execute_stream(request);
+        // Made before the stream is first polled, so an operation completed at once is
+        // logged too, and its duration counts from here.
+        let finished = Finished {
+            span: span.clone(),
+            started: std::time::Instant::now(),
+            responses: 0,
+            errors: 0,
+        };
         async_stream::stream! {
-            let mut finished = Finished {
-                span: span.clone(),
-                started: std::time::Instant::now(),
-                responses: 0,
-            };
+            // The whole guard moves in (not just the fields it updates), so it drops with
+            // the stream.
+            let mut finished = finished;
             while let Some(mut response) = inner.next().instrument(span.clone()).await {
                 api.finish(&mut response);
                 finished.responses += 1;
+                finished.errors += response.errors.len() as u64;
                 tracing::debug!(parent: &span, errors = response.errors.len(), "response");
                 yield response;
             }
@@ -203,6 +210,7 @@ struct Finished {
     span: tracing::Span,
     started: std::time::Instant,
     responses: u64,
+    errors: u64,
 }
 
 impl Drop for Finished {
@@ -211,6 +219,7 @@ impl Drop for Finished {
             parent: &self.span,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             responses = self.responses,
+            errors = self.errors,
             "operation finished"
         );
     }

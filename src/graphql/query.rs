@@ -44,13 +44,13 @@ impl QueryRoot {
     }
 
     /// The channels the viewer is a member of, oldest first (Relay connection; `first` at
-    /// most `--max-page-size`, 100 by default; 20 when not given).
+    /// most `--max-page-size`, 100 by default; when not given, 20 or the limit if lower).
     #[graphql(complexity = "page_complexity(first, child_complexity)")]
     async fn channels(
         &self,
         ctx: &Context<'_>,
         #[graphql(
-            desc = "Page size, 0 to the server's `--max-page-size` (100 by default); 20 when not given."
+            desc = "Page size, 0 to the server's `--max-page-size` (100 by default); when not given, 20 or the limit if lower."
         )]
         first: Option<i32>,
         #[graphql(desc = "Cursor of the edge to start after.")] after: Option<String>,

@@ -157,7 +157,8 @@ fn decode<M: LiveModel>(event: &ChangeEvent) -> Option<Result<M, serde_json::Err
     if event.table != M::TABLE {
         return None;
     }
-    let decoded = serde_json::from_value(event.row.clone());
+    // Read from the shared image in place: no copy of the row per subscriber.
+    let decoded = M::deserialize(&event.row);
     if let Err(err) = &decoded {
         tracing::error!(
             position = event.position,

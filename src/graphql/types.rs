@@ -67,7 +67,7 @@ impl Channel {
 
     /// The messages, oldest first, as a Relay connection. Page forward with `first`/`after`
     /// or backward with `last`/`before` (the newest messages: `last: 20`). At most `--max-page-size` (100 by default) per
-    /// page; 20 when neither `first` nor `last` is given.
+    /// page; when neither `first` nor `last` is given, 20 (or the limit if lower).
     #[graphql(complexity = "page_complexity(first.or(last), child_complexity)")]
     async fn messages(
         &self,

@@ -275,10 +275,14 @@ impl OwnPostgres {
     async fn run(&self, program: &str, args: &[&str]) {
         let mut command = tokio::process::Command::from(self.command(program));
         command.args(args).kill_on_drop(true);
-        let output = tokio::time::timeout(TIMEOUT, command.output())
-            .await
-            .unwrap_or_else(|_| panic!("{program} finishes in time"))
-            .unwrap();
+        // Longer than pg_ctl's own `-t 30`, so its error is the one reported.
+        let output = tokio::time::timeout(
+            TIMEOUT + std::time::Duration::from_secs(15),
+            command.output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{program} finishes in time"))
+        .unwrap();
         assert!(
             output.status.success(),
             "{program} {args:?}: {}{}",

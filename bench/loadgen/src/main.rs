@@ -120,22 +120,38 @@ impl SubState {
         }
     }
 
-    fn record(&mut self, seq: u64) {
-        let (word, bit) = ((seq / 64) as usize, seq % 64);
-        if self.seen.len() <= word {
-            self.seen.resize(word + 1, 0);
-        }
-        if self.seen[word] & (1 << bit) != 0 {
+    /// Records `seq`; true when it is the first time.
+    fn record(&mut self, seq: u64) -> bool {
+        if !set_bit(&mut self.seen, seq) {
             self.duplicates += 1;
-            return;
+            return false;
         }
-        self.seen[word] |= 1 << bit;
         self.unique += 1;
         if seq < self.max_seq {
             self.out_of_order += 1;
         }
         self.max_seq = self.max_seq.max(seq);
+        true
     }
+}
+
+/// Sets bit `n`; false when it was set already.
+fn set_bit(bits: &mut Vec<u64>, n: u64) -> bool {
+    let (word, bit) = ((n / 64) as usize, n % 64);
+    if bits.len() <= word {
+        bits.resize(word + 1, 0);
+    }
+    let was = bits[word] & (1 << bit) != 0;
+    bits[word] |= 1 << bit;
+    !was
+}
+
+/// Bits set in `a` and not in `b`.
+fn count_missing(a: &[u64], b: &[u64]) -> u64 {
+    a.iter()
+        .enumerate()
+        .map(|(i, word)| (word & !b.get(i).copied().unwrap_or(0)).count_ones() as u64)
+        .sum()
 }
 
 /// Counters every reader shares with the controller.
@@ -143,6 +159,10 @@ impl SubState {
 struct Shared {
     probes_seen: AtomicUsize,
     delivered: AtomicU64,
+    /// First arrivals only (duplicates excluded).
+    unique: AtomicU64,
+    /// Events whose marker names another topic than the subscription's.
+    misrouted: AtomicU64,
     /// When the latest delivery arrived, in ns since the run's start.
     last_delivery_ns: AtomicU64,
     errors: AtomicU64,
@@ -217,12 +237,16 @@ async fn reader(
                 else {
                     continue;
                 };
-                let Some((_, seq, sent)) = marker(text) else {
+                let Some((topic, seq, sent)) = marker(text) else {
                     continue;
                 };
                 let Some(sub) = subs.get_mut(index / connections) else {
                     continue;
                 };
+                if topic != sub.topic {
+                    shared.misrouted.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if seq == 0 {
                     if !sub.probed {
                         sub.probed = true;
@@ -232,7 +256,9 @@ async fn reader(
                 }
                 let arrived = now_ns();
                 let _ = latency.record((arrived.saturating_sub(sent) / 1_000).max(1));
-                sub.record(seq);
+                if sub.record(seq) {
+                    shared.unique.fetch_add(1, Ordering::Relaxed);
+                }
                 shared.delivered.fetch_add(1, Ordering::Relaxed);
                 shared
                     .last_delivery_ns
@@ -567,6 +593,8 @@ async fn main() -> anyhow::Result<()> {
 
     let mut mutation_latency = histogram();
     let mut published_ok = vec![0u64; topics.len()];
+    // Per topic, the numbers whose publish the server acknowledged.
+    let mut acked: Vec<Vec<u64>> = vec![Vec::new(); topics.len()];
     let mut publish_failed = 0u64;
     let mut publish_secs = 0.0;
     let pid_text = pid.map(|p| p.to_string());
@@ -595,40 +623,50 @@ async fn main() -> anyhow::Result<()> {
                     let offset = period.mul_f64(p as f64 / publishers as f64);
                     let mut ticker =
                         tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
-                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    // A slow server does not lower the offered rate: missed ticks are sent
+                    // at once, and latency counts from when each change was due, so the
+                    // queueing shows (no coordinated omission).
+                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                     ticker
                 });
                 let mut seqs = vec![0u64; owned.len()];
                 let mut ok = vec![0u64; owned.len()];
+                let mut acked: Vec<Vec<u64>> = vec![Vec::new(); owned.len()];
                 let mut failed = 0u64;
                 let mut latency = histogram();
                 let mut turn = 0usize;
                 while Instant::now() < until {
-                    if let Some(ticker) = ticker.as_mut() {
-                        ticker.tick().await;
+                    let due = match ticker.as_mut() {
+                        Some(ticker) => ticker.tick().await.into_std(),
+                        None => Instant::now(),
+                    };
+                    if due >= until {
+                        break;
                     }
                     let slot = turn % owned.len();
                     turn += 1;
                     let (t, id) = &owned[slot];
                     seqs[slot] += 1;
-                    let sent = Instant::now();
-                    let body = format!("~lg~{t}~{}~{}~", seqs[slot], now_ns());
+                    let due_ns = now_ns().saturating_sub(due.elapsed().as_nanos() as u64);
+                    let body = format!("~lg~{t}~{}~{due_ns}~", seqs[slot]);
                     if publisher.publish(id, &body).await {
                         ok[slot] += 1;
-                        let _ = latency.record((sent.elapsed().as_micros() as u64).max(1));
+                        set_bit(&mut acked[slot], seqs[slot]);
+                        let _ = latency.record((due.elapsed().as_micros() as u64).max(1));
                     } else {
                         failed += 1;
                         // The number is spent; the next change gets a new one, and a gap is
                         // expected here (reported as a failed publish, not a loss).
                     }
                 }
-                (owned, ok, failed, latency)
+                (owned, ok, acked, failed, latency)
             }));
         }
         for task in tasks {
-            let (owned, ok, failed, latency) = task.await?;
-            for ((t, _), n) in owned.iter().zip(ok) {
+            let (owned, ok, topic_acked, failed, latency) = task.await?;
+            for (((t, _), n), bits) in owned.iter().zip(ok).zip(topic_acked) {
                 published_ok[*t] += n;
+                acked[*t] = bits;
             }
             publish_failed += failed;
             mutation_latency.add(&latency)?;
@@ -643,7 +681,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|(published, subs)| published * subs)
         .sum();
     let drain_until = Instant::now() + Duration::from_secs_f64(args.drain);
-    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+    while shared.unique.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let server_cpu = match (server_cpu_before, pid_text.as_deref().and_then(cpu_secs)) {
@@ -661,13 +699,21 @@ async fn main() -> anyhow::Result<()> {
     let mut latency = histogram();
     let (mut unique, mut lost, mut duplicates, mut out_of_order, mut closed_early) =
         (0u64, 0u64, 0u64, 0u64, 0usize);
+    let mut unacknowledged = 0u64;
     for reader in readers {
         let result = reader.await?;
         latency.add(&result.latency)?;
         closed_early += usize::from(result.closed_early);
         for sub in &result.subs {
             unique += sub.unique;
-            lost += published_ok[sub.topic].saturating_sub(sub.unique);
+            // Lost: acknowledged numbers never seen. Numbers seen whose publish was not
+            // acknowledged (a timeout after the commit) are counted apart, not as credit.
+            lost += count_missing(&acked[sub.topic], &sub.seen);
+            let mut seen = sub.seen.clone();
+            if let Some(first) = seen.first_mut() {
+                *first &= !1; // the probe, seq 0
+            }
+            unacknowledged += count_missing(&seen, &acked[sub.topic]);
             duplicates += sub.duplicates;
             out_of_order += sub.out_of_order;
         }
@@ -690,6 +736,9 @@ async fn main() -> anyhow::Result<()> {
     report["delivered"] = json!(delivered);
     report["unique"] = json!(unique);
     report["lost"] = json!(lost);
+    report["misrouted"] = json!(shared.misrouted.load(Ordering::Relaxed));
+    report["arrived_unacknowledged"] = json!(unacknowledged);
+    report["requested_rate"] = json!(args.rate);
     report["duplicates"] = json!(duplicates);
     report["out_of_order"] = json!(out_of_order);
     report["subscription_errors"] = json!(shared.errors.load(Ordering::Relaxed));
@@ -731,8 +780,8 @@ async fn main() -> anyhow::Result<()> {
             report["mutation_latency"]
         );
         println!(
-            "delivered {delivered} / expected {expected}: lost {lost}, duplicates {duplicates}, out of order {out_of_order}, subscription errors {}, closed early {closed_early}",
-            report["subscription_errors"]
+            "delivered {delivered} / expected {expected}: lost {lost}, duplicates {duplicates}, out of order {out_of_order}, misrouted {}, arrived unacknowledged {unacknowledged}, subscription errors {}, closed early {closed_early}",
+            report["misrouted"], report["subscription_errors"]
         );
         println!(
             "end-to-end latency {}; {:.0} deliveries/s",
@@ -772,5 +821,12 @@ mod tests {
         assert_eq!(sub.duplicates, 1);
         assert_eq!(sub.out_of_order, 1);
         assert_eq!(sub.max_seq, 200);
+        // Acknowledged 1..=5: 5 never arrived; 200 arrived unacknowledged.
+        let mut acked = Vec::new();
+        for seq in 1..=5 {
+            set_bit(&mut acked, seq);
+        }
+        assert_eq!(count_missing(&acked, &sub.seen), 1);
+        assert_eq!(count_missing(&sub.seen, &acked), 1);
     }
 }
