@@ -111,6 +111,13 @@ impl App {
             },
         );
         tasks.push(tokio::spawn(pruner.run(stopped.clone())));
+        if feed_db.get_database_backend() == DatabaseBackend::Sqlite {
+            tasks.push(tokio::spawn(db::checkpoint_wal(
+                feed_db.clone(),
+                db::WAL_CHECKPOINT_EVERY,
+                stopped.clone(),
+            )));
+        }
 
         let live = Live {
             broker: broker.clone(),

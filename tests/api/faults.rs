@@ -1,6 +1,6 @@
 //! Faults: PostgreSQL restarted, or every connection dropped, while subscribers are
 //! connected; the server keeps serving and nothing is lost. The database unreachable, or not
-//! yet created, at start.
+//! yet created, at start. An SQLite WAL that would grow without bound.
 
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
@@ -448,4 +448,41 @@ async fn postgres_restarted_while_subscribers_are_connected_loses_nothing_postgr
     })
     .await;
     drop(pg);
+}
+
+/// SQLite's own automatic checkpoint never runs for the server's writes (they are
+/// `... RETURNING` statements, committed when sqlx resets them), so the server checkpoints
+/// the WAL itself: the database file takes in what was written, instead of everything
+/// piling up in an ever-growing WAL file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_wal_is_checkpointed_while_the_server_writes() {
+    run_with(
+        Backend::Sqlite,
+        |_| {},
+        |server: TestServer| async move {
+            let path =
+                std::path::PathBuf::from(server.database_url.trim_start_matches("sqlite://"));
+            let size =
+                |path: &std::path::Path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let (ada, _) = server.sign_up("Ada").await;
+            let channel = server.create_channel(&ada, "wal").await;
+            for i in 0..50 {
+                server.post_message(&ada, &channel, &format!("m{i}")).await;
+            }
+            let wal = path.with_extension("db-wal");
+            assert!(size(&wal) > 0, "the writes are in the WAL");
+            let written = size(&path);
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            while size(&path) <= written {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the database file takes in the WAL in time ({} bytes, WAL {} bytes)",
+                    size(&path),
+                    size(&wal)
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
 }
