@@ -122,6 +122,9 @@ impl App {
         let live = Live {
             broker: broker.clone(),
             doorbell: doorbell.clone(),
+            subscription_starts: Arc::new(tokio::sync::Semaphore::new(
+                config.db_max_connections.max(1) as usize,
+            )),
         };
         let api = Api::new(db.clone(), keys.clone(), live, &config.limits);
         let connections = Arc::new(tokio::sync::Semaphore::new(

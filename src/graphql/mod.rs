@@ -34,12 +34,17 @@ use tracing::Instrument as _;
 /// The executable schema.
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// The change feed as resolvers see it: the hub to subscribe to, and the doorbell that
-/// mutations ring after they commit.
+/// The change feed as resolvers see it: the hub to subscribe to, the doorbell that
+/// mutations ring after they commit, and the permits subscriptions take to start.
 #[derive(Clone)]
 pub struct Live {
     pub broker: Arc<Broker>,
     pub doorbell: Doorbell,
+    /// How many subscriptions may run their start-up queries (membership, retention) at
+    /// once: as many as the pool has connections. Each query's future is large (~15 KiB);
+    /// 10,000 subscriptions starting together would otherwise hold them all at once while
+    /// waiting for a connection, memory the allocator then keeps.
+    pub subscription_starts: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the schema over a database connection, this process's token keys and the feed.

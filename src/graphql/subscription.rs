@@ -211,9 +211,16 @@ impl Follow {
             ))
         })?;
         let db = db(ctx)?.clone();
-        let broker = live(ctx)?.broker.clone();
+        let live = live(ctx)?;
+        let broker = live.broker.clone();
         let receiver = broker.subscribe(channel_id);
         let published = broker.published();
+        // The start-up queries take a permit (see `Live::subscription_starts`).
+        let _permit = live
+            .subscription_starts
+            .acquire()
+            .await
+            .map_err(|_| super::missing("subscription start permits"))?;
         // A missing channel is refused like someone else's, so ids cannot be probed.
         if !store::channel::is_member(&db, channel_id, viewer).await? {
             return Err(not_a_member());
