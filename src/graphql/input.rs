@@ -267,48 +267,19 @@ mod tests {
 
     #[test]
     fn page_sizes_are_bounded() {
-        assert!(
-            page_request(
-                CursorKind::Message,
-                PAGE_SIZE_MAX,
-                Some(101),
-                None,
-                None,
-                None
-            )
-            .is_err()
+        let page =
+            |max, first, last| page_request(CursorKind::Message, max, first, None, last, None);
+        assert!(page(PAGE_SIZE_MAX, Some(101), None).is_err());
+        assert!(page(PAGE_SIZE_MAX, Some(-1), None).is_err());
+        assert!(page(PAGE_SIZE_MAX, Some(1), Some(1)).is_err());
+        // A lower limit refuses above it, and the default page is cut to it.
+        assert!(page(5, Some(6), None).is_err());
+        assert_eq!(page(5, None, None).unwrap().limit, 5);
+        assert_eq!(
+            page(PAGE_SIZE_MAX, None, None).unwrap().limit,
+            PAGE_SIZE_DEFAULT
         );
-        assert!(
-            page_request(
-                CursorKind::Message,
-                PAGE_SIZE_MAX,
-                Some(-1),
-                None,
-                None,
-                None
-            )
-            .is_err()
-        );
-        assert!(
-            page_request(
-                CursorKind::Message,
-                PAGE_SIZE_MAX,
-                Some(1),
-                None,
-                Some(1),
-                None
-            )
-            .is_err()
-        );
-        let request = page_request(
-            CursorKind::Message,
-            PAGE_SIZE_MAX,
-            None,
-            None,
-            Some(5),
-            None,
-        )
-        .unwrap();
+        let request = page(PAGE_SIZE_MAX, None, Some(5)).unwrap();
         assert_eq!((request.limit, request.from_end), (5, true));
     }
 

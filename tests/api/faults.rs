@@ -75,15 +75,7 @@ async fn every_connection_dropped_by_postgres_loses_nothing_postgres() {
         assert_eq!(replayed, ["by sql", "by api"]);
         // And the server says it is ready again.
         caught_up(&server).await;
-        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
-        loop {
-            let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
-            if ready.status() == 200 {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "ready again in time");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        server.readyz_until(200).await;
         let _ = sql.execute_unprepared("SELECT 1").await;
     })
     .await;
@@ -436,15 +428,7 @@ async fn postgres_restarted_while_subscribers_are_connected_loses_nothing_postgr
             .map(|n| n["node"]["body"].as_str().unwrap())
             .collect();
         assert_eq!(bodies, ["before", "by sql", "by api"], "{page}");
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let ready = server.client().get(server.url("/readyz")).send().await.unwrap();
-            if ready.status() == 200 {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "ready again in time");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        server.readyz_until(200).await;
     })
     .await;
     drop(pg);

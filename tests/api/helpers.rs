@@ -337,6 +337,24 @@ impl TestServer {
         }
     }
 
+    /// Polls `/readyz` until it answers `status` (failing after `TIMEOUT`); returns its report.
+    pub async fn readyz_until(&self, status: u16) -> Value {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let response = self.client.get(self.url("/readyz")).send().await.unwrap();
+            let answered = response.status();
+            let report: Value = response.json().await.unwrap_or(Value::Null);
+            if answered == status {
+                return report;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz answers {status} in time (last {answered}: {report})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `http://addr` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)

@@ -127,22 +127,7 @@ async fn a_change_held_behind_an_open_transaction_shows_as_lag_postgres() {
         }
         // The tailer waits for A to be decided; after 5 s without a finished read, this
         // process reports that it is not ready.
-        let not_ready = loop {
-            let response = server
-                .client()
-                .get(server.url("/readyz"))
-                .send()
-                .await
-                .unwrap();
-            if response.status() == 503 {
-                break response.json::<serde_json::Value>().await.unwrap();
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/readyz turns 503 in time"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
+        let not_ready = server.readyz_until(503).await;
         assert_eq!(not_ready["ready"], false, "{not_ready}");
         assert_eq!(not_ready["tailer_running"], false, "{not_ready}");
         assert_eq!(not_ready["database"], true, "{not_ready}");
@@ -150,23 +135,7 @@ async fn a_change_held_behind_an_open_transaction_shows_as_lag_postgres() {
         a.commit().await.unwrap();
         caught_up(&server).await;
         assert_eq!(lag(&server).await, (0.0, 0.0));
-        let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
-        loop {
-            let response = server
-                .client()
-                .get(server.url("/readyz"))
-                .send()
-                .await
-                .unwrap();
-            if response.status() == 200 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "/readyz is 200 again in time"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        server.readyz_until(200).await;
     })
     .await;
 }
