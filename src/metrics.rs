@@ -211,6 +211,12 @@ impl Collector for FeedCollector {
         )?;
         Self::counter(
             &mut encoder,
+            "event_renders",
+            "Subscription events rendered, once per event and subscription shape",
+            stats.renders.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            &mut encoder,
             "log_replays",
             "Pages of the change log read to replay or catch up a subscriber",
             stats.log_replays.load(Ordering::Relaxed),

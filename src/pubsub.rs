@@ -122,6 +122,9 @@ pub struct FeedStats {
     pub published: std::sync::atomic::AtomicU64,
     /// Events sent to subscribers (one per subscriber and event).
     pub delivered: std::sync::atomic::AtomicU64,
+    /// Subscription events rendered (once per event and subscription shape, shared by
+    /// every subscription of that shape).
+    pub renders: std::sync::atomic::AtomicU64,
     /// Pages of the log read to replay or catch up (the broker's memory did not cover).
     pub log_replays: std::sync::atomic::AtomicU64,
     /// Times a subscriber fell behind its topic's buffer and had to catch up.

@@ -5,8 +5,8 @@
 //! ways clients notice (DESIGN.md "Protocol layer"): it closes with 1002/1011 where the
 //! protocol says 4400/4401/4403 (and the graphql-ws client treats 1002/1011 as fatal and stops
 //! reconnecting), replaces a running operation on a duplicate id instead of closing with
-//! 4409, has no connection_init timeout (4408) and sends no server pings. The library still
-//! executes every operation (`Schema::execute_stream`); this module is only the framing.
+//! 4409, has no connection_init timeout (4408) and sends no server pings. `Api::execute_stream`
+//! still executes every operation; this module is only the framing.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::auth::{JwtKeys, Viewer};
-use crate::graphql::Api;
 use crate::graphql::error::code;
 use crate::graphql::limits::ClientAddr;
+use crate::graphql::{Api, Reply};
 
 /// `Sec-WebSocket-Protocol` of the graphql-ws library.
 pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
@@ -621,14 +621,26 @@ impl Connection {
                 Protocol::Legacy => "data",
             };
             let mut first = true;
-            while let Some(response) = responses.next().await {
+            // The id as a JSON string, once: shared payloads are framed around it as text.
+            let quoted_id = serde_json::Value::from(id.as_str()).to_string();
+            while let Some(reply) = responses.next().await {
+                let response = match reply {
+                    Reply::Shared(payload) => {
+                        first = false;
+                        let message = raw_frame(data_type, &quoted_id, &payload);
+                        if out.send(Outgoing::Text(message)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Reply::Response(response) => response,
+                };
                 let failed =
                     response.data == async_graphql::Value::Null && !response.errors.is_empty();
                 let never_ran = response.errors.iter().all(|e| e.path.is_empty());
                 let failed_before_data = first && failed && never_ran;
                 first = false;
-                // Serialized straight into the frame's text, without a JSON tree in between:
-                // this runs once per event and subscriber.
+                // Serialized straight into the frame's text, without a JSON tree in between.
                 let message = if failed_before_data {
                     frame("error", &id, &response.errors)
                 } else {
@@ -652,6 +664,20 @@ impl Connection {
         self.generations.insert(id.clone(), generation);
         self.operations.insert(id, operation);
     }
+}
+
+/// `{"type":…,"id":…,"payload":…}` around a payload that is JSON text already (a shared
+/// rendering): this runs once per event and subscriber, so it is only copying.
+fn raw_frame(kind: &str, quoted_id: &str, payload: &str) -> String {
+    let mut text = String::with_capacity(30 + kind.len() + quoted_id.len() + payload.len());
+    text.push_str(r#"{"type":""#);
+    text.push_str(kind);
+    text.push_str(r#"","id":"#);
+    text.push_str(quoted_id);
+    text.push_str(r#","payload":"#);
+    text.push_str(payload);
+    text.push('}');
+    text
 }
 
 /// `{"type":…,"id":…,"payload":…}` as text.

@@ -8,6 +8,7 @@ pub mod limits;
 pub mod loaders;
 pub mod mutation;
 pub mod query;
+mod shared;
 pub mod subscription;
 pub mod types;
 
@@ -22,7 +23,7 @@ use crate::auth::{JwtKeys, Viewer};
 use crate::changes::Doorbell;
 use crate::config::Limits;
 use crate::metrics::{CodeLabel, ErrorCounts};
-use crate::pubsub::Broker;
+use crate::pubsub::{Broker, FeedStats};
 use error::{AppError, AppResult};
 use limits::{AuthLimiter, PageLimit, SubscriptionQuota};
 use loaders::Loaders;
@@ -89,6 +90,14 @@ pub struct Api {
     db: DatabaseConnection,
     broker: Arc<Broker>,
     errors: ErrorCounts,
+    shapes: Arc<shared::Shapes>,
+}
+
+/// One reply of an operation: a response, or a subscription event's payload rendered once
+/// for every subscription of its shape (the JSON text of a response).
+pub enum Reply {
+    Response(Box<async_graphql::Response>),
+    Shared(Arc<str>),
 }
 
 /// The feed position published when a request began, before any of its fields was read:
@@ -104,6 +113,7 @@ impl Api {
             broker: live.broker.clone(),
             schema: build_schema(db.clone(), keys, live, limits),
             db,
+            shapes: Arc::default(),
         }
     }
 
@@ -158,56 +168,164 @@ impl Api {
 
     /// Gives every error a code, and counts it.
     fn finish(&self, response: &mut async_graphql::Response) {
-        error::ensure_codes(response);
-        for err in &response.errors {
-            let code = err
-                .extensions
+        for code in codes(response) {
+            self.errors.get_or_create(&CodeLabel { code }).inc();
+        }
+    }
+
+    /// Runs one operation of any kind as `viewer` and streams its replies (one for a query
+    /// or mutation, one per event for a subscription), every error with a code. The
+    /// operation's work runs in its span; when the stream ends or is dropped (the client
+    /// completed it), its duration and reply count are logged.
+    ///
+    /// A subscription runs through async-graphql until its resolver has checked it and
+    /// handed it over (`shared::Handover`); its events are then rendered once per shape and
+    /// shared (`Reply::Shared`), and async-graphql's stream and parsed document are dropped.
+    pub fn execute_stream(
+        &self,
+        mut request: async_graphql::Request,
+        viewer: Viewer,
+    ) -> BoxStream<'static, Reply> {
+        let span = operation_span(&request, viewer);
+        // Made before the stream is first polled, so an operation completed at once is
+        // logged too, and its duration counts from here.
+        let mut finished = Finished {
+            span: span.clone(),
+            started: std::time::Instant::now(),
+            responses: 0,
+            errors: 0,
+        };
+        let shape = match shared::plan(&mut request) {
+            Ok(shape) => shape,
+            Err(err) => {
+                let mut response = async_graphql::Response::from_errors(vec![err]);
+                self.finish(&mut response);
+                finished.responses = 1;
+                finished.errors = 1;
+                return futures_util::stream::once(async move {
+                    drop(finished);
+                    Reply::Response(Box::new(response))
+                })
+                .boxed();
+            }
+        };
+        let handover = Arc::new(shared::Handover::default());
+        let request = self.prepare(request, viewer).data(handover.clone());
+        let api = self.clone();
+        let inner = self.schema.execute_stream(request);
+        async_stream::stream! {
+            // The whole guard moves in (not just the fields it updates), so it drops with
+            // the stream.
+            let mut finished = finished;
+            let mut inner = inner;
+            while let Some(mut response) = inner.next().instrument(span.clone()).await {
+                api.finish(&mut response);
+                finished.responses += 1;
+                finished.errors += response.errors.len() as u64;
+                tracing::debug!(parent: &span, errors = response.errors.len(), "response");
+                yield Reply::Response(Box::new(response));
+            }
+            // The resolver's work is done: free async-graphql's state before following.
+            drop(inner);
+            let (Some(mut follower), Some(shape)) = (handover.take(), shape) else {
+                return;
+            };
+            let shape = api.shapes.intern(shape);
+            let stats = &api.broker.stats;
+            while let Some(next) = follower.next().await {
+                let (rendered, event) = match next {
+                    subscription::Next::Event(event) => {
+                        let rendered = event
+                            .memo
+                            .get_or_try_init("render", shape.id as i64, || {
+                                api.render(&shape, shared::RenderOne::Event(event.clone()))
+                                    .instrument(span.clone())
+                            })
+                            .await;
+                        let rendered = match rendered {
+                            Ok(rendered) => rendered,
+                            Err(never) => match never {},
+                        };
+                        (rendered, true)
+                    }
+                    subscription::Next::Error(err) => {
+                        let rendered = match api.render(&shape, shared::RenderOne::Error(err)).await {
+                            Ok(rendered) => rendered,
+                            Err(never) => match never {},
+                        };
+                        (Arc::new(rendered), false)
+                    }
+                };
+                let Some(json) = &rendered.json else { continue };
+                for code in &rendered.codes {
+                    api.count_error(code);
+                }
+                finished.responses += 1;
+                finished.errors += rendered.codes.len() as u64;
+                if event {
+                    FeedStats::add(&stats.delivered, 1);
+                }
+                yield Reply::Shared(json.clone());
+            }
+        }
+        .boxed()
+    }
+
+    /// Renders one event (or error) under `shape`: the subscription's document run in
+    /// render mode, as no viewer (see `shared`).
+    async fn render(
+        &self,
+        shape: &shared::Shape,
+        one: shared::RenderOne,
+    ) -> Result<shared::Rendered, std::convert::Infallible> {
+        FeedStats::add(&self.broker.stats.renders, 1);
+        let mut request = async_graphql::Request::new(shape.query.clone())
+            .variables(shape.variables.clone())
+            .data(one)
+            .data(loaders::loaders(self.db.clone()));
+        request.operation_name = shape.operation_name.clone();
+        let Some(mut response) = self.schema.execute_stream(request).next().await else {
+            return Ok(shared::Rendered {
+                json: None,
+                codes: Vec::new(),
+            });
+        };
+        let codes = codes(&mut response);
+        let json = match serde_json::to_string(&response) {
+            Ok(json) => json,
+            Err(err) => {
+                // Only a map with non-string keys fails; a GraphQL response has none.
+                tracing::error!(error = %err, "a response could not be serialized");
+                return Ok(shared::Rendered {
+                    json: None,
+                    codes: Vec::new(),
+                });
+            }
+        };
+        Ok(shared::Rendered {
+            json: Some(json.into()),
+            codes,
+        })
+    }
+}
+
+/// Gives every error of `response` a code, and returns the codes.
+fn codes(response: &mut async_graphql::Response) -> Vec<String> {
+    error::ensure_codes(response);
+    response
+        .errors
+        .iter()
+        .map(|err| {
+            err.extensions
                 .as_ref()
                 .and_then(|extensions| extensions.get("code"))
                 .and_then(|code| match code {
                     async_graphql::Value::String(code) => Some(code.clone()),
                     _ => None,
                 })
-                .unwrap_or_default();
-            self.errors.get_or_create(&CodeLabel { code }).inc();
-        }
-    }
-
-    /// Runs one operation of any kind as `viewer` and streams its responses (one for a
-    /// query or mutation, one per event for a subscription), every error with a code. The
-    /// operation's work runs in its span; when the stream ends or is dropped (the client
-    /// completed it), its duration and response count are logged.
-    pub fn execute_stream(
-        &self,
-        request: async_graphql::Request,
-        viewer: Viewer,
-    ) -> BoxStream<'static, async_graphql::Response> {
-        let span = operation_span(&request, viewer);
-        let request = self.prepare(request, viewer);
-        let api = self.clone();
-        let mut inner = self.schema.execute_stream(request);
-        // Made before the stream is first polled, so an operation completed at once is
-        // logged too, and its duration counts from here.
-        let finished = Finished {
-            span: span.clone(),
-            started: std::time::Instant::now(),
-            responses: 0,
-            errors: 0,
-        };
-        async_stream::stream! {
-            // The whole guard moves in (not just the fields it updates), so it drops with
-            // the stream.
-            let mut finished = finished;
-            while let Some(mut response) = inner.next().instrument(span.clone()).await {
-                api.finish(&mut response);
-                finished.responses += 1;
-                finished.errors += response.errors.len() as u64;
-                tracing::debug!(parent: &span, errors = response.errors.len(), "response");
-                yield response;
-            }
-        }
-        .boxed()
-    }
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 /// Logs an operation's end (however it ends) in its span.

@@ -7,24 +7,30 @@
 //! reader), it re-reads the log from its last position instead of failing or buffering.
 //! Losing membership ends the stream with FORBIDDEN before any later event is delivered:
 //! the channel's topic carries membership changes in the same order as everything else.
+//!
+//! The resolvers only check and start: the checked subscription (`Follower`) is handed over
+//! to `Api::execute_stream`, which renders each event once per subscription shape (see
+//! `shared`). To render, the same resolvers run in render mode on one event.
 
 use std::sync::Arc;
 
 use async_graphql::{Context, Enum, ID, SimpleObject, Subscription};
 use entities::live::LiveModel;
 use entities::{channel, channel_member, document, message};
-use futures_util::Stream;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use sea_orm::DatabaseConnection;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::limits::{QuotaSlot, SubscriptionQuota};
+use super::shared::{Handover, RenderOne};
 use super::types::{Document, Message};
 use super::{db, live, viewer_id};
 use crate::changes;
 use crate::pubsub::FeedStats;
-use crate::pubsub::{Broker, ChangeEvent, Op};
+use crate::pubsub::{Broker, ChangeEvent, Op, Streaming};
 use crate::store;
 
 /// Log rows read per page when replaying.
@@ -89,21 +95,22 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         #[graphql(desc = "The channel to follow.")] channel_id: ID,
         #[graphql(desc = "Resume after this event's cursor.")] after: Option<String>,
-    ) -> async_graphql::Result<impl Stream<Item = AppResult<MessageEvent>> + use<>> {
+    ) -> async_graphql::Result<BoxStream<'static, AppResult<MessageEvent>>> {
+        if let Some(one) = ctx.data_opt::<RenderOne>() {
+            return Ok(render_one(one, |event| {
+                let model = decode::<message::Model>(event)?.ok()?;
+                Some(MessageEvent {
+                    cursor: input::encode_cursor(CursorKind::Event, event.position),
+                    kind: event.op.into(),
+                    message: Message::from_event(model, event.clone()),
+                })
+            }));
+        }
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("channelId", &channel_id)?;
         let after = parse_after(after.as_deref())?;
         let follow = Follow::start(ctx, channel_id, viewer, after).await?;
-        Ok(follow.into_stream(move |event| {
-            let Some(Ok(model)) = decode::<message::Model>(event) else {
-                return Ok(Render::Skip);
-            };
-            Ok(Render::Deliver(MessageEvent {
-                cursor: input::encode_cursor(CursorKind::Event, event.position),
-                kind: event.op.into(),
-                message: Message::from_event(model, event.clone()),
-            }))
-        }))
+        Ok(hand_over(ctx, follow, Kind::Messages)?)
     }
 
     /// Every change to one document, as it commits, whoever wrote it; ends after its
@@ -113,7 +120,17 @@ impl SubscriptionRoot {
         ctx: &Context<'_>,
         #[graphql(desc = "The document to follow.")] document_id: ID,
         #[graphql(desc = "Resume after this event's cursor.")] after: Option<String>,
-    ) -> async_graphql::Result<impl Stream<Item = AppResult<DocumentEvent>> + use<>> {
+    ) -> async_graphql::Result<BoxStream<'static, AppResult<DocumentEvent>>> {
+        if let Some(one) = ctx.data_opt::<RenderOne>() {
+            return Ok(render_one(one, |event| {
+                let model = decode::<document::Model>(event)?.ok()?;
+                Some(DocumentEvent {
+                    cursor: input::encode_cursor(CursorKind::Event, event.position),
+                    kind: event.op.into(),
+                    document: Document(model),
+                })
+            }));
+        }
         let viewer = viewer_id(ctx)?;
         let document_id = input::id("documentId", &document_id)?;
         let after = parse_after(after.as_deref())?;
@@ -123,25 +140,40 @@ impl SubscriptionRoot {
             .map_err(AppError::from)?
             .ok_or_else(not_a_member)?;
         let follow = Follow::start(ctx, document.channel_id, viewer, after).await?;
-        Ok(follow.into_stream(move |event| {
-            if event.row_id != document_id {
-                return Ok(Render::Skip);
-            }
-            let Some(Ok(model)) = decode::<document::Model>(event) else {
-                return Ok(Render::Skip);
-            };
-            let rendered = DocumentEvent {
-                cursor: input::encode_cursor(CursorKind::Event, event.position),
-                kind: event.op.into(),
-                document: Document(model),
-            };
-            Ok(if event.op == Op::Delete {
-                Render::DeliverThenEnd(rendered)
-            } else {
-                Render::Deliver(rendered)
-            })
-        }))
+        Ok(hand_over(ctx, follow, Kind::Document(document_id))?)
     }
+}
+
+/// Render mode: the one event (or error) of `one` as this subscription's only item.
+fn render_one<T, F>(one: &RenderOne, render: F) -> BoxStream<'static, AppResult<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(&Arc<ChangeEvent>) -> Option<T>,
+{
+    let item = match one {
+        RenderOne::Event(event) => render(event).map(Ok),
+        RenderOne::Error(err) => Some(Err(err.clone())),
+    };
+    futures_util::stream::iter(item).boxed()
+}
+
+/// Start mode: the checked subscription goes to the `Api` (see `shared`), which follows the
+/// topic and renders its events; async-graphql's stream for it ends at once, empty.
+fn hand_over<T: Send + 'static>(
+    ctx: &Context<'_>,
+    follow: Follow,
+    kind: Kind,
+) -> AppResult<BoxStream<'static, AppResult<T>>> {
+    let handover = ctx.data_opt::<Arc<Handover>>().ok_or_else(|| {
+        super::missing("Handover (subscriptions run through Api::execute_stream)")
+    })?;
+    if !handover.put(Follower::new(follow, kind)) {
+        return Err(AppError::bad_input(
+            "subscription",
+            "a subscription selects exactly one root field",
+        ));
+    }
+    Ok(futures_util::stream::empty().boxed())
 }
 
 fn parse_after(after: Option<&str>) -> AppResult<Option<i64>> {
@@ -168,13 +200,6 @@ fn decode<M: LiveModel>(event: &ChangeEvent) -> Option<Result<M, serde_json::Err
         );
     }
     Some(decoded)
-}
-
-/// What a subscription makes of one event of its topic.
-enum Render<T> {
-    Skip,
-    Deliver(T),
-    DeliverThenEnd(T),
 }
 
 /// A checked subscription to one channel's topic, ready to stream.
@@ -243,69 +268,6 @@ impl Follow {
         })
     }
 
-    /// Replays, then follows, rendering each event with `render`.
-    fn into_stream<T, F>(mut self, render: F) -> impl Stream<Item = AppResult<T>> + use<T, F>
-    where
-        T: Send + 'static,
-        F: Fn(&Arc<ChangeEvent>) -> AppResult<Render<T>> + Send + 'static,
-    {
-        async_stream::stream! {
-            let _streaming = self.broker.streaming();
-            // Changes up to the first target happened before access was checked: membership
-            // changes among them are history, not revocations.
-            let history_through = self.target;
-            loop {
-                // The next batch: catching up (from the broker's memory, else a page of the
-                // log) while behind the target, else the next live event.
-                let (batch, caught_up) = if self.seen < self.target {
-                    match self.catch_up().await {
-                        Ok(next) => next,
-                        Err(err) => {
-                            yield Err(err);
-                            return;
-                        }
-                    }
-                } else {
-                    match self.receiver.recv().await {
-                        Ok(event) => (vec![event], false),
-                        Err(RecvError::Lagged(_)) => {
-                            // Too slow for the topic's buffer: catch up instead.
-                            FeedStats::add(&self.broker.stats.lagged, 1);
-                            self.target = self.broker.published();
-                            continue;
-                        }
-                        // The server is shutting down.
-                        Err(RecvError::Closed) => return,
-                    }
-                };
-                for event in batch {
-                    if event.position <= self.seen {
-                        continue;
-                    }
-                    self.seen = event.position;
-                    let history = event.position <= history_through;
-                    match self.handle(&event, history, &render) {
-                        Step::Skip => {}
-                        Step::Yield(item) => {
-                            FeedStats::add(&self.broker.stats.delivered, 1);
-                            yield item
-                        }
-                        Step::End(item) => {
-                            if let Some(item) = item {
-                                FeedStats::add(&self.broker.stats.delivered, u64::from(item.is_ok()));
-                                yield item;
-                            }
-                            return;
-                        }
-                    }
-                }
-                if caught_up {
-                    self.seen = self.seen.max(self.target);
-                }
-            }
-        }
-    }
-
     /// The next events between `seen` and `target`, and whether they are all of them. Recent
     /// events come from the broker's memory, shared with every other subscriber catching up
     /// (memo included) at no database cost; older ones from a page of the log.
@@ -333,26 +295,26 @@ impl Follow {
         Ok((page.into_iter().map(Arc::new).collect(), complete))
     }
 
-    fn handle<T, F>(&self, event: &Arc<ChangeEvent>, history: bool, render: &F) -> Step<T>
-    where
-        F: Fn(&Arc<ChangeEvent>) -> AppResult<Render<T>>,
-    {
+    fn handle(&self, event: &ChangeEvent, history: bool, kind: Kind) -> Step {
         if !history && self.revokes(event) {
-            return Step::End(Some(Err(AppError::Forbidden(
-                "you are no longer a member of this channel".into(),
-            ))));
+            return Step::Revoked;
         }
         if event.table == channel::Model::TABLE
             && event.op == Op::Delete
             && event.row_id == self.channel_id
         {
-            return Step::End(None);
+            return Step::End;
         }
-        match render(event) {
-            Ok(Render::Skip) => Step::Skip,
-            Ok(Render::Deliver(item)) => Step::Yield(Ok(item)),
-            Ok(Render::DeliverThenEnd(item)) => Step::End(Some(Ok(item))),
-            Err(err) => Step::End(Some(Err(err))),
+        match kind {
+            Kind::Messages if event.table == message::Model::TABLE => Step::Deliver,
+            Kind::Document(id) if event.table == document::Model::TABLE && event.row_id == id => {
+                if event.op == Op::Delete {
+                    Step::DeliverThenEnd
+                } else {
+                    Step::Deliver
+                }
+            }
+            _ => Step::Skip,
         }
     }
 
@@ -371,10 +333,132 @@ impl Follow {
     }
 }
 
-enum Step<T> {
+/// What a subscription does with one event of its topic.
+enum Step {
     Skip,
-    Yield(AppResult<T>),
-    End(Option<AppResult<T>>),
+    Deliver,
+    DeliverThenEnd,
+    /// The viewer was removed from the channel: end with FORBIDDEN.
+    Revoked,
+    /// The channel was deleted: end.
+    End,
+}
+
+/// Which events of its channel a subscription delivers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind {
+    Messages,
+    Document(i64),
+}
+
+/// What a follower has next for its subscriber.
+pub(crate) enum Next {
+    /// Deliver this event (rendered under the subscription's shape).
+    Event(Arc<ChangeEvent>),
+    /// Deliver this error, then end.
+    Error(AppError),
+}
+
+/// A checked subscription, handed over from its resolver: replays the log from its cursor,
+/// then follows the topic, dropping what it already covered by position. When the topic's
+/// buffer overflows (a slow reader), it re-reads from its last position instead of failing
+/// or buffering. Losing membership ends it with FORBIDDEN before any later event: the
+/// channel's topic carries membership changes in the same order as everything else.
+pub(crate) struct Follower {
+    follow: Follow,
+    kind: Kind,
+    /// Changes up to here happened before access was checked: membership changes among them
+    /// are history, not revocations.
+    history_through: i64,
+    /// Events read but not yet considered.
+    pending: std::collections::VecDeque<Arc<ChangeEvent>>,
+    /// Once `pending` is drained, everything up to `target` has been considered.
+    caught_up: bool,
+    ended: bool,
+    /// Counts the subscription as streaming while it lives.
+    _streaming: Streaming,
+}
+
+impl Follower {
+    fn new(follow: Follow, kind: Kind) -> Self {
+        Self {
+            history_through: follow.target,
+            _streaming: follow.broker.streaming(),
+            follow,
+            kind,
+            pending: std::collections::VecDeque::new(),
+            caught_up: false,
+            ended: false,
+        }
+    }
+
+    /// The next thing to send, or `None` when the subscription has ended (the channel or
+    /// document was deleted, or the server is shutting down).
+    pub(crate) async fn next(&mut self) -> Option<Next> {
+        if self.ended {
+            return None;
+        }
+        let follow = &mut self.follow;
+        loop {
+            while let Some(event) = self.pending.pop_front() {
+                if event.position <= follow.seen {
+                    continue;
+                }
+                follow.seen = event.position;
+                let history = event.position <= self.history_through;
+                match follow.handle(&event, history, self.kind) {
+                    Step::Skip => {}
+                    Step::Deliver => return Some(Next::Event(event)),
+                    Step::DeliverThenEnd => {
+                        self.ended = true;
+                        return Some(Next::Event(event));
+                    }
+                    Step::Revoked => {
+                        self.ended = true;
+                        return Some(Next::Error(AppError::Forbidden(
+                            "you are no longer a member of this channel".into(),
+                        )));
+                    }
+                    Step::End => {
+                        self.ended = true;
+                        return None;
+                    }
+                }
+            }
+            if self.caught_up {
+                follow.seen = follow.seen.max(follow.target);
+                self.caught_up = false;
+            }
+            // The next batch: catching up (from the broker's memory, else a page of the
+            // log) while behind the target, else the next live event.
+            if follow.seen < follow.target {
+                match follow.catch_up().await {
+                    Ok((batch, caught_up)) => {
+                        self.pending.extend(batch);
+                        self.caught_up = caught_up;
+                    }
+                    Err(err) => {
+                        self.ended = true;
+                        return Some(Next::Error(err));
+                    }
+                }
+            } else {
+                match follow.receiver.recv().await {
+                    Ok(event) => self.pending.push_back(event),
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow for the topic's buffer: catch up instead.
+                        FeedStats::add(&follow.broker.stats.lagged, 1);
+                        follow.target = follow.broker.published();
+                    }
+                    // The server is shutting down.
+                    Err(RecvError::Closed) => {
+                        self.ended = true;
+                        return None;
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn not_a_member() -> AppError {
