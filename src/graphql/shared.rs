@@ -58,7 +58,7 @@ impl Shapes {
     /// The shape of these parts, shared with any live subscription of the same.
     pub fn intern(&self, parts: ShapeParts) -> Arc<Shape> {
         let key =
-            serde_json::json!([parts.query, parts.operation_name, parts.variables]).to_string();
+            serde_json::json!([parts.query, parts.operation_name, parts.key_variables]).to_string();
         let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(shape) = by_key.get(&key).and_then(Weak::upgrade) {
             return shape;
@@ -338,20 +338,27 @@ mod tests {
     #[test]
     fn equal_parts_share_one_shape_until_it_is_dropped() {
         let shapes = Shapes::default();
-        let parts = || {
-            shape_of(
-                "subscription { messageEvents(channelId: 1) { cursor } }",
-                serde_json::json!({}),
-            )
-            .unwrap()
-            .unwrap()
+        let query =
+            "subscription($a: String) { messageEvents(channelId: 1, after: $a) { cursor } }";
+        let parts = |after: &str| {
+            shape_of(query, serde_json::json!({ "a": after }))
+                .unwrap()
+                .unwrap()
         };
-        let first = shapes.intern(parts());
-        let second = shapes.intern(parts());
+        let first = shapes.intern(parts("x"));
+        // `after` only picks events: another value is the same shape.
+        let second = shapes.intern(parts("y"));
         assert!(Arc::ptr_eq(&first, &second));
+        let other = "subscription($a: String) { messageEvents(channelId: 1, after: $a) { kind } }";
+        let third = shapes.intern(
+            shape_of(other, serde_json::json!({ "a": "x" }))
+                .unwrap()
+                .unwrap(),
+        );
+        assert!(!Arc::ptr_eq(&first, &third));
         let id = first.id;
         drop((first, second));
-        assert_ne!(shapes.intern(parts()).id, id);
+        assert_ne!(shapes.intern(parts("x")).id, id);
         // Dead shapes are swept as new ones come.
         for n in 0..1000 {
             let query = format!("subscription {{ messageEvents(channelId: {n}) {{ cursor }} }}");

@@ -340,6 +340,64 @@ both_backends! {
         assert_eq!(again["errors"][0]["extensions"]["code"], "FORBIDDEN");
     }
 
+    async fn subscriptions_of_one_shape_share_each_events_rendering(server: TestServer) {
+        use std::sync::atomic::Ordering;
+        let (ada, _) = server.sign_up("Ada").await;
+        let (bob, bob_id) = server.sign_up("Bob").await;
+        let (cy, cy_id) = server.sign_up("Cy").await;
+        let channel = server.create_channel(&ada, "shared").await;
+        server.add_member(&ada, &channel, &bob_id).await;
+        server.add_member(&ada, &channel, &cy_id).await;
+        caught_up(&server).await;
+        let feed_cursor = data(&server.graphql_as(&bob, "{ feedCursor }", json!({})).await, "feedCursor").clone();
+
+        // Ada twice on one socket, Bob from a cursor (another value of a variable that only
+        // picks events): one shape. Cy selects other fields: a shape of her own.
+        let mut ada_ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ada_ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        ada_ws.subscribe("2", MESSAGE_EVENTS, json!({ "c": channel })).await;
+        let mut bob_ws = WsClient::connect_as(&server, Some(&bob)).await;
+        bob_ws.subscribe("b", MESSAGE_EVENTS, json!({ "c": channel, "after": feed_cursor })).await;
+        let mut cy_ws = WsClient::connect_as(&server, Some(&cy)).await;
+        let other = "subscription($c: ID!) { messageEvents(channelId: $c) { kind message { body } } }";
+        cy_ws.subscribe("c", other, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 4).await;
+        crate::ws_client::wait_for_streams(&server.broker, 4).await;
+
+        let stats = &server.broker.stats;
+        let renders = stats.renders.load(Ordering::SeqCst);
+        let delivered = stats.delivered.load(Ordering::SeqCst);
+        server.post_message(&ada, &channel, "once").await;
+        // Ada's two operations get theirs in either order.
+        let (one, two) = (ada_ws.recv().await, ada_ws.recv().await);
+        let mut ids = [one["id"].as_str().unwrap(), two["id"].as_str().unwrap()];
+        ids.sort();
+        assert_eq!(ids, ["1", "2"], "{one} {two}");
+        assert_eq!((one["type"].as_str(), two["type"].as_str()), (Some("next"), Some("next")));
+        let first = one["payload"].clone();
+        assert_eq!(event(&first)["message"]["body"], "once");
+        assert_eq!(event(&first)["message"]["author"]["name"], "Ada");
+        assert_eq!(two["payload"], first);
+        assert_eq!(bob_ws.next_payload("b").await, first);
+        assert_eq!(
+            cy_ws.next_payload("c").await,
+            json!({ "data": { "messageEvents": { "kind": "CREATED", "message": { "body": "once" } } } })
+        );
+        caught_up(&server).await;
+        assert_eq!(stats.renders.load(Ordering::SeqCst) - renders, 2, "one rendering per shape");
+        assert_eq!(stats.delivered.load(Ordering::SeqCst) - delivered, 4, "one delivery per subscription");
+
+        // A subscription must select exactly one root field (GraphQL's rule); nothing runs.
+        let two = "subscription($c: ID!) { a: messageEvents(channelId: $c) { cursor } b: messageEvents(channelId: $c) { cursor } }";
+        ada_ws.subscribe("3", two, json!({ "c": channel })).await;
+        let refused = ada_ws.recv().await;
+        assert_eq!(refused["type"], "error", "{refused}");
+        assert_eq!(refused["id"], "3");
+        assert_eq!(refused["payload"][0]["extensions"]["code"], "BAD_USER_INPUT", "{refused}");
+        assert!(refused["payload"][0]["message"].as_str().unwrap().contains("exactly one root field"));
+        assert_eq!(server.broker.receiver_count(channel.parse().unwrap()), 4);
+    }
+
     async fn moving_a_membership_row_away_with_sql_is_a_removal(server: TestServer) {
         let (ada, _) = server.sign_up("Ada").await;
         let (bob, bob_id) = server.sign_up("Bob").await;
