@@ -13,10 +13,11 @@ pub mod subscription;
 pub mod types;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_graphql::{Context, Schema};
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
 use sea_orm::DatabaseConnection;
 
 use crate::auth::{JwtKeys, Viewer};
@@ -41,10 +42,12 @@ pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 pub struct Live {
     pub broker: Arc<Broker>,
     pub doorbell: Doorbell,
-    /// How many subscriptions may run their start-up queries (membership, retention) at
-    /// once: as many as the pool has connections. Each query's future is large (~15 KiB);
-    /// 10,000 subscriptions starting together would otherwise hold them all at once while
-    /// waiting for a connection, memory the allocator then keeps.
+    /// How many subscriptions may start at once (parse, validate, check membership and the
+    /// cursor, hand over): as many as the pool has connections. A start holds ~15 KiB that
+    /// a handed-over subscription no longer needs (async-graphql's execution, the parsed
+    /// document, the start-up queries' futures); 10,000 subscriptions starting together
+    /// would otherwise hold it all at once while waiting for a connection, memory the
+    /// allocator then keeps. Taken in `Api::execute_stream`.
     pub subscription_starts: Arc<tokio::sync::Semaphore>,
 }
 
@@ -91,6 +94,7 @@ pub struct Api {
     broker: Arc<Broker>,
     errors: ErrorCounts,
     shapes: Arc<shared::Shapes>,
+    subscription_starts: Arc<tokio::sync::Semaphore>,
 }
 
 /// One reply of an operation: a response, or a subscription event's payload rendered once
@@ -111,6 +115,7 @@ impl Api {
         Self {
             errors: ErrorCounts::default(),
             broker: live.broker.clone(),
+            subscription_starts: live.subscription_starts.clone(),
             schema: build_schema(db.clone(), keys, live, limits),
             db,
             shapes: Arc::default(),
@@ -178,97 +183,70 @@ impl Api {
     /// operation's work runs in its span; when the stream ends or is dropped (the client
     /// completed it), its duration and reply count are logged.
     ///
-    /// A subscription runs through async-graphql until its resolver has checked it and
-    /// handed it over (`shared::Handover`); its events are then rendered once per shape and
-    /// shared (`Reply::Shared`), and async-graphql's stream and parsed document are dropped.
+    /// Two phases. The start runs through async-graphql under a start permit (see
+    /// `Live::subscription_starts`): a query or mutation runs whole; a subscription's
+    /// resolver checks it and hands it over (`shared::Handover`). Then, for a subscription,
+    /// the live phase follows the topic and sends each event's rendering, made once per
+    /// shape and shared (`Reply::Shared`). The start's state (async-graphql's stream, the
+    /// parsed document, the request) is freed before the live phase begins.
     pub fn execute_stream(
         &self,
-        mut request: async_graphql::Request,
+        request: async_graphql::Request,
         viewer: Viewer,
     ) -> BoxStream<'static, Reply> {
         let span = operation_span(&request, viewer);
         // Made before the stream is first polled, so an operation completed at once is
-        // logged too, and its duration counts from here.
-        let mut finished = Finished {
+        // logged too, and its duration counts from here. Shared by both phases; logs when
+        // the last of them is dropped.
+        let finished = Arc::new(Finished {
             span: span.clone(),
             started: std::time::Instant::now(),
-            responses: 0,
-            errors: 0,
-        };
-        let shape = match shared::plan(&mut request) {
-            Ok(shape) => shape,
-            Err(err) => {
-                let mut response = async_graphql::Response::from_errors(vec![err]);
-                self.finish(&mut response);
-                finished.responses = 1;
-                finished.errors = 1;
-                return futures_util::stream::once(async move {
-                    drop(finished);
-                    Reply::Response(Box::new(response))
-                })
-                .boxed();
-            }
-        };
+            responses: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        });
         let handover = Arc::new(shared::Handover::default());
         let request = self.prepare(request, viewer).data(handover.clone());
+        let start = {
+            let api = self.clone();
+            let finished = finished.clone();
+            let handover = handover.clone();
+            async_stream::stream! {
+                // Nothing is parsed before the permit: 10,000 subscriptions arriving at
+                // once wait as their requests, not as parsed documents.
+                let mut permit = api.subscription_starts.clone().acquire_owned().await.ok();
+                let mut request = request;
+                match shared::plan(&mut request) {
+                    Ok(parts) => handover.set_shape(parts),
+                    Err(err) => {
+                        let mut response = async_graphql::Response::from_errors(vec![err]);
+                        api.finish(&mut response);
+                        finished.count(&response);
+                        yield Reply::Response(Box::new(response));
+                        return;
+                    }
+                }
+                let mut inner = api.schema.execute_stream(request);
+                while let Some(mut response) = inner.next().instrument(span.clone()).await {
+                    // Started (or refused): the next operation may start.
+                    permit = None;
+                    api.finish(&mut response);
+                    finished.count(&response);
+                    tracing::debug!(parent: &span, errors = response.errors.len(), "response");
+                    yield Reply::Response(Box::new(response));
+                }
+                drop(permit);
+            }
+        };
         let api = self.clone();
-        let inner = self.schema.execute_stream(request);
-        async_stream::stream! {
-            // The whole guard moves in (not just the fields it updates), so it drops with
-            // the stream.
-            let mut finished = finished;
-            let mut inner = inner;
-            while let Some(mut response) = inner.next().instrument(span.clone()).await {
-                api.finish(&mut response);
-                finished.responses += 1;
-                finished.errors += response.errors.len() as u64;
-                tracing::debug!(parent: &span, errors = response.errors.len(), "response");
-                yield Reply::Response(Box::new(response));
+        let live = futures_util::stream::once(async move {
+            match handover.take() {
+                Some((follower, parts)) => live_replies(api, follower, parts, finished).boxed(),
+                None => futures_util::stream::empty().boxed(),
             }
-            // The resolver's work is done: free async-graphql's state before following.
-            drop(inner);
-            let (Some(mut follower), Some(shape)) = (handover.take(), shape) else {
-                return;
-            };
-            let shape = api.shapes.intern(shape);
-            let stats = &api.broker.stats;
-            while let Some(next) = follower.next().await {
-                let (rendered, event) = match next {
-                    subscription::Next::Event(event) => {
-                        let rendered = event
-                            .memo
-                            .get_or_try_init("render", shape.id as i64, || {
-                                api.render(&shape, shared::RenderOne::Event(event.clone()))
-                                    .instrument(span.clone())
-                            })
-                            .await;
-                        let rendered = match rendered {
-                            Ok(rendered) => rendered,
-                            Err(never) => match never {},
-                        };
-                        (rendered, true)
-                    }
-                    subscription::Next::Error(err) => {
-                        let rendered = match api.render(&shape, shared::RenderOne::Error(err)).await {
-                            Ok(rendered) => rendered,
-                            Err(never) => match never {},
-                        };
-                        (Arc::new(rendered), false)
-                    }
-                };
-                let Some(json) = &rendered.json else { continue };
-                for code in &rendered.codes {
-                    api.count_error(code);
-                }
-                finished.responses += 1;
-                finished.errors += rendered.codes.len() as u64;
-                if event {
-                    FeedStats::add(&stats.delivered, 1);
-                }
-                yield Reply::Shared(json.clone());
-            }
-        }
-        .boxed()
+        })
+        .flatten();
+        // The start is boxed on its own, so its memory is freed when it ends.
+        start.boxed().chain(live).boxed()
     }
 
     /// Renders one event (or error) under `shape`: the subscription's document run in
@@ -309,6 +287,83 @@ impl Api {
     }
 }
 
+/// What a handed-over subscription keeps while it follows its topic: kept small, as there
+/// may be 10,000 of them.
+struct LiveState {
+    api: Api,
+    follower: subscription::Follower,
+    shape: Arc<shared::Shape>,
+    finished: Arc<Finished>,
+}
+
+/// The live phase of a subscription: each event its follower has next, rendered once per
+/// shape (in the event's memo) and shared.
+fn live_replies(
+    api: Api,
+    follower: subscription::Follower,
+    parts: shared::ShapeParts,
+    finished: Arc<Finished>,
+) -> impl futures_util::Stream<Item = Reply> {
+    let shape = api.shapes.intern(parts);
+    let state = Box::new(LiveState {
+        api,
+        follower,
+        shape,
+        finished,
+    });
+    futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            let (rendered, event) = match state.follower.next().await? {
+                subscription::Next::Event(event) => {
+                    let LiveState {
+                        api,
+                        shape,
+                        finished,
+                        ..
+                    } = &*state;
+                    let rendered = event
+                        .memo
+                        .get_or_try_init("render", shape.id as i64, || {
+                            // Boxed: the stream's state stays small for the time it waits
+                            // for events, which is most of its life.
+                            api.render(shape, shared::RenderOne::Event(event.clone()))
+                                .instrument(finished.span.clone())
+                                .boxed()
+                        })
+                        .await;
+                    let rendered = match rendered {
+                        Ok(rendered) => rendered,
+                        Err(never) => match never {},
+                    };
+                    (rendered, true)
+                }
+                subscription::Next::Error(err) => {
+                    let rendered = state
+                        .api
+                        .render(&state.shape, shared::RenderOne::Error(err))
+                        .boxed()
+                        .await;
+                    let rendered = match rendered {
+                        Ok(rendered) => rendered,
+                        Err(never) => match never {},
+                    };
+                    (Arc::new(rendered), false)
+                }
+            };
+            let Some(json) = &rendered.json else { continue };
+            for code in &rendered.codes {
+                state.api.count_error(code);
+            }
+            state.finished.add(rendered.codes.len());
+            if event {
+                FeedStats::add(&state.api.broker.stats.delivered, 1);
+            }
+            let reply = Reply::Shared(json.clone());
+            return Some((reply, state));
+        }
+    })
+}
+
 /// Gives every error of `response` a code, and returns the codes.
 fn codes(response: &mut async_graphql::Response) -> Vec<String> {
     error::ensure_codes(response);
@@ -332,8 +387,21 @@ fn codes(response: &mut async_graphql::Response) -> Vec<String> {
 struct Finished {
     span: tracing::Span,
     started: std::time::Instant,
-    responses: u64,
-    errors: u64,
+    responses: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Finished {
+    /// Counts a reply with `errors` errors.
+    fn add(&self, errors: usize) {
+        self.responses.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(errors as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a response.
+    fn count(&self, response: &async_graphql::Response) {
+        self.add(response.errors.len());
+    }
 }
 
 impl Drop for Finished {
@@ -341,8 +409,8 @@ impl Drop for Finished {
         tracing::debug!(
             parent: &self.span,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            responses = self.responses,
-            errors = self.errors,
+            responses = self.responses.load(Ordering::Relaxed),
+            errors = self.errors.load(Ordering::Relaxed),
             "operation finished"
         );
     }

@@ -248,25 +248,44 @@ pub(crate) enum RenderOne {
 }
 
 /// Request data through which a subscription resolver hands its checked `Follower` to the
-/// `Api` instead of streaming through async-graphql.
+/// `Api` instead of streaming through async-graphql, with the subscription's shape.
 #[derive(Default)]
-pub(crate) struct Handover(Mutex<Option<Follower>>);
+pub(crate) struct Handover(Mutex<HandedOver>);
+
+#[derive(Default)]
+struct HandedOver {
+    follower: Option<Follower>,
+    shape: Option<ShapeParts>,
+}
 
 impl Handover {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandedOver> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Takes `follower`; false when one was handed over already (two root fields, which
     /// `plan` refuses first).
     pub fn put(&self, follower: Follower) -> bool {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_some() {
+        let mut slot = self.lock();
+        if slot.follower.is_some() {
             return false;
         }
-        *slot = Some(follower);
+        slot.follower = Some(follower);
         true
     }
 
-    /// The follower handed over, if any.
-    pub fn take(&self) -> Option<Follower> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    /// Keeps the subscription's shape (from `plan`) for the live phase.
+    pub fn set_shape(&self, shape: Option<ShapeParts>) {
+        self.lock().shape = shape;
+    }
+
+    /// The follower handed over and the subscription's shape, if both are there.
+    pub fn take(&self) -> Option<(Follower, ShapeParts)> {
+        let mut slot = self.lock();
+        match (slot.follower.take(), slot.shape.take()) {
+            (Some(follower), Some(shape)) => Some((follower, shape)),
+            _ => None,
+        }
     }
 }
 

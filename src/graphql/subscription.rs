@@ -240,12 +240,7 @@ impl Follow {
         let broker = live.broker.clone();
         let receiver = broker.subscribe(channel_id);
         let published = broker.published();
-        // The start-up queries take a permit (see `Live::subscription_starts`).
-        let _permit = live
-            .subscription_starts
-            .acquire()
-            .await
-            .map_err(|_| super::missing("subscription start permits"))?;
+        // The whole start runs under a permit (see `Live::subscription_starts`).
         // A missing channel is refused like someone else's, so ids cannot be probed.
         if !store::channel::is_member(&db, channel_id, viewer).await? {
             return Err(not_a_member());
@@ -432,7 +427,9 @@ impl Follower {
             // The next batch: catching up (from the broker's memory, else a page of the
             // log) while behind the target, else the next live event.
             if follow.seen < follow.target {
-                match follow.catch_up().await {
+                // Boxed: its database futures are large, and a follower spends most of its
+                // life waiting on the topic, not catching up.
+                match Box::pin(follow.catch_up()).await {
                     Ok((batch, caught_up)) => {
                         self.pending.extend(batch);
                         self.caught_up = caught_up;
