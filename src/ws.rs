@@ -150,6 +150,10 @@ fn authorization(payload: Option<&Value>) -> Option<&str> {
         .and_then(|(_, value)| value.as_str())
 }
 
+/// How many times the writer lets other tasks run while they are still queueing frames for
+/// its socket, before it writes what it has.
+const WRITE_BATCH_YIELDS: usize = 8;
+
 /// How long a required reply (ack, pong, error) may wait for the client to read earlier
 /// ones before the connection is ended.
 const REPLY_PATIENCE: Duration = Duration::from_secs(5);
@@ -223,6 +227,19 @@ pub async fn serve(
                 Some(message) = outgoing.recv() => message,
                 else => return,
             };
+            // Let the tasks that are ready run first, for as long as they add frames: one
+            // event wakes every subscription of this socket, and tokio would otherwise run
+            // this writer right after the first of them (its LIFO slot), one frame and one
+            // syscall per subscription. Bounded, so a steady stream cannot starve it.
+            let mut queued = outgoing.len();
+            for _ in 0..WRITE_BATCH_YIELDS {
+                tokio::task::yield_now().await;
+                let now = outgoing.len();
+                if now == queued {
+                    break;
+                }
+                queued = now;
+            }
             // Everything already queued goes out in one write (one syscall for an event's
             // frames to all of this socket's subscriptions), control messages first.
             loop {
@@ -504,7 +521,7 @@ impl Connection {
                 if self.refuse_past_limit(&id).await {
                     return true;
                 }
-                self.start(id, *payload, viewer);
+                self.start(id, *payload, viewer).await;
                 true
             }
             TransportMessage::Complete { id } => {
@@ -557,7 +574,7 @@ impl Connection {
                 if self.refuse_past_limit(&id).await {
                     return true;
                 }
-                self.start(id, *payload, viewer);
+                self.start(id, *payload, viewer).await;
                 true
             }
             LegacyMessage::Stop { id } => {
@@ -605,14 +622,18 @@ impl Connection {
         true
     }
 
-    fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
+    /// Waits for a start permit first (`Api::start_permit`), without reading further
+    /// messages of this socket meanwhile: a burst of subscriptions waits as unread bytes
+    /// in the socket, not as queued operations in memory.
+    async fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
+        let permit = self.api.start_permit().await;
         let request = request.data(self.client);
         self.generation += 1;
         let generation = self.generation;
         let protocol = self.protocol;
         let out = self.out.clone();
         let finished = self.finished.clone();
-        let mut responses = self.api.execute_stream(request, viewer);
+        let mut replies = self.api.execute_stream(request, viewer, permit);
         let task_id = id.clone();
         let operation = tokio::spawn(async move {
             let id = task_id;
@@ -623,7 +644,7 @@ impl Connection {
             let mut first = true;
             // The id as a JSON string, once: shared payloads are framed around it as text.
             let quoted_id = serde_json::Value::from(id.as_str()).to_string();
-            while let Some(reply) = responses.next().await {
+            while let Some(reply) = replies.next().await {
                 let response = match reply {
                     Reply::Shared(payload) => {
                         first = false;

@@ -13,7 +13,6 @@ pub mod subscription;
 pub mod types;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_graphql::{Context, Schema};
 use futures_util::stream::BoxStream;
@@ -47,7 +46,9 @@ pub struct Live {
     /// a handed-over subscription no longer needs (async-graphql's execution, the parsed
     /// document, the start-up queries' futures); 10,000 subscriptions starting together
     /// would otherwise hold it all at once while waiting for a connection, memory the
-    /// allocator then keeps. Taken in `Api::execute_stream`.
+    /// allocator then keeps. Taken by the transport before it starts an operation
+    /// (`Api::start_permit`), so the WebSocket reads no further message of its socket while
+    /// it waits; released when the start ends.
     pub subscription_starts: Arc<tokio::sync::Semaphore>,
 }
 
@@ -178,13 +179,13 @@ impl Api {
         }
     }
 
-    /// Runs one operation of any kind as `viewer` and streams its replies (one for a query
-    /// or mutation, one per event for a subscription), every error with a code. The
-    /// operation's work runs in its span; when the stream ends or is dropped (the client
-    /// completed it), its duration and reply count are logged.
+    /// Runs one operation of any kind as `viewer`; its replies come from `Replies::next`
+    /// (one for a query or mutation, one per event for a subscription), every error with a
+    /// code. The operation's work runs in its span; when the replies end or are dropped
+    /// (the client completed it), its duration and reply count are logged.
     ///
-    /// Two phases. The start runs through async-graphql under a start permit (see
-    /// `Live::subscription_starts`): a query or mutation runs whole; a subscription's
+    /// Two phases. The start runs through async-graphql under `permit`: a query or
+    /// mutation runs whole; a subscription's
     /// resolver checks it and hands it over (`shared::Handover`). Then, for a subscription,
     /// the live phase follows the topic and sends each event's rendering, made once per
     /// shape and shared (`Reply::Shared`). The start's state (async-graphql's stream, the
@@ -193,60 +194,57 @@ impl Api {
         &self,
         request: async_graphql::Request,
         viewer: Viewer,
-    ) -> BoxStream<'static, Reply> {
+        permit: StartPermit,
+    ) -> Replies {
         let span = operation_span(&request, viewer);
-        // Made before the stream is first polled, so an operation completed at once is
-        // logged too, and its duration counts from here. Shared by both phases; logs when
-        // the last of them is dropped.
-        let finished = Arc::new(Finished {
+        // Made before the replies are first asked for, so an operation completed at once is
+        // logged too, and its duration counts from here.
+        let finished = Finished {
             span: span.clone(),
             started: std::time::Instant::now(),
-            responses: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        });
+            responses: 0,
+            errors: 0,
+        };
         let handover = Arc::new(shared::Handover::default());
         let request = self.prepare(request, viewer).data(handover.clone());
+        let api = self.clone();
         let start = {
-            let api = self.clone();
-            let finished = finished.clone();
             let handover = handover.clone();
             async_stream::stream! {
-                // Nothing is parsed before the permit: 10,000 subscriptions arriving at
-                // once wait as their requests, not as parsed documents.
-                let mut permit = api.subscription_starts.clone().acquire_owned().await.ok();
+                let mut permit = Some(permit);
                 let mut request = request;
                 match shared::plan(&mut request) {
                     Ok(parts) => handover.set_shape(parts),
                     Err(err) => {
-                        let mut response = async_graphql::Response::from_errors(vec![err]);
-                        api.finish(&mut response);
-                        finished.count(&response);
-                        yield Reply::Response(Box::new(response));
+                        yield async_graphql::Response::from_errors(vec![err]);
                         return;
                     }
                 }
                 let mut inner = api.schema.execute_stream(request);
-                while let Some(mut response) = inner.next().instrument(span.clone()).await {
+                while let Some(response) = inner.next().instrument(span.clone()).await {
                     // Started (or refused): the next operation may start.
                     permit = None;
-                    api.finish(&mut response);
-                    finished.count(&response);
-                    tracing::debug!(parent: &span, errors = response.errors.len(), "response");
-                    yield Reply::Response(Box::new(response));
+                    yield response;
                 }
                 drop(permit);
             }
         };
-        let api = self.clone();
-        let live = futures_util::stream::once(async move {
-            match handover.take() {
-                Some((follower, parts)) => live_replies(api, follower, parts, finished).boxed(),
-                None => futures_util::stream::empty().boxed(),
-            }
-        })
-        .flatten();
-        // The start is boxed on its own, so its memory is freed when it ends.
-        start.boxed().chain(live).boxed()
+        Replies {
+            api: self.clone(),
+            start: Some(start.boxed()),
+            handover: Some(handover),
+            live: None,
+            finished,
+        }
+    }
+
+    /// A permit to start an operation (see `Live::subscription_starts`). Transports take it
+    /// before they hand the operation over, so that what waits for it is as small as can
+    /// be; it is released when the start ends.
+    pub async fn start_permit(&self) -> StartPermit {
+        StartPermit {
+            _permit: self.subscription_starts.clone().acquire_owned().await.ok(),
+        }
     }
 
     /// Renders one event (or error) under `shape`: the subscription's document run in
@@ -287,47 +285,54 @@ impl Api {
     }
 }
 
-/// What a handed-over subscription keeps while it follows its topic: kept small, as there
-/// may be 10,000 of them.
-struct LiveState {
-    api: Api,
-    follower: subscription::Follower,
-    shape: Arc<shared::Shape>,
-    finished: Arc<Finished>,
+/// A permit to start one operation (`Api::start_permit`).
+pub struct StartPermit {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// The live phase of a subscription: each event its follower has next, rendered once per
-/// shape (in the event's memo) and shared.
-fn live_replies(
+/// One operation's replies (see `Api::execute_stream`). A subscription's whole live state
+/// is in here, in the task that drives it, with nothing else allocated for it: there may be
+/// 10,000 of them, each woken for every event of its topic.
+pub struct Replies {
     api: Api,
-    follower: subscription::Follower,
-    parts: shared::ShapeParts,
-    finished: Arc<Finished>,
-) -> impl futures_util::Stream<Item = Reply> {
-    let shape = api.shapes.intern(parts);
-    let state = Box::new(LiveState {
-        api,
-        follower,
-        shape,
-        finished,
-    });
-    futures_util::stream::unfold(state, |mut state| async move {
+    /// The start phase, until it ends.
+    start: Option<BoxStream<'static, async_graphql::Response>>,
+    /// Where a subscription's resolver leaves its follower, until the start ends.
+    handover: Option<Arc<shared::Handover>>,
+    /// A handed-over subscription: what it follows and how it renders.
+    live: Option<(subscription::Follower, Arc<shared::Shape>)>,
+    finished: Finished,
+}
+
+impl Replies {
+    /// The next reply, or `None` when the operation is over.
+    pub async fn next(&mut self) -> Option<Reply> {
+        if let Some(start) = &mut self.start {
+            if let Some(mut response) = start.next().await {
+                self.api.finish(&mut response);
+                self.finished.count(response.errors.len());
+                tracing::debug!(parent: &self.finished.span, errors = response.errors.len(), "response");
+                return Some(Reply::Response(Box::new(response)));
+            }
+            // Free async-graphql's state (and its hold on the handover) first.
+            self.start = None;
+            let handover = self.handover.take()?;
+            let (follower, parts) = handover.take()?;
+            self.live = Some((follower, self.api.shapes.intern(parts)));
+        }
+        let (follower, shape) = self.live.as_mut()?;
         loop {
-            let (rendered, event) = match state.follower.next().await? {
+            let (rendered, event) = match follower.next().await? {
                 subscription::Next::Event(event) => {
-                    let LiveState {
-                        api,
-                        shape,
-                        finished,
-                        ..
-                    } = &*state;
+                    let api = &self.api;
+                    let span = &self.finished.span;
                     let rendered = event
                         .memo
                         .get_or_try_init("render", shape.id as i64, || {
-                            // Boxed: the stream's state stays small for the time it waits
-                            // for events, which is most of its life.
+                            // Boxed: the state stays small for the time it waits for
+                            // events, which is most of its life.
                             api.render(shape, shared::RenderOne::Event(event.clone()))
-                                .instrument(finished.span.clone())
+                                .instrument(span.clone())
                                 .boxed()
                         })
                         .await;
@@ -338,9 +343,9 @@ fn live_replies(
                     (rendered, true)
                 }
                 subscription::Next::Error(err) => {
-                    let rendered = state
+                    let rendered = self
                         .api
-                        .render(&state.shape, shared::RenderOne::Error(err))
+                        .render(shape, shared::RenderOne::Error(err))
                         .boxed()
                         .await;
                     let rendered = match rendered {
@@ -352,16 +357,15 @@ fn live_replies(
             };
             let Some(json) = &rendered.json else { continue };
             for code in &rendered.codes {
-                state.api.count_error(code);
+                self.api.count_error(code);
             }
-            state.finished.add(rendered.codes.len());
+            self.finished.count(rendered.codes.len());
             if event {
-                FeedStats::add(&state.api.broker.stats.delivered, 1);
+                FeedStats::add(&self.api.broker.stats.delivered, 1);
             }
-            let reply = Reply::Shared(json.clone());
-            return Some((reply, state));
+            return Some(Reply::Shared(json.clone()));
         }
-    })
+    }
 }
 
 /// Gives every error of `response` a code, and returns the codes.
@@ -387,20 +391,15 @@ fn codes(response: &mut async_graphql::Response) -> Vec<String> {
 struct Finished {
     span: tracing::Span,
     started: std::time::Instant,
-    responses: AtomicU64,
-    errors: AtomicU64,
+    responses: u64,
+    errors: u64,
 }
 
 impl Finished {
     /// Counts a reply with `errors` errors.
-    fn add(&self, errors: usize) {
-        self.responses.fetch_add(1, Ordering::Relaxed);
-        self.errors.fetch_add(errors as u64, Ordering::Relaxed);
-    }
-
-    /// Counts a response.
-    fn count(&self, response: &async_graphql::Response) {
-        self.add(response.errors.len());
+    fn count(&mut self, errors: usize) {
+        self.responses += 1;
+        self.errors += errors as u64;
     }
 }
 
@@ -409,8 +408,8 @@ impl Drop for Finished {
         tracing::debug!(
             parent: &self.span,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            responses = self.responses.load(Ordering::Relaxed),
-            errors = self.errors.load(Ordering::Relaxed),
+            responses = self.responses,
+            errors = self.errors,
             "operation finished"
         );
     }
