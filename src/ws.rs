@@ -12,16 +12,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket};
+use futures_util::stream::{BoxStream, FuturesUnordered, StreamFuture};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
 use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::error::code;
 use crate::graphql::limits::ClientAddr;
-use crate::graphql::{Api, Reply};
+use crate::graphql::{Api, Reply, StartPermit};
 
 /// `Sec-WebSocket-Protocol` of the graphql-ws library.
 pub const GRAPHQL_TRANSPORT_WS: &str = "graphql-transport-ws";
@@ -150,10 +150,6 @@ fn authorization(payload: Option<&Value>) -> Option<&str> {
         .and_then(|(_, value)| value.as_str())
 }
 
-/// How many times the writer lets other tasks run while they are still queueing frames for
-/// its socket, before it writes what it has.
-const WRITE_BATCH_YIELDS: usize = 8;
-
 /// How long a required reply (ack, pong, error) may wait for the client to read earlier
 /// ones before the connection is ended.
 const REPLY_PATIENCE: Duration = Duration::from_secs(5);
@@ -197,11 +193,65 @@ struct Connection {
     /// When the accepted token expires: the connection is closed with 4403 then, and the
     /// client reconnects with a fresh token.
     expires_at: Option<tokio::time::Instant>,
-    operations: HashMap<String, JoinHandle<()>>,
-    finished: mpsc::UnboundedSender<(String, u64)>,
-    /// Distinguishes a finished operation from a newer one that reuses its id.
+    /// The running operations by id: which generation (distinguishing a finished operation
+    /// from a newer one that reuses its id) and how to stop it.
+    operations: HashMap<String, u64>,
     generation: u64,
-    generations: HashMap<String, u64>,
+    /// The running operations' frame streams, driven by the connection's own task: one
+    /// event wakes this one task, which queues the frames of every subscription of the
+    /// socket before its writer runs (one write per socket and event, not one task and one
+    /// write per subscription). Each is polled only when it was woken.
+    streams: FuturesUnordered<StreamFuture<Operation>>,
+    /// An operation read from the socket, waiting for its start permit.
+    pending: Option<Box<(String, async_graphql::Request, Viewer)>>,
+}
+
+/// One frame of an operation, and whether it is its last (`complete`, or `error`).
+struct OpFrame {
+    text: String,
+    last: bool,
+}
+
+/// A running operation: its frames, tagged with its id and generation, until stopped.
+struct Operation {
+    id: String,
+    generation: u64,
+    /// `None` once stopped (its state is dropped at once). In a mutex only to be `Sync`
+    /// (the connection is borrowed across awaits); it is only ever reached through `&mut`,
+    /// so never locked.
+    frames: std::sync::Mutex<Option<BoxStream<'static, OpFrame>>>,
+}
+
+impl Operation {
+    fn frames(&mut self) -> &mut Option<BoxStream<'static, OpFrame>> {
+        self.frames.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl futures_util::Stream for Operation {
+    type Item = OpFrame;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<OpFrame>> {
+        match self.frames() {
+            Some(frames) => frames.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+/// Waits until the outgoing queue has room, then for the next frame of any operation
+/// (`None` when there are no operations).
+async fn next_frame(
+    streams: &mut FuturesUnordered<StreamFuture<Operation>>,
+    out: &mpsc::Sender<Outgoing>,
+) -> Option<(Option<OpFrame>, Operation)> {
+    // A client that does not read fills the queue; its operations then wait (and, past
+    // the topic's buffer, re-read the log) instead of the queue growing.
+    drop(out.reserve().await.ok()?);
+    streams.next().await
 }
 
 /// Serves one upgraded socket until either side closes or the server shuts down.
@@ -217,7 +267,7 @@ pub async fn serve(
     let (mut sink, mut stream) = socket.split();
     // Bounded: a client that does not read makes its operations wait (and, past the
     // topic's buffer, re-read the log) instead of growing this queue.
-    let (out, mut outgoing) = mpsc::channel::<Outgoing>(64);
+    let (out, mut outgoing) = mpsc::channel::<Outgoing>(256);
     let (control, mut controls) = mpsc::channel::<Outgoing>(32);
     let writer = tokio::spawn(async move {
         loop {
@@ -227,19 +277,6 @@ pub async fn serve(
                 Some(message) = outgoing.recv() => message,
                 else => return,
             };
-            // Let the tasks that are ready run first, for as long as they add frames: one
-            // event wakes every subscription of this socket, and tokio would otherwise run
-            // this writer right after the first of them (its LIFO slot), one frame and one
-            // syscall per subscription. Bounded, so a steady stream cannot starve it.
-            let mut queued = outgoing.len();
-            for _ in 0..WRITE_BATCH_YIELDS {
-                tokio::task::yield_now().await;
-                let now = outgoing.len();
-                if now == queued {
-                    break;
-                }
-                queued = now;
-            }
             // Everything already queued goes out in one write (one syscall for an event's
             // frames to all of this socket's subscriptions), control messages first.
             loop {
@@ -272,7 +309,6 @@ pub async fn serve(
             }
         }
     });
-    let (finished, mut finished_ids) = mpsc::unbounded_channel();
     let mut connection = Connection {
         protocol,
         api,
@@ -285,10 +321,13 @@ pub async fn serve(
         viewer: None,
         expires_at: None,
         operations: HashMap::new(),
-        finished,
         generation: 0,
-        generations: HashMap::new(),
+        streams: FuturesUnordered::new(),
+        pending: None,
     };
+    // The pending operation's wait for a start permit, kept across loop turns so that it
+    // keeps its place in the queue.
+    let mut permit_wait: Option<futures_util::future::BoxFuture<'static, StartPermit>> = None;
     let init_deadline = tokio::time::sleep(config.init_timeout);
     tokio::pin!(init_deadline);
     let mut keep_alive = tokio::time::interval(config.keep_alive);
@@ -298,17 +337,29 @@ pub async fn serve(
     let silence_limit = (config.keep_alive * 3).max(Duration::from_secs(60));
     let mut last_heard = tokio::time::Instant::now();
     loop {
+        if connection.pending.is_some() && permit_wait.is_none() {
+            permit_wait = Some(Box::pin(connection.api.start_permit()));
+        }
         tokio::select! {
-            // Finished operations first, so an id freed by `complete` is free before the
+            // Operations' frames first: an id freed by `complete` is then free before the
             // client's next frame is read.
-            biased;
-            Some((id, generation)) = finished_ids.recv() => {
-                if connection.generations.get(&id) == Some(&generation) {
-                    connection.generations.remove(&id);
-                    connection.operations.remove(&id);
+            Some((frame, operation)) = next_frame(&mut connection.streams, &connection.out),
+                if !connection.streams.is_empty() =>
+            {
+                if let Some(text) = connection.on_frame(frame, operation) {
+                    // `next_frame` saw room, and only this task queues results.
+                    if let Err(mpsc::error::TrySendError::Full(message)) = connection.out.try_send(Outgoing::Text(text)) {
+                        let _ = connection.out.send(message).await;
+                    }
                 }
             }
-            frame = stream.next() => {
+            permit = async { Some(permit_wait.as_mut()?.await) }, if permit_wait.is_some() => {
+                permit_wait = None;
+                if let Some(permit) = permit {
+                    connection.launch(permit);
+                }
+            }
+            frame = stream.next(), if connection.pending.is_none() => {
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
                     Some(Err(err)) => {
@@ -364,11 +415,16 @@ pub async fn serve(
             }
             _ = shutdown.changed() => {
                 // The hub is closed: each operation sends `complete` as its stream ends.
-                for (_, mut operation) in connection.operations.drain() {
-                    if tokio::time::timeout(Duration::from_secs(1), &mut operation).await.is_err() {
-                        operation.abort();
+                let drained = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some((frame, operation)) = connection.streams.next().await {
+                        if let Some(text) = connection.on_frame(frame, operation)
+                            && connection.out.send(Outgoing::Text(text)).await.is_err()
+                        {
+                            break;
+                        }
                     }
-                }
+                });
+                let _ = drained.await;
                 // After the operations' `complete` messages, in order; bounded in time.
                 let close = Outgoing::Close(close::SERVICE_RESTART, "Server restarting".to_owned());
                 let _ = tokio::time::timeout(Duration::from_secs(1), connection.out.send(close)).await;
@@ -376,9 +432,7 @@ pub async fn serve(
             }
         }
     }
-    for (_, operation) in connection.operations.drain() {
-        operation.abort();
-    }
+    // Dropping the connection drops its operations.
     drop(connection);
     // The writer ends once the queue drains; a client that does not read cannot hold it.
     let mut writer = writer;
@@ -521,7 +575,7 @@ impl Connection {
                 if self.refuse_past_limit(&id).await {
                     return true;
                 }
-                self.start(id, *payload, viewer).await;
+                self.start(id, *payload, viewer);
                 true
             }
             TransportMessage::Complete { id } => {
@@ -574,7 +628,7 @@ impl Connection {
                 if self.refuse_past_limit(&id).await {
                     return true;
                 }
-                self.start(id, *payload, viewer).await;
+                self.start(id, *payload, viewer);
                 true
             }
             LegacyMessage::Stop { id } => {
@@ -589,10 +643,18 @@ impl Connection {
     }
 
     fn stop(&mut self, id: &str) {
-        if let Some(operation) = self.operations.remove(id) {
-            operation.abort();
+        let Some(generation) = self.operations.remove(id) else {
+            return;
+        };
+        // Dropped now, even while a full queue keeps the connection from polling it.
+        for pending in self.streams.iter_mut() {
+            if let Some(operation) = pending.get_mut()
+                && operation.id == id
+                && operation.generation == generation
+            {
+                *operation.frames() = None;
+            }
         }
-        self.generations.remove(id);
     }
 
     /// Runs an operation: `next` (legacy `data`) per response, then `complete`. An operation
@@ -622,21 +684,28 @@ impl Connection {
         true
     }
 
-    /// Waits for a start permit first (`Api::start_permit`), without reading further
-    /// messages of this socket meanwhile: a burst of subscriptions waits as unread bytes
-    /// in the socket, not as queued operations in memory.
-    async fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
-        let permit = self.api.start_permit().await;
+    /// Queues an operation to start once it has a start permit (`Api::start_permit`). The
+    /// socket reads no further message meanwhile (a burst of subscriptions waits as unread
+    /// bytes in the socket, not as queued operations in memory), but its running operations
+    /// keep going: one of them may hold the permit it waits for.
+    fn start(&mut self, id: String, request: async_graphql::Request, viewer: Viewer) {
+        self.pending = Some(Box::new((id, request, viewer)));
+    }
+
+    /// Starts the pending operation with its permit.
+    fn launch(&mut self, permit: StartPermit) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let (id, request, viewer) = *pending;
         let request = request.data(self.client);
         self.generation += 1;
         let generation = self.generation;
         let protocol = self.protocol;
-        let out = self.out.clone();
-        let finished = self.finished.clone();
         let mut replies = self.api.execute_stream(request, viewer, permit);
-        let task_id = id.clone();
-        let operation = tokio::spawn(async move {
-            let id = task_id;
+        let frame_id = id.clone();
+        let frames = async_stream::stream! {
+            let id = frame_id;
             let data_type = match protocol {
                 Protocol::TransportWs => "next",
                 Protocol::Legacy => "data",
@@ -648,10 +717,7 @@ impl Connection {
                 let response = match reply {
                     Reply::Shared(payload) => {
                         first = false;
-                        let message = raw_frame(data_type, &quoted_id, &payload);
-                        if out.send(Outgoing::Text(message)).await.is_err() {
-                            return;
-                        }
+                        yield OpFrame { text: raw_frame(data_type, &quoted_id, &payload), last: false };
                         continue;
                     }
                     Reply::Response(response) => response,
@@ -662,28 +728,42 @@ impl Connection {
                 let failed_before_data = first && failed && never_ran;
                 first = false;
                 // Serialized straight into the frame's text, without a JSON tree in between.
-                let message = if failed_before_data {
-                    frame("error", &id, &response.errors)
-                } else {
-                    frame(data_type, &id, &response)
-                };
                 if failed_before_data {
-                    // `error` ends the operation; no `complete` follows it. Free the id first.
-                    let _ = finished.send((id.clone(), generation));
-                    let _ = out.send(Outgoing::Text(message)).await;
+                    // `error` ends the operation; no `complete` follows it.
+                    yield OpFrame { text: frame("error", &id, &response.errors), last: true };
                     return;
                 }
-                if out.send(Outgoing::Text(message)).await.is_err() {
-                    return;
-                }
+                yield OpFrame { text: frame(data_type, &id, &response), last: false };
             }
-            // Free the id before the client can see `complete` and reuse it.
-            let _ = finished.send((id.clone(), generation));
             let complete = json!({ "type": "complete", "id": id });
-            let _ = out.send(Outgoing::Text(complete.to_string())).await;
-        });
-        self.generations.insert(id.clone(), generation);
-        self.operations.insert(id, operation);
+            yield OpFrame { text: complete.to_string(), last: true };
+        };
+        let operation = Operation {
+            id: id.clone(),
+            generation,
+            frames: std::sync::Mutex::new(Some(frames.boxed())),
+        };
+        self.streams.push(operation.into_future());
+        self.operations.insert(id, generation);
+    }
+
+    /// Takes an operation's next frame (`None`: its stream ended) and puts the operation
+    /// back to be polled again; returns the text to send, if any. A last frame frees the id
+    /// first, before the client can see `complete` and reuse it.
+    fn on_frame(&mut self, frame: Option<OpFrame>, mut operation: Operation) -> Option<String> {
+        if operation.frames().is_none() {
+            // Stopped by the client (or replaced); it was removed from `operations` then.
+            return None;
+        }
+        if frame.as_ref().is_none_or(|frame| frame.last) {
+            let Operation { id, generation, .. } = &operation;
+            if self.operations.get(id).is_some_and(|g| g == generation) {
+                self.operations.remove(id);
+            }
+        } else {
+            self.streams.push(operation.into_future());
+        }
+        frame.map(|frame| frame.text)
     }
 }
 

@@ -15,9 +15,9 @@ pub mod types;
 use std::sync::Arc;
 
 use async_graphql::{Context, Schema};
-use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use sea_orm::DatabaseConnection;
+use tokio::sync::mpsc;
 
 use crate::auth::{JwtKeys, Viewer};
 use crate::changes::Doorbell;
@@ -208,15 +208,21 @@ impl Api {
         let handover = Arc::new(shared::Handover::default());
         let request = self.prepare(request, viewer).data(handover.clone());
         let api = self.clone();
-        let start = {
+        // The start runs in a task of its own, so that it makes progress (and gives its
+        // permit back) however the transport drives the replies: a WebSocket whose client
+        // does not read stops polling its operations, and must not hold a permit meanwhile.
+        let (responses, start) = mpsc::channel(4);
+        let task = {
             let handover = handover.clone();
-            async_stream::stream! {
+            tokio::spawn(async move {
                 let mut permit = Some(permit);
                 let mut request = request;
                 match shared::plan(&mut request) {
                     Ok(parts) => handover.set_shape(parts),
                     Err(err) => {
-                        yield async_graphql::Response::from_errors(vec![err]);
+                        let _ = responses
+                            .send(async_graphql::Response::from_errors(vec![err]))
+                            .await;
                         return;
                     }
                 }
@@ -224,14 +230,17 @@ impl Api {
                 while let Some(response) = inner.next().instrument(span.clone()).await {
                     // Started (or refused): the next operation may start.
                     permit = None;
-                    yield response;
+                    if responses.send(response).await.is_err() {
+                        return;
+                    }
                 }
                 drop(permit);
-            }
+            })
         };
         Replies {
             api: self.clone(),
-            start: Some(start.boxed()),
+            start: Some(start),
+            _start_task: AbortOnDrop(task),
             handover: Some(handover),
             live: None,
             finished,
@@ -241,9 +250,12 @@ impl Api {
     /// A permit to start an operation (see `Live::subscription_starts`). Transports take it
     /// before they hand the operation over, so that what waits for it is as small as can
     /// be; it is released when the start ends.
-    pub async fn start_permit(&self) -> StartPermit {
-        StartPermit {
-            _permit: self.subscription_starts.clone().acquire_owned().await.ok(),
+    pub fn start_permit(&self) -> impl std::future::Future<Output = StartPermit> + Send + 'static {
+        let starts = self.subscription_starts.clone();
+        async move {
+            StartPermit {
+                _permit: starts.acquire_owned().await.ok(),
+            }
         }
     }
 
@@ -290,13 +302,24 @@ pub struct StartPermit {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One operation's replies (see `Api::execute_stream`). A subscription's whole live state
 /// is in here, in the task that drives it, with nothing else allocated for it: there may be
 /// 10,000 of them, each woken for every event of its topic.
 pub struct Replies {
     api: Api,
-    /// The start phase, until it ends.
-    start: Option<BoxStream<'static, async_graphql::Response>>,
+    /// The start phase's responses, until it ends.
+    start: Option<mpsc::Receiver<async_graphql::Response>>,
+    /// The start phase's task, stopped if the replies are dropped first.
+    _start_task: AbortOnDrop,
     /// Where a subscription's resolver leaves its follower, until the start ends.
     handover: Option<Arc<shared::Handover>>,
     /// A handed-over subscription: what it follows and how it renders.
@@ -308,7 +331,7 @@ impl Replies {
     /// The next reply, or `None` when the operation is over.
     pub async fn next(&mut self) -> Option<Reply> {
         if let Some(start) = &mut self.start {
-            if let Some(mut response) = start.next().await {
+            if let Some(mut response) = start.recv().await {
                 self.api.finish(&mut response);
                 self.finished.count(response.errors.len());
                 tracing::debug!(parent: &self.finished.span, errors = response.errors.len(), "response");
