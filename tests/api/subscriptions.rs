@@ -398,6 +398,36 @@ both_backends! {
         assert_eq!(server.broker.receiver_count(channel.parse().unwrap()), 4);
     }
 
+    async fn a_burst_of_subscriptions_on_many_sockets_all_start(server: TestServer) {
+        // More sockets, each sending more subscriptions at once, than the server has start
+        // permits (test servers: 5): each socket waits for a permit before it reads on, while
+        // the starts that hold the permits must still finish.
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "burst").await;
+        caught_up(&server).await;
+        let mut sockets = Vec::new();
+        for _ in 0..12 {
+            let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+            for n in 0..10 {
+                ws.subscribe(&n.to_string(), MESSAGE_EVENTS, json!({ "c": channel })).await;
+            }
+            sockets.push(ws);
+        }
+        crate::ws_client::wait_for_streams(&server.broker, 120).await;
+        server.post_message(&ada, &channel, "to all").await;
+        for ws in &mut sockets {
+            let mut ids = Vec::new();
+            for _ in 0..10 {
+                let message = ws.recv().await;
+                assert_eq!(message["type"], "next", "{message}");
+                assert_eq!(event(&message["payload"])["message"]["body"], "to all");
+                ids.push(message["id"].as_str().unwrap().parse::<u32>().unwrap());
+            }
+            ids.sort();
+            assert_eq!(ids, (0..10).collect::<Vec<_>>());
+        }
+    }
+
     async fn moving_a_membership_row_away_with_sql_is_a_removal(server: TestServer) {
         let (ada, _) = server.sign_up("Ada").await;
         let (bob, bob_id) = server.sign_up("Bob").await;
