@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket};
 use futures_util::stream::{BoxStream, FuturesUnordered, StreamFuture};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -149,6 +149,10 @@ fn authorization(payload: Option<&Value>) -> Option<&str> {
         .find(|(key, _)| key.eq_ignore_ascii_case("authorization"))
         .and_then(|(_, value)| value.as_str())
 }
+
+/// How many frames of its operations a socket's task queues before it looks at the socket
+/// again.
+const MAX_FRAMES_PER_TURN: usize = 1024;
 
 /// How long a required reply (ack, pong, error) may wait for the client to read earlier
 /// ones before the connection is ended.
@@ -346,11 +350,24 @@ pub async fn serve(
             Some((frame, operation)) = next_frame(&mut connection.streams, &connection.out),
                 if !connection.streams.is_empty() =>
             {
-                if let Some(text) = connection.on_frame(frame, operation) {
-                    // `next_frame` saw room, and only this task queues results.
-                    if let Err(mpsc::error::TrySendError::Full(message)) = connection.out.try_send(Outgoing::Text(text)) {
-                        let _ = connection.out.send(message).await;
+                // Then every other frame that is ready now, while the queue has room, without
+                // going round the loop for each (bounded, so the socket is still read).
+                let mut next = Some((frame, operation));
+                let mut drained = 0;
+                while let Some((frame, operation)) = next.take() {
+                    if let Some(text) = connection.on_frame(frame, operation) {
+                        // There was room, and only this task queues results.
+                        if let Err(mpsc::error::TrySendError::Full(message)) = connection.out.try_send(Outgoing::Text(text)) {
+                            let _ = connection.out.send(message).await;
+                        }
                     }
+                    drained += 1;
+                    if drained == MAX_FRAMES_PER_TURN || connection.out.capacity() == 0 {
+                        break;
+                    }
+                    // A pending poll here registers no waker that matters: the loop polls
+                    // the operations again, with its own, before it waits.
+                    next = connection.streams.next().now_or_never().flatten();
                 }
             }
             permit = async { Some(permit_wait.as_mut()?.await) }, if permit_wait.is_some() => {
