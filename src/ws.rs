@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket};
-use futures_util::stream::{BoxStream, FuturesUnordered, StreamFuture};
+use futures_util::stream::{AbortHandle, Abortable, BoxStream, FuturesUnordered, StreamFuture};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -199,13 +199,19 @@ struct Connection {
     expires_at: Option<tokio::time::Instant>,
     /// The running operations by id: which generation (distinguishing a finished operation
     /// from a newer one that reuses its id) and how to stop it.
-    operations: HashMap<String, u64>,
+    operations: HashMap<String, (u64, AbortHandle)>,
     generation: u64,
     /// The running operations' frame streams, driven by the connection's own task: one
     /// event wakes this one task, which queues the frames of every subscription of the
     /// socket before its writer runs (one write per socket and event, not one task and one
     /// write per subscription). Each is polled only when it was woken.
     streams: FuturesUnordered<StreamFuture<Operation>>,
+    /// Operations whose next frame did not fit the outgoing queue, with that frame. Each is
+    /// polled again only once its frame is queued, so a client that does not read slows
+    /// its own operations (past the topic's buffer they re-read the log), while every
+    /// operation still finishes the work it is in (a shared rendering others wait for, a
+    /// query holding a pooled connection): it is only ever parked between frames.
+    stalled: std::collections::VecDeque<(String, Operation)>,
     /// An operation read from the socket, waiting for its start permit.
     pending: Option<Box<(String, async_graphql::Request, Viewer)>>,
 }
@@ -220,14 +226,14 @@ struct OpFrame {
 struct Operation {
     id: String,
     generation: u64,
-    /// `None` once stopped (its state is dropped at once). In a mutex only to be `Sync`
-    /// (the connection is borrowed across awaits); it is only ever reached through `&mut`,
-    /// so never locked.
-    frames: std::sync::Mutex<Option<BoxStream<'static, OpFrame>>>,
+    /// Aborting (on `complete`) wakes it, so it is polled, ends and is dropped. In a mutex
+    /// only to be `Sync` (the connection is borrowed across awaits); it is only ever
+    /// reached through `&mut`, so never locked.
+    frames: std::sync::Mutex<Abortable<BoxStream<'static, OpFrame>>>,
 }
 
 impl Operation {
-    fn frames(&mut self) -> &mut Option<BoxStream<'static, OpFrame>> {
+    fn frames(&mut self) -> &mut Abortable<BoxStream<'static, OpFrame>> {
         self.frames.get_mut().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -239,23 +245,8 @@ impl futures_util::Stream for Operation {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<OpFrame>> {
-        match self.frames() {
-            Some(frames) => frames.poll_next_unpin(cx),
-            None => std::task::Poll::Ready(None),
-        }
+        self.frames().poll_next_unpin(cx)
     }
-}
-
-/// Waits until the outgoing queue has room, then for the next frame of any operation
-/// (`None` when there are no operations).
-async fn next_frame(
-    streams: &mut FuturesUnordered<StreamFuture<Operation>>,
-    out: &mpsc::Sender<Outgoing>,
-) -> Option<(Option<OpFrame>, Operation)> {
-    // A client that does not read fills the queue; its operations then wait (and, past
-    // the topic's buffer, re-read the log) instead of the queue growing.
-    drop(out.reserve().await.ok()?);
-    streams.next().await
 }
 
 /// Serves one upgraded socket until either side closes or the server shuts down.
@@ -327,6 +318,7 @@ pub async fn serve(
         operations: HashMap::new(),
         generation: 0,
         streams: FuturesUnordered::new(),
+        stalled: std::collections::VecDeque::new(),
         pending: None,
     };
     // The pending operation's wait for a start permit, kept across loop turns so that it
@@ -340,6 +332,9 @@ pub async fn serve(
     // A client that sends nothing (not even a pong) for this long is gone.
     let silence_limit = (config.keep_alive * 3).max(Duration::from_secs(60));
     let mut last_heard = tokio::time::Instant::now();
+    // A second handle on the outgoing queue, to wait for room while the connection is
+    // borrowed by the other branches.
+    let room_out = connection.out.clone();
     loop {
         if connection.pending.is_some() && permit_wait.is_none() {
             permit_wait = Some(Box::pin(connection.api.start_permit()));
@@ -347,27 +342,39 @@ pub async fn serve(
         tokio::select! {
             // Operations' frames first: an id freed by `complete` is then free before the
             // client's next frame is read.
-            Some((frame, operation)) = next_frame(&mut connection.streams, &connection.out),
-                if !connection.streams.is_empty() =>
-            {
-                // Then every other frame that is ready now, while the queue has room, without
-                // going round the loop for each (bounded, so the socket is still read).
+            Some((frame, operation)) = connection.streams.next(), if !connection.streams.is_empty() => {
+                // Then every other frame that is ready now, without going round the loop
+                // for each (bounded, so the socket is still read).
                 let mut next = Some((frame, operation));
                 let mut drained = 0;
                 while let Some((frame, operation)) = next.take() {
-                    if let Some(text) = connection.on_frame(frame, operation) {
-                        // There was room, and only this task queues results.
-                        if let Err(mpsc::error::TrySendError::Full(message)) = connection.out.try_send(Outgoing::Text(text)) {
-                            let _ = connection.out.send(message).await;
-                        }
-                    }
+                    connection.on_frame(frame, operation);
                     drained += 1;
-                    if drained == MAX_FRAMES_PER_TURN || connection.out.capacity() == 0 {
+                    if drained == MAX_FRAMES_PER_TURN {
                         break;
                     }
                     // A pending poll here registers no waker that matters: the loop polls
                     // the operations again, with its own, before it waits.
                     next = connection.streams.next().now_or_never().flatten();
+                }
+            }
+            // The queue has room again: the parked frames first, in order.
+            room = room_out.reserve(), if !connection.stalled.is_empty() => {
+                let Ok(room) = room else { break };
+                if let Some((text, operation)) = connection.stalled.pop_front() {
+                    room.send(Outgoing::Text(text));
+                    connection.streams.push(operation.into_future());
+                }
+                while let Some((text, operation)) = connection.stalled.pop_front() {
+                    match connection.out.try_send(Outgoing::Text(text)) {
+                        Ok(()) => connection.streams.push(operation.into_future()),
+                        Err(err) => {
+                            if let mpsc::error::TrySendError::Full(Outgoing::Text(text)) = err {
+                                connection.stalled.push_front((text, operation));
+                            }
+                            break;
+                        }
+                    }
                 }
             }
             permit = async { Some(permit_wait.as_mut()?.await) }, if permit_wait.is_some() => {
@@ -422,6 +429,11 @@ pub async fn serve(
                 break;
             }
             _ = keep_alive.tick(), if connection.viewer.is_some() => {
+                // Not while an operation waits for a start permit: the socket is not read
+                // meanwhile, so the client's pongs are not seen.
+                if connection.pending.is_some() {
+                    last_heard = tokio::time::Instant::now();
+                }
                 if connection.protocol == Protocol::TransportWs
                     && last_heard.elapsed() > silence_limit
                 {
@@ -433,11 +445,22 @@ pub async fn serve(
             _ = shutdown.changed() => {
                 // The hub is closed: each operation sends `complete` as its stream ends.
                 let drained = tokio::time::timeout(Duration::from_secs(1), async {
-                    while let Some((frame, operation)) = connection.streams.next().await {
-                        if let Some(text) = connection.on_frame(frame, operation)
-                            && connection.out.send(Outgoing::Text(text)).await.is_err()
+                    while let Some((text, operation)) = connection.stalled.pop_front() {
+                        if connection.out.send(Outgoing::Text(text)).await.is_err() {
+                            return;
+                        }
+                        connection.streams.push(operation.into_future());
+                    }
+                    while let Some((frame, mut operation)) = connection.streams.next().await {
+                        let last = frame.as_ref().is_none_or(|frame| frame.last);
+                        if let Some(frame) = frame
+                            && !operation.frames().is_aborted()
+                            && connection.out.send(Outgoing::Text(frame.text)).await.is_err()
                         {
-                            break;
+                            return;
+                        }
+                        if !last {
+                            connection.streams.push(operation.into_future());
                         }
                     }
                 });
@@ -450,6 +473,7 @@ pub async fn serve(
         }
     }
     // Dropping the connection drops its operations.
+    drop(room_out);
     drop(connection);
     // The writer ends once the queue drains; a client that does not read cannot hold it.
     let mut writer = writer;
@@ -660,18 +684,14 @@ impl Connection {
     }
 
     fn stop(&mut self, id: &str) {
-        let Some(generation) = self.operations.remove(id) else {
+        let Some((generation, abort)) = self.operations.remove(id) else {
             return;
         };
-        // Dropped now, even while a full queue keeps the connection from polling it.
-        for pending in self.streams.iter_mut() {
-            if let Some(operation) = pending.get_mut()
-                && operation.id == id
-                && operation.generation == generation
-            {
-                *operation.frames() = None;
-            }
-        }
+        // Woken by the abort, it ends and is dropped the next time the connection polls
+        // its operations; a parked one is dropped here.
+        abort.abort();
+        self.stalled
+            .retain(|(_, operation)| !(operation.id == id && operation.generation == generation));
     }
 
     /// Runs an operation: `next` (legacy `data`) per response, then `complete`. An operation
@@ -755,32 +775,54 @@ impl Connection {
             let complete = json!({ "type": "complete", "id": id });
             yield OpFrame { text: complete.to_string(), last: true };
         };
+        let (abort, registration) = AbortHandle::new_pair();
         let operation = Operation {
             id: id.clone(),
             generation,
-            frames: std::sync::Mutex::new(Some(frames.boxed())),
+            frames: std::sync::Mutex::new(Abortable::new(frames.boxed(), registration)),
         };
         self.streams.push(operation.into_future());
-        self.operations.insert(id, generation);
+        self.operations.insert(id, (generation, abort));
     }
 
-    /// Takes an operation's next frame (`None`: its stream ended) and puts the operation
-    /// back to be polled again; returns the text to send, if any. A last frame frees the id
-    /// first, before the client can see `complete` and reuse it.
-    fn on_frame(&mut self, frame: Option<OpFrame>, mut operation: Operation) -> Option<String> {
-        if operation.frames().is_none() {
+    /// Takes an operation's next frame (`None`: its stream ended): queues it and puts the
+    /// operation back to be polled, or parks both when the queue is full. A last frame
+    /// frees the id first, before the client can see `complete` and reuse it.
+    fn on_frame(&mut self, frame: Option<OpFrame>, mut operation: Operation) {
+        if operation.frames().is_aborted() {
             // Stopped by the client (or replaced); it was removed from `operations` then.
-            return None;
+            return;
         }
-        if frame.as_ref().is_none_or(|frame| frame.last) {
+        let last = frame.as_ref().is_none_or(|frame| frame.last);
+        if last {
             let Operation { id, generation, .. } = &operation;
-            if self.operations.get(id).is_some_and(|g| g == generation) {
+            if self
+                .operations
+                .get(id)
+                .is_some_and(|(g, _)| g == generation)
+            {
                 self.operations.remove(id);
             }
-        } else {
-            self.streams.push(operation.into_future());
         }
-        frame.map(|frame| frame.text)
+        let Some(frame) = frame else { return };
+        if !self.stalled.is_empty() {
+            // Behind parked frames: wait in line (a parked last frame's operation, put back
+            // once its frame is queued, just ends).
+            self.stalled.push_back((frame.text, operation));
+            return;
+        }
+        match self.out.try_send(Outgoing::Text(frame.text)) {
+            Ok(()) => {
+                if !last {
+                    self.streams.push(operation.into_future());
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(Outgoing::Text(text))) => {
+                self.stalled.push_back((text, operation));
+            }
+            // The writer is gone: the connection is ending.
+            Err(_) => {}
+        }
     }
 }
 

@@ -260,12 +260,14 @@ impl Api {
     }
 
     /// Renders one event (or error) under `shape`: the subscription's document run in
-    /// render mode, as no viewer (see `shared`).
+    /// render mode, as no viewer (see `shared`). `Err` holds a rendering with an internal
+    /// error (a failed author lookup, say): delivered, but not kept for others to share,
+    /// so the next subscriber tries again.
     async fn render(
         &self,
         shape: &shared::Shape,
         one: shared::RenderOne,
-    ) -> Result<shared::Rendered, std::convert::Infallible> {
+    ) -> Result<shared::Rendered, shared::Rendered> {
         FeedStats::add(&self.broker.stats.renders, 1);
         let mut request = async_graphql::Request::new(shape.query.clone())
             .variables(shape.variables.clone())
@@ -290,10 +292,18 @@ impl Api {
                 });
             }
         };
-        Ok(shared::Rendered {
+        let internal = codes
+            .iter()
+            .any(|code| code == error::code::INTERNAL_SERVER_ERROR);
+        let rendered = shared::Rendered {
             json: Some(json.into()),
             codes,
-        })
+        };
+        if internal {
+            Err(rendered)
+        } else {
+            Ok(rendered)
+        }
     }
 }
 
@@ -359,10 +369,7 @@ impl Replies {
                                 .boxed()
                         })
                         .await;
-                    let rendered = match rendered {
-                        Ok(rendered) => rendered,
-                        Err(never) => match never {},
-                    };
+                    let rendered = rendered.unwrap_or_else(Arc::new);
                     (rendered, true)
                 }
                 subscription::Next::Error(err) => {
@@ -371,11 +378,10 @@ impl Replies {
                         .render(shape, shared::RenderOne::Error(err))
                         .boxed()
                         .await;
-                    let rendered = match rendered {
-                        Ok(rendered) => rendered,
-                        Err(never) => match never {},
-                    };
-                    (Arc::new(rendered), false)
+                    (
+                        Arc::new(rendered.unwrap_or_else(|rendered| rendered)),
+                        false,
+                    )
                 }
             };
             let Some(json) = &rendered.json else { continue };

@@ -32,6 +32,9 @@ use crate::pubsub::ChangeEvent;
 /// the validator's own limits, or rendered per subscriber).
 const MAX_DEPTH: usize = 64;
 
+/// The next shape's id.
+static NEXT_SHAPE_ID: AtomicU64 = AtomicU64::new(0);
+
 /// What a subscription renders events with: the request minus what only picks the events.
 pub(crate) struct Shape {
     /// Distinguishes shapes in an event's memo; never reused.
@@ -49,7 +52,6 @@ pub(crate) struct Shape {
 #[derive(Default)]
 pub(crate) struct Shapes {
     by_key: Mutex<HashMap<String, Weak<Shape>>>,
-    next_id: AtomicU64,
     /// Entries in the map after the last sweep of dead ones.
     swept_at: AtomicU64,
 }
@@ -70,7 +72,8 @@ impl Shapes {
             self.swept_at.store(by_key.len() as u64, Ordering::Relaxed);
         }
         let shape = Arc::new(Shape {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            // Process-wide: memos live on events, which any `Api` of the broker may reach.
+            id: NEXT_SHAPE_ID.fetch_add(1, Ordering::Relaxed),
             query: parts.query,
             operation_name: parts.operation_name,
             variables: parts.variables,
