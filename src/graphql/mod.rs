@@ -41,8 +41,9 @@ pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 pub struct Live {
     pub broker: Arc<Broker>,
     pub doorbell: Doorbell,
-    /// How many subscriptions may start at once (parse, validate, check membership and the
-    /// cursor, hand over): as many as the pool has connections. A start holds ~15 KiB that
+    /// How many WebSocket operations may start at once (parse, validate, and for a
+    /// subscription check membership and the cursor and hand over; a query or mutation
+    /// holds it for its whole run): as many as the pool has connections. A start holds ~15 KiB that
     /// a handed-over subscription no longer needs (async-graphql's execution, the parsed
     /// document, the start-up queries' futures); 10,000 subscriptions starting together
     /// would otherwise hold it all at once while waiting for a connection, memory the
