@@ -340,8 +340,9 @@ pub async fn serve(
             permit_wait = Some(Box::pin(connection.api.start_permit()));
         }
         tokio::select! {
-            // Operations' frames first: an id freed by `complete` is then free before the
-            // client's next frame is read.
+            // Operations' frames. Not biased: a busy feed must not keep the socket unread.
+            // An id is freed in the same step that queues its `complete` (`on_frame`), so
+            // it is free before the client can reuse it.
             Some((frame, operation)) = connection.streams.next(), if !connection.streams.is_empty() => {
                 // Then every other frame that is ready now, without going round the loop
                 // for each (bounded, so the socket is still read).
