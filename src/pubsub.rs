@@ -73,6 +73,13 @@ impl std::fmt::Debug for Memo {
 }
 
 impl Memo {
+    /// The value under (`T`, `key`, `id`) if it has been computed.
+    pub fn get<T: Any + Send + Sync>(&self, key: &'static str, id: i64) -> Option<Arc<T>> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots.get(&(TypeId::of::<T>(), key, id))?;
+        slot.downcast_ref::<OnceCell<Arc<T>>>()?.get().cloned()
+    }
+
     /// The value under (`T`, `key`, `id`), computed by `init` by the first caller; concurrent
     /// callers wait for that one computation. A failed `init` is not remembered.
     pub async fn get_or_try_init<T, E, F, Fut>(
@@ -371,6 +378,10 @@ mod tests {
     async fn memo_computes_once_for_concurrent_callers() {
         let memo = Memo::default();
         let calls = std::sync::atomic::AtomicUsize::new(0);
+        assert!(
+            memo.get::<String>("author", 7).is_none(),
+            "nothing computed yet"
+        );
         let get = || {
             memo.get_or_try_init::<String, (), _, _>("author", 7, || async {
                 calls.fetch_add(1, Ordering::SeqCst);
@@ -382,6 +393,20 @@ mod tests {
         assert_eq!(*a.unwrap(), "Ada");
         assert_eq!(*b.unwrap(), "Ada");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            memo.get::<String>("author", 7)
+                .as_deref()
+                .map(String::as_str),
+            Some("Ada")
+        );
+        assert!(memo.get::<String>("author", 8).is_none(), "another id");
+        assert!(memo.get::<u32>("author", 7).is_none(), "another type");
+        // A failed computation is not remembered.
+        let failed = memo
+            .get_or_try_init::<String, (), _, _>("author", 9, || async { Err(()) })
+            .await;
+        assert!(failed.is_err());
+        assert!(memo.get::<String>("author", 9).is_none());
     }
 
     #[tokio::test]

@@ -88,15 +88,27 @@ pub fn sdl() -> String {
         .sdl()
 }
 
-/// The schema plus what each request needs attached: cheap to clone, shared by transports.
+/// The schema plus what each request needs attached: cheap to clone (one pointer; every
+/// running operation holds one), shared by transports.
 #[derive(Clone)]
-pub struct Api {
+pub struct Api(Arc<ApiParts>);
+
+/// What an `Api` shares.
+pub struct ApiParts {
     schema: AppSchema,
     db: DatabaseConnection,
     broker: Arc<Broker>,
     errors: ErrorCounts,
     shapes: Arc<shared::Shapes>,
     subscription_starts: Arc<tokio::sync::Semaphore>,
+}
+
+impl std::ops::Deref for Api {
+    type Target = ApiParts;
+
+    fn deref(&self) -> &ApiParts {
+        &self.0
+    }
 }
 
 /// One reply of an operation: a response, or a subscription event's payload rendered once
@@ -114,14 +126,14 @@ pub(crate) struct FeedMark(pub i64);
 impl Api {
     /// The API over `db`, signing tokens with `keys`, streaming from `live`.
     pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &Limits) -> Self {
-        Self {
+        Self(Arc::new(ApiParts {
             errors: ErrorCounts::default(),
             broker: live.broker.clone(),
             subscription_starts: live.subscription_starts.clone(),
             schema: build_schema(db.clone(), keys, live, limits),
             db,
             shapes: Arc::default(),
-        }
+        }))
     }
 
     /// The executable schema.
@@ -241,7 +253,7 @@ impl Api {
         Replies {
             api: self.clone(),
             start: Some(start),
-            _start_task: AbortOnDrop(task),
+            start_task: Some(AbortOnDrop(task)),
             handover: Some(handover),
             live: None,
             finished,
@@ -329,8 +341,9 @@ pub struct Replies {
     api: Api,
     /// The start phase's responses, until it ends.
     start: Option<mpsc::Receiver<async_graphql::Response>>,
-    /// The start phase's task, stopped if the replies are dropped first.
-    _start_task: AbortOnDrop,
+    /// The start phase's task, stopped if the replies are dropped first. Dropped once the
+    /// start ends: a finished task's memory (~2 KiB) lives as long as its handle.
+    start_task: Option<AbortOnDrop>,
     /// Where a subscription's resolver leaves its follower, until the start ends.
     handover: Option<Arc<shared::Handover>>,
     /// A handed-over subscription: what it follows and how it renders.
@@ -348,8 +361,10 @@ impl Replies {
                 tracing::debug!(parent: &self.finished.span, errors = response.errors.len(), "response");
                 return Some(Reply::Response(Box::new(response)));
             }
-            // Free async-graphql's state (and its hold on the handover) first.
+            // Free async-graphql's state (and its hold on the handover) first, and the
+            // finished task.
             self.start = None;
+            self.start_task = None;
             let handover = self.handover.take()?;
             let (follower, parts) = handover.take()?;
             self.live = Some((follower, self.api.shapes.intern(parts)));
@@ -360,17 +375,21 @@ impl Replies {
                 subscription::Next::Event(event) => {
                     let api = &self.api;
                     let span = &self.finished.span;
-                    let rendered = event
-                        .memo
-                        .get_or_try_init("render", shape.id as i64, || {
-                            // Boxed: the state stays small for the time it waits for
-                            // events, which is most of its life.
-                            api.render(shape, shared::RenderOne::Event(event.clone()))
-                                .instrument(span.clone())
-                                .boxed()
-                        })
-                        .await;
-                    let rendered = rendered.unwrap_or_else(Arc::new);
+                    // Most subscribers find the rendering made; the first (or one racing
+                    // it) makes it. That path is boxed, so the state a subscription keeps
+                    // while it waits for events (most of its life) stays small.
+                    let rendered = match event.memo.get("render", shape.id as i64) {
+                        Some(rendered) => rendered,
+                        None => event
+                            .memo
+                            .get_or_try_init("render", shape.id as i64, || {
+                                api.render(shape, shared::RenderOne::Event(event.clone()))
+                                    .instrument(span.clone())
+                            })
+                            .boxed()
+                            .await
+                            .unwrap_or_else(Arc::new),
+                    };
                     (rendered, true)
                 }
                 subscription::Next::Error(err) => {
