@@ -28,6 +28,8 @@ mkdir -p "$results"
 # 10,000 connections need 10,000 descriptors on each side.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 1048576 || true
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# Uncommitted changes (other than these results) are not that commit: say so.
+if ! git diff --quiet HEAD -- . ':!bench/results' 2>/dev/null; then commit="$commit-dirty"; fi
 
 server_pid=""
 port=""
