@@ -6,7 +6,7 @@
 
 use entities::{channel_member, message};
 use sea_orm::sea_query::{Expr, ExprTrait, Query, SelectStatement};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 
 use super::{Page, PageRequest, StoreError, channel, paginate};
 
@@ -20,21 +20,52 @@ pub(crate) fn channels_of(user_id: i64) -> SelectStatement {
 }
 
 /// Posts a message as `author_id`, who must be a member of the channel.
+///
+/// One statement (`INSERT ... SELECT ... WHERE EXISTS (membership) RETURNING`), so the
+/// membership holds at the moment of the write; only when it inserts nothing does a second
+/// read tell a missing channel (NOT_FOUND) from one the author is not in (FORBIDDEN). Every
+/// statement is a round trip to the database (on SQLite, to the connection's thread), and
+/// this is the hottest write.
 pub async fn create(
     db: &impl ConnectionTrait,
     channel_id: i64,
     author_id: i64,
     body: &str,
 ) -> Result<message::Model, StoreError> {
-    channel::require_member(db, channel_id, author_id).await?;
-    Ok(message::ActiveModel {
-        channel_id: Set(channel_id),
-        author_id: Set(author_id),
-        body: Set(body.to_owned()),
-        ..Default::default()
+    let membership = Query::select()
+        .expr(Expr::val(1))
+        .from(channel_member::Entity)
+        .and_where(channel_member::Column::ChannelId.eq(channel_id))
+        .and_where(channel_member::Column::UserId.eq(author_id))
+        .to_owned();
+    let values = Query::select()
+        .expr(Expr::val(channel_id))
+        .expr(Expr::val(author_id))
+        .expr(Expr::val(body))
+        .and_where(Expr::exists(membership))
+        .to_owned();
+    let insert = Query::insert()
+        .into_table(message::Entity)
+        .columns([
+            message::Column::ChannelId,
+            message::Column::AuthorId,
+            message::Column::Body,
+        ])
+        .select_from(values)
+        .map_err(|err| sea_orm::DbErr::Custom(err.to_string()))?
+        .returning_all()
+        .to_owned();
+    let statement = db.get_database_backend().build(&insert);
+    match message::Model::find_by_statement(statement).one(db).await? {
+        Some(message) => Ok(message),
+        None => Err(
+            match channel::require_member(db, channel_id, author_id).await {
+                // Joined since the insert read: a retry would succeed, but this one did not.
+                Ok(()) => StoreError::Forbidden("only members of the channel may do this"),
+                Err(err) => err,
+            },
+        ),
     }
-    .insert(db)
-    .await?)
 }
 
 /// A page of a channel's messages, oldest first.

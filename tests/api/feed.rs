@@ -264,6 +264,9 @@ both_backends! {
         let channel = server.create_channel(&ada, "old").await;
         server.post_message(&ada, &channel, "a").await;
         caught_up(&server).await;
+        // "Older than now" at millisecond precision: a change stamped in the same
+        // millisecond as the prune is not older (this raced once the write path got faster).
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let published = server.broker.published();
         let pruner = syncgraph::changes::Pruner::new(
             server.db.clone(),

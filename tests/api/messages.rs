@@ -102,6 +102,13 @@ both_backends! {
             .graphql_as(&eve, "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"hi\" }) { id } }", json!({ "c": channel }))
             .await;
         assert_eq!(error_code(&response), "FORBIDDEN");
+        let response = server
+            .graphql_as(&ada, "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"hi\" }) { id } }", json!({ "c": "424242" }))
+            .await;
+        assert_eq!(error_code(&response), "NOT_FOUND");
+        // Neither refused post was written.
+        let response = server.graphql_as(&ada, PAGE, json!({ "c": channel })).await;
+        assert_eq!(response["data"]["channel"]["messages"]["edges"].as_array().map(Vec::len), Some(1), "{response}");
         let response = server.graphql_as(&eve, PAGE, json!({ "c": channel })).await;
         assert_eq!(response["data"]["channel"], Value::Null);
 
