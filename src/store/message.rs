@@ -21,9 +21,11 @@ pub(crate) fn channels_of(user_id: i64) -> SelectStatement {
 
 /// Posts a message as `author_id`, who must be a member of the channel.
 ///
-/// One statement (`INSERT ... SELECT ... WHERE EXISTS (membership) RETURNING`), so the
-/// membership holds at the moment of the write; only when it inserts nothing does a second
-/// read tell a missing channel (NOT_FOUND) from one the author is not in (FORBIDDEN). Every
+/// One statement (`INSERT ... SELECT ... WHERE EXISTS (membership) RETURNING`): membership
+/// is checked in the writing statement (on PostgreSQL against its snapshot, without a row
+/// lock, so a removal committing at that instant may still let the post through, as a
+/// separate check did). Only when it inserts nothing do further reads tell a missing channel
+/// (NOT_FOUND) from one the author is not in (FORBIDDEN). Every
 /// statement is a round trip to the database (on SQLite, to the connection's thread), and
 /// this is the hottest write.
 pub async fn create(
