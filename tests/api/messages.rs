@@ -215,6 +215,10 @@ both_backends! {
         for i in 0..50 {
             server.post_message(&tokens[i % tokens.len()], &channel, &format!("m{i}")).await;
         }
+        // Posting checks membership inside its insert: one statement.
+        let before = server.statements.get();
+        server.post_message(&ada, &channel, "m50").await;
+        assert_eq!(server.statements.get() - before, 1, "statements for one postMessage");
         let query = "query($c: ID!, $n: Int) { channel(id: $c) { messages(first: $n) { edges { node { body author { id name } } } } members { id } } }";
         let mut counts = Vec::new();
         for n in [5, 50] {
