@@ -6,8 +6,9 @@
 //!   `schema.graphql`, `tsc --strict`, then its walk-through run against a server, so a
 //!   schema change that breaks typed clients fails the tests.
 //!
-//! They run when `SYNCGRAPH_TEST_CLIENTS=1` (with `CI=true` they must), and need Node.js,
-//! `/usr/bin/chromium` (or `CHROMIUM`), and `npm ci` in both folders.
+//! They run when `cargo test` is run with `SYNCGRAPH_TEST_CLIENTS=1` (else they are ignored,
+//! and counted so; with `CI=true` they must run), and need Node.js, `/usr/bin/chromium` (or
+//! `CHROMIUM`), and `npm ci` in both folders.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,28 +23,6 @@ const BROWSER_TESTS: usize = 4;
 
 /// The whole browser suite's deadline (it takes about 15 s here).
 const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn enabled() -> bool {
-    match std::env::var("SYNCGRAPH_TEST_CLIENTS") {
-        Ok(value) if !value.is_empty() && value != "0" => true,
-        _ => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!(
-                    "CI=true but SYNCGRAPH_TEST_CLIENTS is not set: the client tests cannot be skipped in CI"
-                );
-            }
-            use std::io::Write;
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "note: client tests (browser, TypeScript) skipped: set SYNCGRAPH_TEST_CLIENTS=1 to run them"
-                );
-            });
-            false
-        }
-    }
-}
 
 /// The folder `path` of the repository, once `npm ci` has installed its packages.
 fn installed(path: &str) -> PathBuf {
@@ -94,13 +73,8 @@ fn report(output: &std::process::Output) -> String {
 }
 
 async fn browser_suite(backend: Backend) {
-    if !enabled() {
-        return;
-    }
     let dir = installed("tests/browser");
-    let Some((database_url, database)) = fresh_database(backend).await else {
-        return;
-    };
+    let (database_url, database) = fresh_database(backend).await;
     let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("browser-screenshots")
         .join(format!("{backend:?}").to_lowercase());
@@ -140,11 +114,19 @@ async fn browser_suite(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(client_tests),
+    ignore = "needs SYNCGRAPH_TEST_CLIENTS=1 (Node.js, Chromium, npm ci)"
+)]
 async fn graphiql_and_the_demo_work_in_chromium_sqlite() {
     browser_suite(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, client_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_CLIENTS=1"
+)]
 async fn graphiql_and_the_demo_work_in_chromium_postgres() {
     browser_suite(Backend::Postgres).await;
 }
@@ -199,15 +181,19 @@ async fn typescript_example(server: TestServer) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(client_tests),
+    ignore = "needs SYNCGRAPH_TEST_CLIENTS=1 (Node.js, Chromium, npm ci)"
+)]
 async fn typed_typescript_example_compiles_and_runs_sqlite() {
-    if enabled() {
-        run(Backend::Sqlite, typescript_example).await;
-    }
+    run(Backend::Sqlite, typescript_example).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, client_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_CLIENTS=1"
+)]
 async fn typed_typescript_example_compiles_and_runs_postgres() {
-    if enabled() {
-        run(Backend::Postgres, typescript_example).await;
-    }
+    run(Backend::Postgres, typescript_example).await;
 }

@@ -384,6 +384,10 @@ both_backends! {
 /// after reconnecting and nothing is lost. The fallback poll is set to a minute, so only the
 /// doorbell (NOTIFY, and the ring after reconnecting) can deliver in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES (a PostgreSQL server URL)"
+)]
 async fn killing_the_listen_connection_loses_nothing_postgres() {
     let slow_poll: fn(&mut syncgraph::Config) = |config| config.poll_ms = 60_000;
     run_with(Backend::Postgres, slow_poll, |server: TestServer| async move {

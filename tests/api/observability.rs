@@ -101,6 +101,10 @@ async fn lag(server: &crate::helpers::TestServer) -> (f64, f64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES (a PostgreSQL server URL)"
+)]
 async fn a_change_held_behind_an_open_transaction_shows_as_lag_postgres() {
     use sea_orm::TransactionTrait;
     crate::helpers::run(crate::helpers::Backend::Postgres, |server| async move {
