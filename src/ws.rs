@@ -1,12 +1,13 @@
 //! GraphQL over WebSocket, spec-exact, on `/graphql`: `graphql-transport-ws` (the graphql-ws
 //! library's protocol) and the legacy `graphql-ws` (subscriptions-transport-ws).
 //!
-//! Why our own module: async-graphql-axum's handler differs from the graphql-ws protocol in
-//! ways clients notice (DESIGN.md "Protocol layer"): it closes with 1002/1011 where the
-//! protocol says 4400/4401/4403 (and the graphql-ws client treats 1002/1011 as fatal and stops
-//! reconnecting), replaces a running operation on a duplicate id instead of closing with
-//! 4409, has no connection_init timeout (4408) and sends no server pings. `Api::execute_stream`
-//! still executes every operation; this module is only the framing.
+//! Why our own module: async-graphql's WebSocket handler (`async_graphql::http::WebSocket`)
+//! differs from the graphql-ws protocol in ways clients notice (ARCHITECTURE.md, "The
+//! WebSocket protocols"): it closes with 1002/1011 where the protocol says 4400/4401/4403
+//! (and the graphql-ws client treats 1002/1011 as fatal and stops reconnecting), replaces a
+//! running operation on a duplicate id instead of closing with 4409, has no connection_init
+//! timeout (4408) and sends no server pings.
+//! `Api::execute_stream` still executes every operation; this module is only the framing.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -410,7 +411,16 @@ pub async fn serve(
                         connection.close(close::BAD_REQUEST, "Binary frames are not supported").await;
                         false
                     }
-                    Frame::Close(_) => false,
+                    Frame::Close(_) => {
+                        // RFC 6455 section 5.5.1: a close is answered with a close. tungstenite
+                        // queued the answer (echoing the client's code) when it read this
+                        // frame and sends it on the next read or write: read once more so it
+                        // goes out before the socket is dropped (else the client sees 1006,
+                        // `wasClean: false`). Bounded: the writer may hold the socket while a
+                        // client that does not read keeps its buffer full.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
+                        false
+                    }
                     Frame::Ping(_) | Frame::Pong(_) => true,
                 };
                 if !keep_going {

@@ -6,8 +6,41 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::both_backends;
+use crate::helpers::TestServer;
 use crate::subscriptions::{MESSAGE_EVENTS, event};
-use crate::ws_client::{WsClient, caught_up, wait_for_subscribers, wait_for_subscribers_at_most};
+use crate::ws_client::{
+    Frame, WsClient, caught_up, wait_for_subscribers, wait_for_subscribers_at_most,
+};
+
+/// RFC 6455 section 5.5.1: the server answers a client's close with a close carrying the
+/// client's code (graphql-ws's `dispose()` and a closing browser tab then see `wasClean`, not
+/// 1006), on both protocols, before and after connection_init and with an operation running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_its_own_code() {
+    crate::helpers::run(crate::helpers::Backend::Sqlite, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "closing").await;
+        for protocol in ["graphql-transport-ws", "graphql-ws"] {
+            let ws = WsClient::try_connect(server.addr, protocol).await.unwrap();
+            let (answer, clean) = ws.close_with(4321, "bye").await;
+            assert!(matches!(&answer, Frame::Close((4321, reason)) if reason == "bye"), "{protocol}: {answer:?}");
+            assert!(clean, "{protocol}: the socket ends without a reset");
+
+            let mut ws = WsClient::try_connect(server.addr, protocol).await.unwrap();
+            let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {ada}") } });
+            ws.send(init).await;
+            assert_eq!(ws.recv().await["type"], "connection_ack");
+            let start = if protocol == "graphql-ws" { "start" } else { "subscribe" };
+            ws.send(json!({ "type": start, "id": "1", "payload": { "query": MESSAGE_EVENTS, "variables": { "c": channel } } })).await;
+            wait_for_subscribers(&server.broker, &channel, 1).await;
+            let (answer, clean) = ws.close_with(1000, "").await;
+            assert!(matches!(&answer, Frame::Close((1000, _))), "{protocol}: {answer:?}");
+            assert!(clean, "{protocol}: the socket ends without a reset");
+            wait_for_subscribers_at_most(&server, &channel, 0).await;
+        }
+    })
+    .await;
+}
 
 both_backends! {
     async fn invalid_messages_close_with_4400(server: TestServer) {

@@ -189,6 +189,27 @@ impl WsClient {
         self.send(json!({ "type": "complete", "id": id })).await;
     }
 
+    /// Starts the closing handshake with `code` and `reason`; returns what the server
+    /// answers (a `Frame::Close` when it answers the handshake), then whether the socket then
+    /// ended cleanly (no reset).
+    pub async fn close_with(mut self, code: u16, reason: &str) -> (Frame, bool) {
+        self.send_raw(Message::Close(Some(tungstenite::protocol::CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_owned().into(),
+        })))
+        .await;
+        let answer = loop {
+            match self.recv_frame().await {
+                Frame::Json(_) => continue,
+                other => break other,
+            }
+        };
+        let end = tokio::time::timeout(RECEIVE_TIMEOUT, self.socket.next())
+            .await
+            .expect("the socket ends in time");
+        (answer, end.is_none())
+    }
+
     /// Closes politely.
     pub async fn close(mut self) {
         let _ = self

@@ -1,8 +1,8 @@
 // A walk through the typed client against a running syncgraph (SYNCGRAPH_URL, default
 // http://127.0.0.1:8000): sign up, take a snapshot and follow it live with graphql-ws and
-// with Apollo Client, post, edit with CONFLICT handling, and resume after a dropped
-// connection without losing or repeating an event. Exits non-zero on anything unexpected,
-// so it doubles as a check of the example (syncgraph's tests run it).
+// with Apollo Client, post, edit with CONFLICT handling, resume after a dropped
+// connection without losing or repeating an event, and close cleanly. Exits non-zero on
+// anything unexpected, so it doubles as a check of the example (syncgraph's tests run it).
 import { apolloClient, editMessage } from './apollo.js';
 import { connect, followMessages, type MessageEvent } from './live.js';
 import { ChannelSnapshot, CreateChannel, MessageEvents, PostMessage, SignUp } from './operations.js';
@@ -136,9 +136,19 @@ async function main(): Promise<void> {
   check(new Set(keys).size === keys.length, `no event twice: ${keys.join(', ')}`);
   check(!events.items.some((event) => event.message.body === 'a stale edit'), 'a refused edit is never an event');
 
+  // 5. Closing: `dispose()` closes the socket (1000). The server answers the close
+  //    (RFC 6455), so it ends cleanly, not with 1006.
+  const closes = new Inbox<{ code: number; wasClean: boolean }>();
+  socket.on('closed', (event) => {
+    const { code, wasClean } = event as { code: number; wasClean: boolean };
+    closes.push({ code, wasClean });
+  });
   feed.stop();
-  apolloSubscription.unsubscribe();
   await socket.dispose();
+  await closes.until((items) => items.length > 0, 'the socket to close');
+  const [closed] = closes.items;
+  check(closed?.code === 1000 && closed.wasClean, `a client's close is answered: ${JSON.stringify(closed)}`);
+  apolloSubscription.unsubscribe();
   apollo.stop();
   anonymous.stop();
   console.log(`ok: ${events.items.length} events over graphql-ws (${keys.join(', ')}), ` +
