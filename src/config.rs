@@ -168,7 +168,7 @@ impl Limits {
         max_ws_message_bytes: 1024 * 1024,
         max_operations_per_connection: 100,
         max_connections: 10_000,
-        max_subscriptions_per_user: 100,
+        max_subscriptions_per_user: 1_000,
         auth_attempts_per_minute: 30,
         max_page_size: crate::graphql::input::PAGE_SIZE_MAX as u32,
         max_body_bytes: 1024 * 1024,

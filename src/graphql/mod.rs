@@ -1,6 +1,7 @@
 //! The GraphQL schema: `AppSchema`, `build_schema`, and per-request execution. Runs without a
 //! socket: tests call `execute` directly.
 
+mod complexity;
 pub mod error;
 pub mod input;
 mod introspection;
@@ -70,7 +71,10 @@ pub fn build_schema(
             (limits.max_page_size as i32).clamp(1, input::PAGE_SIZE_MAX),
         ))
         .limit_depth(limits.max_query_depth as usize)
-        .limit_complexity(limits.max_query_complexity as usize);
+        .limit_complexity(limits.max_query_complexity as usize)
+        .extension(complexity::FullComplexity {
+            max: limits.max_query_complexity as usize,
+        });
     if limits.introspection {
         builder.finish()
     } else {

@@ -329,11 +329,17 @@ pub struct ChannelConnection {
 /// A page's cost against `--max-query-complexity`: what each item selects, times the items
 /// it may hold, so nested pages multiply as their reads do.
 pub(crate) fn page_complexity(size: Option<i32>, child_complexity: usize) -> usize {
+    page_items(size)
+        .saturating_mul(child_complexity)
+        .saturating_add(1)
+}
+
+/// The items a page of `size` (`first`/`last`) may hold, as the complexity check counts them.
+pub(crate) fn page_items(size: Option<i32>) -> usize {
     // Sizes past the page limit are refused when the field runs, with the field named; the
     // complexity check (which cannot see `--max-page-size`, at most PAGE_SIZE_MAX) counts
     // them at the most any setting allows, so it does not refuse them first.
-    let items = size.map_or(input::PAGE_SIZE_DEFAULT as i32, |size| {
+    size.map_or(input::PAGE_SIZE_DEFAULT as i32, |size| {
         size.clamp(1, input::PAGE_SIZE_MAX)
-    }) as usize;
-    items.saturating_mul(child_complexity).saturating_add(1)
+    }) as usize
 }

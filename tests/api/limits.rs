@@ -68,6 +68,41 @@ async fn deep_or_complex_operations_are_refused() {
     .await;
 }
 
+/// `__typename` counts like any field (async-graphql's own check skips it), pages multiply
+/// it, and a document whose fragments spread each other exponentially is refused without
+/// being expanded (20 such levels took async-graphql's check a second; these 30 would take
+/// about 17 minutes, so this test would time out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typename_bombs_and_fragment_bombs_are_refused_at_the_default_limits() {
+    run_with(Backend::Sqlite, |_| {}, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let aliases: String = (0..5_000).map(|i| format!("a{i}: __typename ")).collect();
+        let in_a_page: String = (0..100).map(|i| format!("t{i}: __typename ")).collect();
+        let mut chain = String::from("{ ...F0 }");
+        // (async-graphql's parser refuses more than 32 levels of nesting on its own.)
+        for i in 0..30 {
+            chain.push_str(&format!(" fragment F{i} on QueryRoot {{ ...F{} ...F{} }}", i + 1, i + 1));
+        }
+        chain.push_str(" fragment F30 on QueryRoot { __typename }");
+        for bomb in [
+            format!("{{ {aliases} }}"),
+            format!("{{ channels(first: 50) {{ edges {{ node {{ {in_a_page} }} }} }} }}"),
+            chain,
+        ] {
+            let response = server.graphql_as(&ada, &bomb, json!({})).await;
+            assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
+            assert_eq!(response["errors"][0]["message"], "Query is too complex.", "{response}");
+            assert!(response.get("data").is_none_or(|d| d.is_null()), "nothing ran: {response}");
+        }
+        // Apollo Client's habit, a `__typename` in every selection, stays well within them.
+        let response = server
+            .graphql_as(&ada, "{ __typename me { __typename id } channels(first: 20) { __typename edges { __typename node { __typename id } } } }", json!({}))
+            .await;
+        assert!(response.get("errors").is_none(), "{response}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_pages_count_by_their_size_at_the_default_limits() {
     run_with(Backend::Sqlite, |_| {}, |server: TestServer| async move {
@@ -359,5 +394,44 @@ async fn sign_in_attempts_per_address_are_rate_limited() {
         let response = server.graphql("{ me { id } }", json!({})).await;
         assert!(response.get("errors").is_none(), "{response}");
     })
+    .await;
+}
+
+/// At the default per-user limit, one user's many clients (tabs, devices, a dashboard's
+/// service account) all subscribe: 150 graphql-ws connections of one user, one subscription
+/// each, all receive the next message (the old default of 100 refused the 101st).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_per_user_limit_admits_a_user_with_many_clients() {
+    fn default_quota(config: &mut syncgraph::config::Config) {
+        config.limits.max_subscriptions_per_user =
+            syncgraph::config::Limits::DEFAULT.max_subscriptions_per_user;
+    }
+    run_with(
+        Backend::Sqlite,
+        default_quota,
+        |server: TestServer| async move {
+            const CLIENTS: usize = 150;
+            let (ada, _) = server.sign_up("Ada").await;
+            let channel = server.create_channel(&ada, "everywhere").await;
+            let mut clients = Vec::new();
+            for _ in 0..CLIENTS {
+                let mut client = WsClient::connect_as(&server, Some(&ada)).await;
+                client
+                    .subscribe("1", MESSAGE_EVENTS, json!({ "c": channel }))
+                    .await;
+                clients.push(client);
+            }
+            wait_for_subscribers(&server.broker, &channel, CLIENTS).await;
+            crate::ws_client::wait_for_streams(&server.broker, CLIENTS).await;
+            server.post_message(&ada, &channel, "to every tab").await;
+            for client in &mut clients {
+                let payload = client.next_payload("1").await;
+                assert_eq!(
+                    payload["data"]["messageEvents"]["message"]["body"], "to every tab",
+                    "{payload}"
+                );
+            }
+        },
+    )
     .await;
 }
