@@ -70,6 +70,20 @@ pub async fn require_member(
     }
 }
 
+/// Why a write into `channel_id` broke a foreign key: the channel was deleted while it ran
+/// (`NotFound`), else `otherwise` (the other row it refers to, such as a user, was).
+pub(crate) async fn vanished(
+    db: &impl ConnectionTrait,
+    channel_id: i64,
+    otherwise: StoreError,
+) -> StoreError {
+    match channel::Entity::find_by_id(channel_id).one(db).await {
+        Ok(None) => StoreError::NotFound("channel"),
+        Ok(Some(_)) => otherwise,
+        Err(err) => StoreError::Db(err),
+    }
+}
+
 /// The channel, when it exists and `user_id` is a member; one query.
 pub async fn find_for_member(
     db: &impl ConnectionTrait,
@@ -117,6 +131,10 @@ pub async fn add_member(
     match inserted {
         Ok(_) => {}
         Err(err) if StoreError::is_unique_violation(&err) => {}
+        // The channel or the user was deleted after the checks above.
+        Err(err) if StoreError::is_foreign_key_violation(&err) => {
+            return Err(vanished(db, channel_id, StoreError::NotFound("user")).await);
+        }
         Err(err) => return Err(err.into()),
     }
     channel::Entity::find_by_id(channel_id)

@@ -17,14 +17,22 @@ pub async fn create(
     body: &str,
 ) -> Result<document::Model, StoreError> {
     channel::require_member(db, channel_id, viewer).await?;
-    Ok(document::ActiveModel {
+    let inserted = document::ActiveModel {
         channel_id: Set(channel_id),
         title: Set(title.to_owned()),
         body: Set(body.to_owned()),
         ..Default::default()
     }
     .insert(db)
-    .await?)
+    .await;
+    match inserted {
+        Ok(document) => Ok(document),
+        // The channel was deleted after the membership check.
+        Err(err) if StoreError::is_foreign_key_violation(&err) => {
+            Err(channel::vanished(db, channel_id, StoreError::Db(err)).await)
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// The document with `id`, if any (callers check access).

@@ -58,15 +58,22 @@ pub async fn create(
         .returning_all()
         .to_owned();
     let statement = db.get_database_backend().build(&insert);
-    match message::Model::find_by_statement(statement).one(db).await? {
-        Some(message) => Ok(message),
-        None => Err(
+    match message::Model::find_by_statement(statement).one(db).await {
+        Ok(Some(message)) => Ok(message),
+        Ok(None) => Err(
             match channel::require_member(db, channel_id, author_id).await {
                 // Joined since the insert read: a retry would succeed, but this one did not.
                 Ok(()) => StoreError::Forbidden("only members of the channel may do this"),
                 Err(err) => err,
             },
         ),
+        // PostgreSQL: the membership was read from the statement's snapshot, and the
+        // channel (or the author) was deleted by a transaction that committed before the
+        // foreign-key check could lock its row.
+        Err(err) if StoreError::is_foreign_key_violation(&err) => {
+            Err(channel::vanished(db, channel_id, StoreError::UnknownViewer).await)
+        }
+        Err(err) => Err(err.into()),
     }
 }
 

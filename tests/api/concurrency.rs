@@ -140,3 +140,75 @@ both_backends! {
         exactly_one_winner(&responses, "updateDocument", expected);
     }
 }
+
+/// PostgreSQL: a channel deleted while a write into it runs answers NOT_FOUND, not an
+/// internal error. Each write reads the membership from its snapshot, then blocks on the
+/// channel's row lock in its foreign-key check until the deleting transaction commits; the
+/// check then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES (a PostgreSQL server URL)"
+)]
+async fn a_channel_deleted_while_a_write_runs_answers_not_found() {
+    crate::helpers::run(Backend::Postgres, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (_, grace_id) = server.sign_up("Grace").await;
+        let writes = [
+            ("postMessage", "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"late\" }) { id } }"),
+            ("createDocument", "mutation($c: ID!) { createDocument(input: { channelId: $c, title: \"late\", body: \"\" }) { id } }"),
+            ("addChannelMember", "mutation($c: ID!, $u: ID!) { addChannelMember(input: { channelId: $c, userId: $u }) { id } }"),
+        ];
+        let sql = server.sql().await;
+        for (field, mutation) in writes {
+            let channel = server.create_channel(&ada, field).await;
+            let txn = sql.begin().await.unwrap();
+            txn.execute_unprepared(&format!("DELETE FROM channels WHERE id = {channel}"))
+                .await
+                .unwrap();
+            let write = {
+                let url = server.url("/graphql");
+                let token = ada.clone();
+                let variables = json!({ "c": channel, "u": grace_id });
+                tokio::spawn(async move {
+                    reqwest::Client::new()
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&json!({ "query": mutation, "variables": variables }))
+                        .timeout(crate::helpers::TIMEOUT)
+                        .send()
+                        .await
+                        .unwrap()
+                        .json::<Value>()
+                        .await
+                        .unwrap()
+                })
+            };
+            // Wait (with a deadline) until the write is blocked on the deleted channel's lock.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let row = sql
+                    .query_one_raw(Statement::from_string(
+                        sea_orm::DatabaseBackend::Postgres,
+                        "SELECT count(*) AS waiting FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    ))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if row.try_get::<i64>("", "waiting").unwrap() >= 1 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{field} never waited on the channel's lock");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            txn.commit().await.unwrap();
+            let response = tokio::time::timeout(crate::helpers::TIMEOUT, write)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(error_code(&response), "NOT_FOUND", "{field}: {response}");
+            assert_eq!(response["errors"][0]["message"], "channel not found", "{field}: {response}");
+        }
+    })
+    .await;
+}
