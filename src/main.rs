@@ -29,6 +29,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let (db, _) = db::connect(&cli.config.database_url, 1).await?;
             syncgraph::app::migrate(&db).await?;
+            // Closed, not dropped: SQLite checkpoints its WAL and removes the `-wal` and
+            // `-shm` files when the last connection closes.
+            db.close().await?;
             tracing::info!("migrations applied");
             Ok(())
         }
