@@ -37,10 +37,17 @@ const state = {
 
 // ---- status and errors ----------------------------------------------------------------
 
+/**
+ * Shows the feed's state. The WebSocket is opened only while a channel's feed runs (the
+ * client is lazy), so a closed socket with no feed to run is not "offline": signed in, the
+ * page is "ready".
+ */
 function setStatus(status) {
-  const labels = { live: 'live', offline: 'offline', reconnecting: 'reconnecting…' };
-  $('status').textContent = labels[status] ?? status;
-  $('status').className = `status ${status}`;
+  const idle = status === 'offline' && state.token && !state.channelFeed && !state.documentFeed;
+  const shown = idle ? 'ready' : status;
+  const labels = { live: 'live', ready: 'ready', offline: 'offline', reconnecting: 'reconnecting…' };
+  $('status').textContent = labels[shown] ?? shown;
+  $('status').className = `status ${shown}`;
 }
 
 function describe(error) {
@@ -87,6 +94,7 @@ function startSession(token, user) {
   state.token = token;
   state.user = user;
   state.client = connect(token, setStatus);
+  setStatus('offline');
   $('whoami').textContent = `${user.name} · your user id: ${user.id}`;
   $('whoami').hidden = false;
   $('sign-out').hidden = false;

@@ -186,6 +186,8 @@ async function signUp(page, name) {
 async function twoUsersInAChannel(a, b, channel) {
   await signUp(a, 'Ada');
   const bob = await signUp(b, 'Bob');
+  // Signed in with no channel open, no feed runs: the badge says so, not "offline".
+  for (const page of [a, b]) await page.locator('#status.ready', { hasText: 'ready' }).waitFor();
   await a.getByLabel('New channel name').fill(channel);
   await a.getByRole('button', { name: 'Create', exact: true }).first().click();
   await a.locator('#channel-name').filter({ hasText: channel }).waitFor();
