@@ -9,18 +9,29 @@ const wsUrl = httpUrl.replace(/^http/, 'ws');
 
 const DEFAULT_QUERY = `# Welcome to syncgraph.
 #
-# 1. Sign up (or signIn) and copy the token from the result:
+# 1. Sign up (or signIn) and copy the token
+#    from the result:
 mutation SignUp {
-  signUp(input: { name: "Ada", email: "ada@example.com", password: "correct horse" }) {
+  signUp(input: {
+    name: "Grace"
+    email: "grace@example.com"
+    password: "correct horse"
+  }) {
     token
     user { id name }
   }
 }
 
-# 2. Open "Headers" below and paste: { "Authorization": "Bearer <token>" }
-# 3. Create a channel, then follow it live and post to it (from another tab, too):
+# 2. Open "Headers" below and paste:
+#    { "Authorization": "Bearer <token>" }
+# 3. Create a channel, then follow it live and
+#    post to it (from another tab, too). Use the
+#    id CreateChannel returns where "1" stands.
 mutation CreateChannel {
-  createChannel(input: { name: "general" }) { id name }
+  createChannel(input: { name: "general" }) {
+    id
+    name
+  }
 }
 
 subscription Follow {
@@ -32,7 +43,13 @@ subscription Follow {
 }
 
 mutation Post {
-  postMessage(input: { channelId: "1", body: "hello" }) { id version }
+  postMessage(input: {
+    channelId: "1"
+    body: "hello"
+  }) {
+    id
+    version
+  }
 }
 `;
 
