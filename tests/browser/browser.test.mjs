@@ -274,6 +274,27 @@ function recordFeed(page) {
   return feed;
 }
 
+test("Chromium's WebSocket closes cleanly: the server answers a page's close with its code", async () => {
+  await withPages('ws-close', 1, async (page) => {
+    await page.goto(`${server.url}/demo`);
+    const wsUrl = `${server.url.replace('http', 'ws')}/graphql`;
+    const closed = await page.evaluate(
+      (url) =>
+        new Promise((resolve, reject) => {
+          const socket = new WebSocket(url, 'graphql-transport-ws');
+          const timer = setTimeout(() => reject(new Error('no close in time')), 10_000);
+          socket.onopen = () => socket.close(4321, 'bye');
+          socket.onclose = (event) => {
+            clearTimeout(timer);
+            resolve({ code: event.code, reason: event.reason, wasClean: event.wasClean });
+          };
+        }),
+      wsUrl,
+    );
+    assert.deepEqual(closed, { code: 4321, reason: 'bye', wasClean: true });
+  });
+});
+
 test('after a server restart the demo resumes from its cursor and loses nothing', async () => {
   await withPages('demo-restart', 2, async (a, b) => {
     const feed = recordFeed(b);
