@@ -9,6 +9,9 @@
 //! - `graphql`: the schema (`AppSchema`, `build_schema`), its resolvers, input validation and
 //!   the single mapping from domain errors to GraphQL errors.
 //! - `pubsub`: the hub: a bounded broadcast per topic (channel) of `ChangeEvent`s.
+//! - `live`: the delivery engine: one subscription's stream from a cursor (replay, live,
+//!   catching up through the log, revocation) and the per-user subscription quota; no
+//!   transport, no GraphQL.
 //! - `changes`: the tailer that follows `change_log` gap-free and publishes to the hub, its
 //!   doorbell (Postgres LISTEN, in-process rings), retention pruning, log replay reads.
 //! - `http`: the axum router: GraphQL over HTTP, WebSocket upgrade, GraphiQL, health.
@@ -23,6 +26,7 @@ pub mod config;
 pub mod db;
 pub mod graphql;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod pubsub;
 pub mod store;

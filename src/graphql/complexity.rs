@@ -55,21 +55,24 @@ struct TypenameCount {
 impl Extension for TypenameCount {
     /// Parses the document here, before async-graphql does: its parse step also checks the
     /// nesting depth by expanding every fragment spread where it stands, which is the
-    /// exponential walk; a document refused here never reaches it. The parsed document is
-    /// handed on, so it is parsed once.
+    /// exponential walk; a document refused here never reaches it. The parsed document stays
+    /// in the request, so it is parsed once.
     async fn prepare_request(
         &self,
         ctx: &ExtensionContext<'_>,
         mut request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        let document = async_graphql::parser::parse_query(&request.query)?;
-        let count = count(&ctx.schema_env.registry, &document, &request.variables);
+        // `parsed_query` keeps the document in the request (a subscription's start parsed it
+        // already, in `shared::plan`); it borrows the request, hence the copy of the
+        // variables.
+        let variables = request.variables.clone();
+        let document = request.parsed_query()?;
+        let count = count(&ctx.schema_env.registry, document, &variables);
         if count.fields > self.max {
             return Err(too_complex());
         }
         self.typenames.store(count.typenames, Ordering::Relaxed);
-        request.set_parsed_query(document);
         next.run(ctx, request).await
     }
 

@@ -96,6 +96,19 @@ impl From<StoreError> for AppError {
     }
 }
 
+impl From<crate::live::LiveError> for AppError {
+    fn from(err: crate::live::LiveError) -> Self {
+        use crate::live::LiveError;
+        match err {
+            LiveError::Revoked => {
+                AppError::Forbidden("you are no longer a member of this channel".into())
+            }
+            LiveError::CursorExpired => AppError::CursorExpired,
+            LiveError::Log(_) => AppError::Internal(Arc::new(err)),
+        }
+    }
+}
+
 impl From<AuthError> for AppError {
     fn from(err: AuthError) -> Self {
         AppError::Internal(Arc::new(err))

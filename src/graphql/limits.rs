@@ -1,10 +1,8 @@
-//! Per-user and per-address limits that resolvers enforce: open subscriptions per user, and
-//! signIn/signUp attempts per client address. Both live in this process's memory.
+//! Per-address limits that resolvers enforce: signIn/signUp attempts per client address, in
+//! this process's memory (open subscriptions per user are counted by `live::quota`).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -23,65 +21,6 @@ pub fn page_limit(ctx: &async_graphql::Context<'_>) -> i32 {
 /// The client's address, attached to each request by the transport.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);
-
-/// Counts each user's open subscriptions against a maximum.
-pub struct SubscriptionQuota {
-    max: usize,
-    open: Mutex<HashMap<i64, usize>>,
-}
-
-/// One open subscription; dropping it frees the slot.
-pub struct QuotaSlot {
-    quota: Arc<SubscriptionQuota>,
-    user: i64,
-}
-
-impl SubscriptionQuota {
-    pub fn new(max: u32) -> Arc<Self> {
-        Arc::new(Self {
-            max: max as usize,
-            open: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A slot for one more subscription of `user`, or `None` when they hold the maximum.
-    pub fn acquire(self: &Arc<Self>, user: i64) -> Option<QuotaSlot> {
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = open.entry(user).or_insert(0);
-        if *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(QuotaSlot {
-            quota: self.clone(),
-            user,
-        })
-    }
-
-    /// The maximum per user.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-}
-
-impl Drop for QuotaSlot {
-    fn drop(&mut self) {
-        let mut open = self
-            .quota
-            .open
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = open.get_mut(&self.user) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.user);
-            }
-        }
-    }
-}
 
 /// signIn/signUp attempts per client address: a burst of `per_minute`, refilled evenly.
 pub struct AuthLimiter {
@@ -135,17 +74,6 @@ fn client_key(addr: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_user_holds_at_most_max_subscriptions_and_dropping_frees_one() {
-        let quota = SubscriptionQuota::new(2);
-        let first = quota.acquire(1).expect("first");
-        let _second = quota.acquire(1).expect("second");
-        assert!(quota.acquire(1).is_none());
-        assert!(quota.acquire(2).is_some(), "another user has their own");
-        drop(first);
-        assert!(quota.acquire(1).is_some());
-    }
 
     #[test]
     fn attempts_past_the_burst_wait() {

@@ -23,10 +23,11 @@ use tokio::sync::mpsc;
 use crate::auth::{JwtKeys, Viewer};
 use crate::changes::Doorbell;
 use crate::config::Limits;
+use crate::live::SubscriptionQuota;
 use crate::metrics::{CodeLabel, ErrorCounts};
 use crate::pubsub::{Broker, FeedStats};
 use error::{AppError, AppResult};
-use limits::{AuthLimiter, PageLimit, SubscriptionQuota};
+use limits::{AuthLimiter, PageLimit};
 use loaders::Loaders;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
@@ -351,7 +352,7 @@ pub struct Replies {
     /// Where a subscription's resolver leaves its follower, until the start ends.
     handover: Option<Arc<shared::Handover>>,
     /// A handed-over subscription: what it follows and how it renders.
-    live: Option<(subscription::Follower, Arc<shared::Shape>)>,
+    live: Option<(crate::live::Follower, Arc<shared::Shape>)>,
     finished: Finished,
 }
 
@@ -376,7 +377,7 @@ impl Replies {
         let (follower, shape) = self.live.as_mut()?;
         loop {
             let (rendered, event) = match follower.next().await? {
-                subscription::Next::Event(event) => {
+                crate::live::Next::Event(event) => {
                     let api = &self.api;
                     let span = &self.finished.span;
                     // Most subscribers find the rendering made; the first (or one racing
@@ -396,10 +397,10 @@ impl Replies {
                     };
                     (rendered, true)
                 }
-                subscription::Next::Error(err) => {
+                crate::live::Next::Error(err) => {
                     let rendered = self
                         .api
-                        .render(shape, shared::RenderOne::Error(err))
+                        .render(shape, shared::RenderOne::Error(err.into()))
                         .boxed()
                         .await;
                     (

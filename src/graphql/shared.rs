@@ -25,7 +25,7 @@ use async_graphql::{Name, Pos, Positioned, ServerError, Variables};
 use async_graphql_value::Value;
 
 use super::error::{AppError, code};
-use super::subscription::Follower;
+use crate::live::Follower;
 use crate::pubsub::ChangeEvent;
 
 /// How deep fragments may nest before the walk gives up on a document (it is then refused by

@@ -1,0 +1,517 @@
+//! One subscription to a topic (a channel), from a cursor, in the feed's one order.
+//!
+//! `Opening::new` subscribes to the topic first, then reads how far the log has been
+//! published (`P`): every event after `P` reaches the receiver, every event up to `P` is in
+//! the log. The caller then checks access (so a removal after `P` arrives as an event) and
+//! the cursor (`check_cursor`), and makes a `Follower`. The follower replays `(after, P]`
+//! (from the broker's memory of recent events when it still covers them, else the log, in
+//! pages), then follows the topic, dropping what it already covered by position. When the
+//! topic's buffer overflows (a slow reader) it catches up again from its last position
+//! instead of failing or buffering. Losing membership ends it with `Revoked` before any
+//! later event: the topic carries membership changes in the same order as everything else.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use entities::live::LiveModel;
+use entities::{channel, channel_member};
+use sea_orm::DatabaseConnection;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::quota::QuotaSlot;
+use crate::changes::{self, ChangeError};
+use crate::pubsub::{Broker, ChangeEvent, FeedStats, Op, Streaming, TopicReceiver};
+
+/// Log rows read per page when replaying.
+const REPLAY_PAGE: u64 = 500;
+
+/// Why a subscription cannot start or go on.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// The viewer was removed from the channel while subscribed.
+    #[error("you are no longer a member of this channel")]
+    Revoked,
+    /// The cursor is older than the log's retention (or became so while replaying).
+    #[error("the cursor is older than the change log's retention")]
+    CursorExpired,
+    /// The log could not be read.
+    #[error("reading the change log failed")]
+    Log(#[from] ChangeError),
+}
+
+/// Which of its topic's events a subscription delivers: the changes of one table, or of one
+/// row of it. A followed row's deletion is delivered, then ends the subscription; the
+/// channel's deletion ends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filter {
+    pub table: &'static str,
+    pub row_id: Option<i64>,
+}
+
+/// What a follower has next for its subscriber.
+pub enum Next {
+    /// Deliver this event.
+    Event(Arc<ChangeEvent>),
+    /// Deliver this error, then end.
+    Error(LiveError),
+}
+
+/// A subscription to a topic whose access and cursor are being checked.
+pub struct Opening {
+    broker: Arc<Broker>,
+    receiver: TopicReceiver,
+    topic: i64,
+    /// How far the log was published once the receiver was in place.
+    published: i64,
+}
+
+impl Opening {
+    /// Subscribes to `topic`, then reads how far the log is published.
+    pub fn new(broker: &Arc<Broker>, topic: i64) -> Opening {
+        let receiver = broker.subscribe(topic);
+        let published = broker.published();
+        Opening {
+            broker: broker.clone(),
+            receiver,
+            topic,
+            published,
+        }
+    }
+
+    /// `CursorExpired` when retention has pruned changes after `after`.
+    pub async fn check_cursor(db: &DatabaseConnection, after: i64) -> Result<(), LiveError> {
+        if after < changes::pruned_through(db).await? {
+            return Err(LiveError::CursorExpired);
+        }
+        Ok(())
+    }
+
+    /// The checked subscription of `viewer`: every change after `after` (or, without it,
+    /// after the opening) that `filter` selects. `slot` counts against the viewer's open
+    /// subscriptions while it lives.
+    pub fn follow(
+        self,
+        db: DatabaseConnection,
+        viewer: i64,
+        after: Option<i64>,
+        filter: Filter,
+        slot: QuotaSlot,
+    ) -> Follower {
+        Follower {
+            _streaming: self.broker.streaming(),
+            db,
+            broker: self.broker,
+            receiver: self.receiver,
+            topic: self.topic,
+            viewer,
+            seen: after.unwrap_or(self.published),
+            target: self.published,
+            history_through: self.published,
+            filter,
+            pending: VecDeque::new(),
+            caught_up: false,
+            ended: false,
+            _slot: slot,
+        }
+    }
+}
+
+/// A checked subscription: replays the log from its cursor, then follows the topic.
+pub struct Follower {
+    db: DatabaseConnection,
+    broker: Arc<Broker>,
+    receiver: TopicReceiver,
+    topic: i64,
+    viewer: i64,
+    filter: Filter,
+    /// Every position up to here has been considered.
+    seen: i64,
+    /// Catch up (replay) to here before taking live events.
+    target: i64,
+    /// Changes up to here happened before access was checked: membership changes among them
+    /// are history, not revocations.
+    history_through: i64,
+    /// Events read but not yet considered.
+    pending: VecDeque<Arc<ChangeEvent>>,
+    /// Once `pending` is drained, everything up to `target` has been considered.
+    caught_up: bool,
+    ended: bool,
+    /// Counts against the viewer's open subscriptions until it ends.
+    _slot: QuotaSlot,
+    /// Counts the subscription as streaming while it lives.
+    _streaming: Streaming,
+}
+
+/// What a subscription does with one event of its topic.
+enum Step {
+    Skip,
+    Deliver,
+    DeliverThenEnd,
+    /// The viewer was removed from the channel: end with `Revoked`.
+    Revoked,
+    /// The channel was deleted: end.
+    End,
+}
+
+impl Follower {
+    /// The next thing to send, or `None` when the subscription has ended (the channel or
+    /// the followed row was deleted, or the server is shutting down).
+    pub async fn next(&mut self) -> Option<Next> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            while let Some(event) = self.pending.pop_front() {
+                if event.position <= self.seen {
+                    continue;
+                }
+                self.seen = event.position;
+                let history = event.position <= self.history_through;
+                match self.step(&event, history) {
+                    Step::Skip => {}
+                    Step::Deliver => return Some(Next::Event(event)),
+                    Step::DeliverThenEnd => {
+                        self.ended = true;
+                        return Some(Next::Event(event));
+                    }
+                    Step::Revoked => {
+                        self.ended = true;
+                        return Some(Next::Error(LiveError::Revoked));
+                    }
+                    Step::End => {
+                        self.ended = true;
+                        return None;
+                    }
+                }
+            }
+            if self.caught_up {
+                self.seen = self.seen.max(self.target);
+                self.caught_up = false;
+            }
+            // The next batch: catching up (from the broker's memory, else a page of the
+            // log) while behind the target, else the next live event.
+            if self.seen < self.target {
+                // Boxed: its database futures are large, and a follower spends most of its
+                // life waiting on the topic, not catching up.
+                match Box::pin(self.catch_up()).await {
+                    Ok((batch, caught_up)) => {
+                        self.pending.extend(batch);
+                        self.caught_up = caught_up;
+                    }
+                    Err(err) => {
+                        self.ended = true;
+                        return Some(Next::Error(err));
+                    }
+                }
+            } else {
+                match self.receiver.recv().await {
+                    Ok(event) => self.pending.push_back(event),
+                    Err(RecvError::Lagged(_)) => {
+                        // Too slow for the topic's buffer: catch up instead.
+                        FeedStats::add(&self.broker.stats.lagged, 1);
+                        self.target = self.broker.published();
+                    }
+                    // The server is shutting down.
+                    Err(RecvError::Closed) => {
+                        self.ended = true;
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next events between `seen` and `target`, and whether they are all of them. Recent
+    /// events come from the broker's memory, shared with every other subscriber catching up
+    /// (memo included) at no database cost; older ones from a page of the log.
+    async fn catch_up(&self) -> Result<(Vec<Arc<ChangeEvent>>, bool), LiveError> {
+        if let Some(events) = self.broker.recent(self.topic, self.seen, self.target) {
+            return Ok((events, true));
+        }
+        FeedStats::add(&self.broker.stats.log_replays, 1);
+        let page =
+            changes::read_scope(&self.db, self.topic, self.seen, self.target, REPLAY_PAGE).await?;
+        // Retention may have pruned part of the range since the cursor was checked: then
+        // the page may silently miss rows, so stop instead.
+        if changes::pruned_through(&self.db).await? > self.seen {
+            return Err(LiveError::CursorExpired);
+        }
+        let complete = (page.len() as u64) < REPLAY_PAGE;
+        Ok((page.into_iter().map(Arc::new).collect(), complete))
+    }
+
+    fn step(&self, event: &ChangeEvent, history: bool) -> Step {
+        if !history && self.revokes(event) {
+            return Step::Revoked;
+        }
+        if event.table == channel::Model::TABLE
+            && event.op == Op::Delete
+            && event.row_id == self.topic
+        {
+            return Step::End;
+        }
+        if event.table != self.filter.table {
+            return Step::Skip;
+        }
+        match self.filter.row_id {
+            None => Step::Deliver,
+            Some(id) if id != event.row_id => Step::Skip,
+            Some(_) if event.op == Op::Delete => Step::DeliverThenEnd,
+            Some(_) => Step::Deliver,
+        }
+    }
+
+    /// True when `event` removes the viewer from the channel. (An UPDATE that moves a
+    /// membership row to another user or channel is logged as a DELETE and an INSERT.)
+    fn revokes(&self, event: &ChangeEvent) -> bool {
+        if event.op != Op::Delete || event.table != channel_member::Model::TABLE {
+            return false;
+        }
+        match channel_member::Model::deserialize(&event.row) {
+            Ok(member) => member.user_id == self.viewer,
+            // An unreadable membership removal: end the stream rather than risk a leak.
+            Err(err) => {
+                tracing::error!(
+                    position = event.position,
+                    error = %err,
+                    "a membership removal whose row image does not decode ends the subscriptions of its channel's row id"
+                );
+                event.row_id == self.viewer
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::SubscriptionQuota;
+    use crate::pubsub::{Memo, TOPIC_CAPACITY};
+    use sea_orm::ConnectionTrait;
+
+    const MESSAGES: Filter = Filter {
+        table: "messages",
+        row_id: None,
+    };
+
+    /// A migrated SQLite database in a temporary folder, with user 1 in channel 7.
+    async fn database() -> (tempfile::TempDir, DatabaseConnection) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("live.db").display());
+        let (db, _) = crate::db::connect(&url, 2).await.expect("database");
+        crate::app::migrate(&db).await.expect("migrations");
+        for sql in [
+            "INSERT INTO users (id, name, email, password_hash) VALUES (1, 'Ada', 'ada@example.com', 'x')",
+            "INSERT INTO channels (id, name) VALUES (7, 'general')",
+            "INSERT INTO channel_members (channel_id, user_id) VALUES (7, 1)",
+        ] {
+            db.execute_unprepared(sql).await.expect("fixture");
+        }
+        (dir, db)
+    }
+
+    fn event(
+        position: i64,
+        table: &str,
+        op: Op,
+        row_id: i64,
+        row: serde_json::Value,
+    ) -> Arc<ChangeEvent> {
+        Arc::new(ChangeEvent {
+            position,
+            table: table.to_owned(),
+            op,
+            row_id,
+            scope: Some(7),
+            row,
+            memo: Memo::default(),
+        })
+    }
+
+    fn message(position: i64, id: i64) -> Arc<ChangeEvent> {
+        event(
+            position,
+            "messages",
+            Op::Insert,
+            id,
+            serde_json::json!({ "id": id }),
+        )
+    }
+
+    fn removal(position: i64, user_id: i64) -> Arc<ChangeEvent> {
+        let row = serde_json::json!({ "channel_id": 7, "user_id": user_id, "created_at": "2026-12-04T00:00:00Z" });
+        event(position, "channel_members", Op::Delete, user_id, row)
+    }
+
+    /// The next item within a second (a missing event fails instead of hanging).
+    async fn next(follower: &mut Follower) -> Option<Next> {
+        tokio::time::timeout(std::time::Duration::from_secs(1), follower.next())
+            .await
+            .expect("an item in time")
+    }
+
+    fn position(next: Option<Next>) -> i64 {
+        match next {
+            Some(Next::Event(event)) => event.position,
+            Some(Next::Error(err)) => panic!("an error: {err}"),
+            None => panic!("the end"),
+        }
+    }
+
+    fn follower(
+        broker: &Arc<Broker>,
+        db: &DatabaseConnection,
+        after: Option<i64>,
+        filter: Filter,
+    ) -> Follower {
+        let slot = SubscriptionQuota::new(10).acquire(1).expect("a slot");
+        Opening::new(broker, 7).follow(db.clone(), 1, after, filter, slot)
+    }
+
+    #[tokio::test]
+    async fn live_events_pass_the_filter_in_order_and_a_removal_of_the_viewer_revokes() {
+        let (_dir, db) = database().await;
+        let broker = Arc::new(Broker::new(0));
+        let mut all = follower(&broker, &db, None, MESSAGES);
+        let mut one = follower(
+            &broker,
+            &db,
+            None,
+            Filter {
+                table: "messages",
+                row_id: Some(2),
+            },
+        );
+        let other = event(3, "documents", Op::Insert, 1, serde_json::json!({}));
+        broker.publish(vec![message(1, 1), message(2, 2), other, removal(4, 99)], 4);
+        assert_eq!(position(next(&mut all).await), 1);
+        assert_eq!(position(next(&mut all).await), 2);
+        assert_eq!(position(next(&mut one).await), 2, "only its row");
+        // Someone else's removal is no revocation; the viewer's is, before any later event.
+        broker.publish(vec![removal(5, 1), message(6, 3)], 6);
+        assert!(matches!(
+            next(&mut all).await,
+            Some(Next::Error(LiveError::Revoked))
+        ));
+        assert!(next(&mut all).await.is_none(), "it ended");
+        assert_eq!(broker.streaming_count(), 2);
+        drop(all);
+        assert_eq!(broker.streaming_count(), 1, "the other still streams");
+    }
+
+    #[tokio::test]
+    async fn a_followed_rows_deletion_is_delivered_then_ends_and_the_channels_deletion_ends() {
+        let (_dir, db) = database().await;
+        let broker = Arc::new(Broker::new(0));
+        let mut document = follower(
+            &broker,
+            &db,
+            None,
+            Filter {
+                table: "documents",
+                row_id: Some(5),
+            },
+        );
+        let mut messages = follower(&broker, &db, None, MESSAGES);
+        broker.publish(
+            vec![
+                event(1, "documents", Op::Delete, 5, serde_json::json!({})),
+                event(2, "channels", Op::Delete, 7, serde_json::json!({})),
+                message(3, 1),
+            ],
+            3,
+        );
+        assert_eq!(position(next(&mut document).await), 1);
+        assert!(next(&mut document).await.is_none());
+        assert!(next(&mut messages).await.is_none(), "the channel is gone");
+    }
+
+    #[tokio::test]
+    async fn a_follower_behind_the_topics_buffer_catches_up_from_memory_without_gap_or_duplicate() {
+        let (_dir, db) = database().await;
+        let broker = Arc::new(Broker::new(0));
+        let mut slow = follower(&broker, &db, None, MESSAGES);
+        let burst = (TOPIC_CAPACITY + 100) as i64;
+        for position in 1..=burst {
+            broker.publish(vec![message(position, position)], position);
+        }
+        for expected in 1..=burst {
+            assert_eq!(position(next(&mut slow).await), expected);
+        }
+        assert_eq!(
+            broker
+                .stats
+                .lagged
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(
+            broker
+                .stats
+                .log_replays
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cursor_replays_the_log_then_continues_live() {
+        let (_dir, db) = database().await;
+        for body in ["one", "two", "three"] {
+            db.execute_unprepared(&format!(
+                "INSERT INTO messages (channel_id, author_id, body) VALUES (7, 1, '{body}')"
+            ))
+            .await
+            .expect("insert");
+        }
+        let published = changes::read_scope(&db, 7, 0, i64::MAX, 100)
+            .await
+            .expect("log");
+        let last = published.last().expect("logged").position;
+        // A broker that starts after the writes: its memory does not cover them.
+        let broker = Arc::new(Broker::new(last));
+        let first_message = published
+            .iter()
+            .find(|event| event.table == "messages")
+            .expect("a message")
+            .position;
+        Opening::check_cursor(&db, first_message)
+            .await
+            .expect("within retention");
+        let mut resumed = follower(&broker, &db, Some(first_message), MESSAGES);
+        let replayed: Vec<i64> = published
+            .iter()
+            .filter(|event| event.table == "messages" && event.position > first_message)
+            .map(|event| event.position)
+            .collect();
+        assert_eq!(replayed.len(), 2);
+        for expected in replayed {
+            assert_eq!(position(next(&mut resumed).await), expected);
+        }
+        assert_eq!(
+            broker
+                .stats
+                .log_replays
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        broker.publish(vec![message(last + 1, 9)], last + 1);
+        assert_eq!(position(next(&mut resumed).await), last + 1);
+    }
+
+    #[tokio::test]
+    async fn a_pruned_cursor_is_expired() {
+        let (_dir, db) = database().await;
+        db.execute_unprepared("UPDATE change_log_state SET pruned_through = 10")
+            .await
+            .expect("prune mark");
+        assert!(matches!(
+            Opening::check_cursor(&db, 9).await,
+            Err(LiveError::CursorExpired)
+        ));
+        Opening::check_cursor(&db, 10)
+            .await
+            .expect("at the mark is fine");
+    }
+}
