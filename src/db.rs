@@ -48,12 +48,6 @@ pub async fn connect(
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false);
-    if backend == DatabaseBackend::Postgres {
-        // The server acts on no NOTICE, and the migrator's `CREATE TABLE IF NOT EXISTS
-        // seaql_migrations` raises one ("already exists, skipping") at every start, which
-        // sqlx logs at INFO. Set at connect, so it costs nothing per statement.
-        options.map_sqlx_postgres_opts(|opts| opts.options([("client_min_messages", "warning")]));
-    }
     if backend == DatabaseBackend::Sqlite {
         options.map_sqlx_sqlite_opts(|opts| {
             opts.create_if_missing(true)

@@ -1,15 +1,36 @@
 //! The `syncgraph` binary: parse the command line, start logging, then serve, migrate or print
 //! the schema.
 
+use anyhow::Context as _;
 use clap::Parser;
 use syncgraph::config::{Cli, Command, LogFormat};
 use syncgraph::{App, db, graphql};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long the exit waits for blocking work still running (a password hash whose client
+/// has gone, a DNS lookup) once serving has stopped.
+const BLOCKING_WORK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(run());
+    // Dropping the runtime would wait for every blocking task without limit.
+    runtime.shutdown_timeout(BLOCKING_WORK_PATIENCE);
+    outcome
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // sqlx logs PostgreSQL's NOTICEs at INFO, and the migrator's `CREATE TABLE IF NOT EXISTS
+    // seaql_migrations` raises one ("already exists, skipping") at every start: quiet them
+    // unless RUST_LOG asks for sqlx itself.
+    if !std::env::var("RUST_LOG").is_ok_and(|value| value.contains("sqlx")) {
+        filter = filter.add_directive("sqlx::postgres::notice=warn".parse()?);
+    }
     match cli.config.log_format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_writer(std::io::stderr)

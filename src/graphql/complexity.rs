@@ -68,11 +68,13 @@ impl Extension for TypenameCount {
         // variables.
         let variables = request.variables.clone();
         let document = request.parsed_query()?;
-        let count = count(&ctx.schema_env.registry, document, &variables);
-        if count.fields > self.max {
-            return Err(too_complex());
+        // Nested too deep to count: async-graphql's parse step refuses it.
+        if let Some(count) = count(&ctx.schema_env.registry, document, &variables) {
+            if count.fields > self.max {
+                return Err(too_complex());
+            }
+            self.typenames.store(count.typenames, Ordering::Relaxed);
         }
-        self.typenames.store(count.typenames, Ordering::Relaxed);
         next.run(ctx, request).await
     }
 
@@ -115,60 +117,100 @@ impl Count {
     }
 }
 
-/// Counts `document` as the complexity check would walk it: fragments inlined.
-fn count(registry: &Registry, document: &ExecutableDocument, variables: &Variables) -> Count {
-    let mut walk = Walk {
-        registry,
-        document,
-        variables,
-        fragments: HashMap::new(),
-    };
-    document
-        .operations
-        .iter()
-        .map(|(_, operation)| {
-            let root = match operation.node.ty {
-                OperationType::Query => Some(registry.query_type.as_str()),
-                OperationType::Mutation => registry.mutation_type.as_deref(),
-                OperationType::Subscription => registry.subscription_type.as_deref(),
-            };
-            walk.selections(&operation.node.selection_set.node, root)
-        })
-        .fold(Count::default(), Count::add)
+/// How deep the walk follows selections and fragment spreads. async-graphql's parse step
+/// refuses documents nested deeper than 32 on its own (it stops at the first such path, so
+/// that check is not the exponential one); the walk stops here so that a chain of thousands
+/// of fragments cannot exhaust the stack.
+const MAX_DEPTH: usize = 64;
+
+/// Counts `document` as the complexity check would walk it: every operation, fragments
+/// inlined. `None` when it nests deeper than `MAX_DEPTH` (async-graphql refuses it).
+fn count(
+    registry: &Registry,
+    document: &ExecutableDocument,
+    variables: &Variables,
+) -> Option<Count> {
+    let mut total = Count::default();
+    for (_, operation) in document.operations.iter() {
+        let root = match operation.node.ty {
+            OperationType::Query => Some(registry.query_type.as_str()),
+            OperationType::Mutation => registry.mutation_type.as_deref(),
+            OperationType::Subscription => registry.subscription_type.as_deref(),
+        };
+        // A variable the request leaves out takes the default its operation declares, as
+        // when the operation runs.
+        let defaults = operation
+            .node
+            .variable_definitions
+            .iter()
+            .filter_map(|definition| {
+                let default = definition.node.default_value.as_ref()?;
+                Some((definition.node.name.node.as_str(), default.node.clone()))
+            })
+            .collect();
+        // Fragment counts are per operation: a fragment may read the operation's variables.
+        let mut walk = Walk {
+            registry,
+            document,
+            variables,
+            defaults,
+            fragments: HashMap::new(),
+            too_deep: false,
+        };
+        let count = walk.selections(&operation.node.selection_set.node, root, 0);
+        if walk.too_deep {
+            return None;
+        }
+        total = total.add(count);
+    }
+    Some(total)
 }
 
 struct Walk<'a> {
     registry: &'a Registry,
     document: &'a ExecutableDocument,
     variables: &'a Variables,
+    /// The operation's declared variable defaults.
+    defaults: HashMap<&'a str, Value>,
     /// Each fragment's count, once: a fragment's type is fixed by its condition, so its count
     /// does not depend on where it is spread (and a chain of fragments each spreading the next
     /// twice costs one visit per fragment, not two to the power of its length). `None` while
     /// it is being counted, so a cycle (which validation refuses) counts nothing.
     fragments: HashMap<&'a str, Option<Count>>,
+    /// The walk went past `MAX_DEPTH` and stopped.
+    too_deep: bool,
 }
 
 impl<'a> Walk<'a> {
-    fn selections(&mut self, set: &'a SelectionSet, parent: Option<&'a str>) -> Count {
+    fn selections(
+        &mut self,
+        set: &'a SelectionSet,
+        parent: Option<&'a str>,
+        depth: usize,
+    ) -> Count {
+        if depth > MAX_DEPTH {
+            self.too_deep = true;
+            return Count::default();
+        }
         set.items
             .iter()
             .map(|selection| match &selection.node {
-                Selection::Field(field) => self.field(&field.node, parent),
+                Selection::Field(field) => self.field(&field.node, parent, depth),
                 Selection::InlineFragment(fragment) => {
                     let parent = match &fragment.node.type_condition {
                         Some(condition) => Some(condition.node.on.node.as_str()),
                         None => parent,
                     };
-                    self.selections(&fragment.node.selection_set.node, parent)
+                    self.selections(&fragment.node.selection_set.node, parent, depth + 1)
                 }
                 Selection::FragmentSpread(spread) => {
-                    self.fragment(spread.node.fragment_name.node.as_str())
+                    self.fragment(spread.node.fragment_name.node.as_str(), depth)
                 }
             })
             .fold(Count::default(), Count::add)
     }
 
-    fn fragment(&mut self, name: &'a str) -> Count {
+    fn fragment(&mut self, name: &'a str, depth: usize) -> Count {
         if let Some(known) = self.fragments.get(name) {
             return known.unwrap_or_default();
         }
@@ -177,12 +219,12 @@ impl<'a> Walk<'a> {
         };
         self.fragments.insert(name, None);
         let parent = Some(fragment.node.type_condition.node.on.node.as_str());
-        let count = self.selections(&fragment.node.selection_set.node, parent);
+        let count = self.selections(&fragment.node.selection_set.node, parent, depth + 1);
         self.fragments.insert(name, Some(count));
         count
     }
 
-    fn field(&mut self, field: &'a Field, parent: Option<&'a str>) -> Count {
+    fn field(&mut self, field: &'a Field, parent: Option<&'a str>, depth: usize) -> Count {
         let name = field.name.node.as_str();
         if name == "__typename" {
             return Count {
@@ -197,7 +239,7 @@ impl<'a> Walk<'a> {
         let child = meta
             .and_then(|meta| self.registry.concrete_type_by_name(&meta.ty))
             .map(|ty| ty.name());
-        let inner = self.selections(&field.selection_set.node, child);
+        let inner = self.selections(&field.selection_set.node, child, depth + 1);
         // The fields with a complexity of their own are the pages (`page_complexity`).
         let typenames = if meta.is_some_and(|meta| meta.compute_complexity.is_some()) {
             page_items(self.size(field)).saturating_mul(inner.typenames)
@@ -210,14 +252,21 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// A page's `first` (or else `last`) as an integer, from the document or its variables.
+    /// A page's `first` (or else `last`) as an integer, from the document, its variables or
+    /// their declared defaults.
     fn size(&self, field: &Field) -> Option<i32> {
         ["first", "last"].into_iter().find_map(|argument| {
             let value = field.get_argument(argument)?;
             let value = value
                 .node
                 .clone()
-                .into_const_with(|name| self.variables.get(&name).cloned().ok_or(()))
+                .into_const_with(|name| {
+                    self.variables
+                        .get(&name)
+                        .or_else(|| self.defaults.get(name.as_str()))
+                        .cloned()
+                        .ok_or(())
+                })
                 .ok()?;
             match value {
                 Value::Number(number) => number
@@ -253,7 +302,7 @@ mod tests {
     fn count_of(query: &str, variables: serde_json::Value) -> Count {
         let document = async_graphql::parser::parse_query(query).expect("parses");
         let variables = Variables::from_json(variables);
-        count(&registry(), &document, &variables)
+        count(&registry(), &document, &variables).expect("within the depth")
     }
 
     fn typenames(query: &str, variables: serde_json::Value) -> usize {
@@ -311,6 +360,25 @@ mod tests {
             .fields,
             6
         );
+    }
+
+    #[test]
+    fn a_variables_declared_default_sizes_its_page() {
+        let query =
+            "query($n: Int = 100) { channels(first: $n) { edges { node { __typename } } } }";
+        assert_eq!(typenames(query, serde_json::json!({})), 100);
+        assert_eq!(typenames(query, serde_json::json!({ "n": 5 })), 5);
+    }
+
+    #[test]
+    fn a_chain_of_thousands_of_fragments_stops_the_walk_instead_of_the_stack() {
+        let mut query = String::from("{ ...F0 }");
+        for i in 0..20_000 {
+            query.push_str(&format!(" fragment F{i} on QueryRoot {{ ...F{} }}", i + 1));
+        }
+        query.push_str(" fragment F20000 on QueryRoot { __typename }");
+        let document = async_graphql::parser::parse_query(&query).expect("parses");
+        assert_eq!(count(&registry(), &document, &Variables::default()), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The one place where domain errors become GraphQL errors.
 //!
-//! Every error a client can see carries `extensions.code` from the contract's list
-//! (API.md). Internal errors are logged here with their cause chain and reach the client only
+//! Every error a client can see carries `extensions.code` from the contract's list (`code`,
+//! listed in the README under "Using the API"). Internal errors are logged here with their cause chain and reach the client only
 //! as `INTERNAL_SERVER_ERROR` with a generic message: no SQL text, stack or secret.
 //!
 //! `AppError` deliberately does not implement `Display`: async-graphql turns any `Display`
@@ -15,7 +15,7 @@ use async_graphql::ErrorExtensions;
 use crate::auth::AuthError;
 use crate::store::StoreError;
 
-/// The codes of API.md, as sent in `extensions.code`.
+/// The codes of the API contract, as sent in `extensions.code`.
 pub mod code {
     pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
     pub const FORBIDDEN: &str = "FORBIDDEN";

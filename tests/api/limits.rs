@@ -94,6 +94,15 @@ async fn typename_bombs_and_fragment_bombs_are_refused_at_the_default_limits() {
             assert_eq!(response["errors"][0]["message"], "Query is too complex.", "{response}");
             assert!(response.get("data").is_none_or(|d| d.is_null()), "nothing ran: {response}");
         }
+        // A chain of 5,000 fragments, each spreading the next, is refused (nested too deep)
+        // rather than followed to the end of the stack.
+        let mut long = String::from("{ ...L0 }");
+        for i in 0..5_000 {
+            long.push_str(&format!(" fragment L{i} on QueryRoot {{ ...L{} }}", i + 1));
+        }
+        long.push_str(" fragment L5000 on QueryRoot { __typename }");
+        let response = server.graphql_as(&ada, &long, json!({})).await;
+        assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
         // Apollo Client's habit, a `__typename` in every selection, stays well within them.
         let response = server
             .graphql_as(&ada, "{ __typename me { __typename id } channels(first: 20) { __typename edges { __typename node { __typename id } } } }", json!({}))
