@@ -14,14 +14,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{self, JwtKeys};
-use crate::changes::{Doorbell, PostgresDoorbell, Pruner, Retention, Tailer};
+use crate::changes::{Doorbell, PostgresDoorbell, Pruner, Tailer};
 use crate::config::Config;
 use crate::db::{self, StatementCounter};
 use crate::graphql::{Api, Live};
 use crate::http::{self, HttpState};
 use crate::metrics::Health;
 use crate::pubsub::Broker;
-use crate::ws::WsConfig;
 
 /// A built server whose change feed is already running (LISTEN active on Postgres).
 pub struct App {
@@ -43,110 +42,34 @@ pub struct App {
 
 impl App {
     /// Connects to the database, applies migrations, starts the change feed and binds
-    /// `config.listen`.
+    /// `config.listen`: the steps below, in this order.
     pub async fn build(config: &Config) -> anyhow::Result<App> {
-        let patience = Duration::from_secs(config.db_connect_timeout_secs);
-        let (db, statements) =
-            db::connect_patiently(&config.database_url, config.db_max_connections, patience)
-                .await
-                .context("opening the database")?;
-        migrate(&db).await?;
-        // The feed reads through its own small pool: requests never wait behind it, and
-        // statement counts of requests (tests) do not include its polling.
-        let (feed_db, feed_statements) = db::connect(&config.database_url, 3)
-            .await
-            .context("opening the database for the change feed")?;
-        let keys = match &config.jwt_secret {
-            Some(secret) if !secret.is_empty() => {
-                JwtKeys::new(secret.as_bytes(), config.token_ttl())
-            }
-            _ => {
-                let secret = db::stored_secret(&db, "jwt", auth::random_secret)
-                    .await
-                    .context("reading the stored JWT secret")?;
-                tracing::info!(
-                    "no JWT secret configured (--jwt-secret / SYNCGRAPH_JWT_SECRET): signing \
-                     tokens with the secret generated and kept in the database"
-                );
-                JwtKeys::new(secret.as_bytes(), config.token_ttl())
-            }
-        };
-
+        let databases = open_databases(config).await?;
+        let keys = token_keys(config, &databases.db).await?;
         let (stop, stopped) = watch::channel(false);
-        let doorbell = Doorbell::default();
-        // LISTEN before deciding where the feed starts: every commit after that point
-        // either is at or below the start, or rings.
-        let postgres_doorbell = if db.get_database_backend() == DatabaseBackend::Postgres {
-            Some(
-                PostgresDoorbell::connect(&config.database_url, doorbell.clone())
-                    .await
-                    .context("listening for change notifications")?,
-            )
-        } else {
-            None
-        };
-        let start = Tailer::start_position(&feed_db)
-            .await
-            .context("finding where the change log stands")?;
-        let broker = Arc::new(Broker::new(start));
-        let mut tasks = Vec::new();
-        if let Some(postgres_doorbell) = postgres_doorbell {
-            tasks.push(tokio::spawn(postgres_doorbell.run(stopped.clone())));
-        }
-        let tailer = Tailer::new(
-            feed_db.clone(),
-            broker.clone(),
-            doorbell.clone(),
-            start,
-            Duration::from_millis(config.poll_ms.max(1)),
+        let feed = start_feed(config, &databases, stopped.clone()).await?;
+        let api = Api::new(
+            databases.db.clone(),
+            keys.clone(),
+            feed.live(config),
+            &config.limits.schema(),
         );
-        tasks.push(tokio::spawn(tailer.run(stopped.clone())));
-        let pruner = Pruner::new(
-            feed_db.clone(),
-            broker.clone(),
-            Retention {
-                max_age: Duration::from_secs(config.retention_secs),
-                max_rows: config.retention_rows,
-                interval: Duration::from_secs(config.prune_interval_secs.max(1)),
-            },
-        );
-        tasks.push(tokio::spawn(pruner.run(stopped.clone())));
-        if feed_db.get_database_backend() == DatabaseBackend::Sqlite {
-            tasks.push(tokio::spawn(db::checkpoint_wal(
-                feed_db.clone(),
-                db::WAL_CHECKPOINT_EVERY,
-                stopped.clone(),
-            )));
-        }
-
-        let live = Live {
-            broker: broker.clone(),
-            doorbell: doorbell.clone(),
-            subscription_starts: Arc::new(tokio::sync::Semaphore::new(
-                config.db_max_connections.max(1) as usize,
-            )),
-        };
-        let api = Api::new(db.clone(), keys.clone(), live, &config.limits);
         let connections = Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_connections as usize,
         ));
         let health = Arc::new(Health::new(
-            broker.clone(),
-            feed_db.clone(),
+            feed.broker.clone(),
+            databases.feed_db.clone(),
             connections.clone(),
             config.limits.max_connections as usize,
             api.error_counts(),
-            Duration::from_millis(config.poll_ms.max(1)),
+            config.poll(),
             stopped.clone(),
         ));
         let router = http::router(HttpState {
             api: api.clone(),
             keys,
-            ws: WsConfig {
-                init_timeout: Duration::from_millis(config.ws_init_timeout_ms),
-                keep_alive: Duration::from_secs(config.ws_keep_alive_secs.max(1)),
-                max_operations: config.limits.max_operations_per_connection as usize,
-            },
+            ws: config.ws(),
             max_ws_message_bytes: config.limits.max_ws_message_bytes as usize,
             max_body_bytes: config.limits.max_body_bytes as usize,
             connections: connections.clone(),
@@ -159,15 +82,15 @@ impl App {
         Ok(App {
             listener,
             router,
-            db,
-            statements,
-            feed_db,
-            feed_statements,
+            db: databases.db,
+            statements: databases.statements,
+            feed_db: databases.feed_db,
+            feed_statements: databases.feed_statements,
             api,
-            broker,
-            doorbell,
+            broker: feed.broker,
+            doorbell: feed.doorbell,
             stop,
-            tasks,
+            tasks: feed.tasks,
             connections,
             max_connections: config.limits.max_connections,
         })
@@ -250,6 +173,125 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The server's pools: one for requests, one for the change feed.
+struct Databases {
+    db: DatabaseConnection,
+    statements: StatementCounter,
+    feed_db: DatabaseConnection,
+    feed_statements: StatementCounter,
+}
+
+/// Step 1: connects (waiting for a PostgreSQL server that is not up yet), migrates, and
+/// opens the feed's own small pool: requests never wait behind the feed, and statement
+/// counts of requests (tests) do not include its polling.
+async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
+    let (db, statements) = db::connect_patiently(
+        &config.database_url,
+        config.db_max_connections,
+        config.db_connect_patience(),
+    )
+    .await
+    .context("opening the database")?;
+    migrate(&db).await?;
+    let (feed_db, feed_statements) = db::connect(&config.database_url, 3)
+        .await
+        .context("opening the database for the change feed")?;
+    Ok(Databases {
+        db,
+        statements,
+        feed_db,
+        feed_statements,
+    })
+}
+
+/// Step 2: the keys tokens are signed with: the configured secret, else the one generated
+/// once and kept in the database.
+async fn token_keys(config: &Config, db: &DatabaseConnection) -> anyhow::Result<JwtKeys> {
+    if let Some(secret) = config.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+        return Ok(JwtKeys::new(secret.as_bytes(), config.token_ttl()));
+    }
+    let secret = db::stored_secret(db, "jwt", auth::random_secret)
+        .await
+        .context("reading the stored JWT secret")?;
+    tracing::info!(
+        "no JWT secret configured (--jwt-secret / SYNCGRAPH_JWT_SECRET): signing \
+         tokens with the secret generated and kept in the database"
+    );
+    Ok(JwtKeys::new(secret.as_bytes(), config.token_ttl()))
+}
+
+/// The running change feed.
+struct Feed {
+    broker: Arc<Broker>,
+    doorbell: Doorbell,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Feed {
+    /// The feed as resolvers see it, with as many start permits as the pool has connections.
+    fn live(&self, config: &Config) -> Live {
+        Live {
+            broker: self.broker.clone(),
+            doorbell: self.doorbell.clone(),
+            subscription_starts: Arc::new(tokio::sync::Semaphore::new(
+                config.db_max_connections.max(1) as usize,
+            )),
+        }
+    }
+}
+
+/// Step 3: LISTEN (PostgreSQL), find where the log stands, and spawn the tailer, the
+/// pruner and (SQLite) the WAL checkpoints, each until `stopped` turns true.
+async fn start_feed(
+    config: &Config,
+    databases: &Databases,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<Feed> {
+    let feed_db = &databases.feed_db;
+    let doorbell = Doorbell::default();
+    // LISTEN before deciding where the feed starts: every commit after that point either
+    // is at or below the start, or rings.
+    let postgres_doorbell = if feed_db.get_database_backend() == DatabaseBackend::Postgres {
+        Some(
+            PostgresDoorbell::connect(&config.database_url, doorbell.clone())
+                .await
+                .context("listening for change notifications")?,
+        )
+    } else {
+        None
+    };
+    let start = Tailer::start_position(feed_db)
+        .await
+        .context("finding where the change log stands")?;
+    let broker = Arc::new(Broker::new(start));
+    let mut tasks = Vec::new();
+    if let Some(postgres_doorbell) = postgres_doorbell {
+        tasks.push(tokio::spawn(postgres_doorbell.run(stopped.clone())));
+    }
+    let tailer = Tailer::new(
+        feed_db.clone(),
+        broker.clone(),
+        doorbell.clone(),
+        start,
+        config.poll(),
+    );
+    tasks.push(tokio::spawn(tailer.run(stopped.clone())));
+    let pruner = Pruner::new(feed_db.clone(), broker.clone(), config.retention());
+    tasks.push(tokio::spawn(pruner.run(stopped.clone())));
+    if feed_db.get_database_backend() == DatabaseBackend::Sqlite {
+        tasks.push(tokio::spawn(db::checkpoint_wal(
+            feed_db.clone(),
+            db::WAL_CHECKPOINT_EVERY,
+            stopped,
+        )));
+    }
+    Ok(Feed {
+        broker,
+        doorbell,
+        tasks,
+    })
 }
 
 /// Applies pending migrations.

@@ -160,6 +160,18 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// What the schema enforces, as the schema takes it.
+    pub fn schema(&self) -> crate::graphql::SchemaLimits {
+        crate::graphql::SchemaLimits {
+            max_depth: self.max_query_depth as usize,
+            max_complexity: self.max_query_complexity as usize,
+            introspection: self.introspection,
+            max_subscriptions_per_user: self.max_subscriptions_per_user,
+            auth_attempts_per_minute: self.auth_attempts_per_minute,
+            max_page_size: self.max_page_size as i32,
+        }
+    }
+
     /// The defaults, in one place for the flags and for `Config::for_database`.
     pub const DEFAULT: Limits = Limits {
         max_query_depth: 24,
@@ -211,5 +223,33 @@ impl Config {
     /// Token lifetime as a `Duration`.
     pub fn token_ttl(&self) -> Duration {
         Duration::from_secs(self.token_ttl_secs)
+    }
+
+    /// How long a PostgreSQL server that cannot be reached is retried at start.
+    pub fn db_connect_patience(&self) -> Duration {
+        Duration::from_secs(self.db_connect_timeout_secs)
+    }
+
+    /// How often the log is read without a wake-up.
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms.max(1))
+    }
+
+    /// How much of the change log is kept, and how often it is pruned.
+    pub fn retention(&self) -> crate::changes::Retention {
+        crate::changes::Retention {
+            max_age: Duration::from_secs(self.retention_secs),
+            max_rows: self.retention_rows,
+            interval: Duration::from_secs(self.prune_interval_secs.max(1)),
+        }
+    }
+
+    /// The WebSocket protocols' timing and per-socket limit.
+    pub fn ws(&self) -> crate::ws::WsConfig {
+        crate::ws::WsConfig {
+            init_timeout: Duration::from_millis(self.ws_init_timeout_ms),
+            keep_alive: Duration::from_secs(self.ws_keep_alive_secs.max(1)),
+            max_operations: self.limits.max_operations_per_connection as usize,
+        }
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::assets;
 use crate::auth::{JwtKeys, Viewer};
 use crate::graphql::Api;
-use crate::graphql::error::code;
+use crate::graphql::error::{self, code};
 use crate::graphql::limits::ClientAddr;
 use crate::metrics::Health;
 use crate::ws::{self, Protocol, WsConfig};
@@ -134,20 +134,24 @@ fn viewer(state: &HttpState, headers: &HeaderMap) -> Viewer {
 
 /// A request the server could not even read as GraphQL: 400 with a coded error.
 fn bad_request(state: &HttpState, message: &str, graphql_response: bool) -> Response {
-    state.api.count_error(code::BAD_USER_INPUT);
-    coded_error(
+    refused(
+        state,
         StatusCode::BAD_REQUEST,
-        message,
         code::BAD_USER_INPUT,
+        message,
         graphql_response,
     )
 }
 
-/// `status` with a GraphQL error body carrying `code`.
-fn coded_error(status: StatusCode, message: &str, code: &str, graphql_response: bool) -> Response {
-    let body = serde_json::json!({
-        "errors": [{ "message": message, "extensions": { "code": code } }]
-    });
+/// `status` with a GraphQL error body carrying `code`, counted (`Api::refuse`).
+fn refused(
+    state: &HttpState,
+    status: StatusCode,
+    code: &'static str,
+    message: &str,
+    graphql_response: bool,
+) -> Response {
+    let body = serde_json::json!({ "errors": [state.api.refuse(code, message)] });
     let content_type = if graphql_response {
         GRAPHQL_RESPONSE_JSON
     } else {
@@ -177,35 +181,28 @@ async fn graphql_post(
         .to_ascii_lowercase()
         .starts_with(APPLICATION_JSON)
     {
-        state.api.count_error(code::BAD_USER_INPUT);
-        let body = serde_json::json!({
-            "errors": [{
-                "message": "send the request as application/json",
-                "extensions": { "code": code::BAD_USER_INPUT }
-            }]
-        });
-        return (
+        // Answered as application/json whatever the client accepts: it did not speak
+        // GraphQL over HTTP at all.
+        return refused(
+            &state,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(APPLICATION_JSON),
-            )],
-            body.to_string(),
-        )
-            .into_response();
+            code::BAD_USER_INPUT,
+            "send the request as application/json",
+            false,
+        );
     }
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            state.api.count_error(code::LIMIT_EXCEEDED);
             let message = format!(
                 "the request body is larger than this server accepts ({} bytes)",
                 state.max_body_bytes
             );
-            return coded_error(
+            return refused(
+                &state,
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &message,
                 code::LIMIT_EXCEEDED,
+                &message,
                 graphql_response,
             );
         }
@@ -255,13 +252,17 @@ async fn graphql_get(
 async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Response {
     // Taken before the upgrade, released when the connection ends.
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-        state.api.count_error(code::LIMIT_EXCEEDED);
-        return (
+        let mut response = refused(
+            &state,
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, HeaderValue::from_static("5"))],
+            code::LIMIT_EXCEEDED,
             "too many connections; try again later",
-        )
-            .into_response();
+            false,
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return response;
     };
     let (mut parts, _) = request.into_parts();
     let offered = parts
@@ -358,10 +359,7 @@ async fn run(
     graphql_response: bool,
 ) -> Response {
     let response = state.api.execute(request, viewer(state, headers)).await;
-    // A request error (syntax, validation) has no data and no error with a path.
-    let request_error = response.data == async_graphql::Value::Null
-        && !response.errors.is_empty()
-        && response.errors.iter().all(|e| e.path.is_empty());
+    let request_error = error::is_request_error(&response);
     let status = if graphql_response && request_error {
         StatusCode::BAD_REQUEST
     } else {

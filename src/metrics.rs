@@ -1,7 +1,8 @@
 //! Operations: Prometheus metrics for `/metrics` (prometheus-client, one registry per
 //! server, so in-process test servers do not share counts) and the readiness check for
-//! `/readyz`. Counters live where things happen (the broker's `FeedStats`, the API's error
-//! counts, the connection semaphore) and are read at each scrape.
+//! `/readyz`. Counters live where things happen (the broker's `FeedStats`, the API's
+//! `ErrorCounts`, the connection semaphore) and are read at each scrape: nothing below
+//! depends on this module.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -9,8 +10,7 @@ use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
@@ -18,16 +18,14 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::changes;
+use crate::graphql::error::ErrorCounts;
 use crate::pubsub::Broker;
 
 /// The `code` label of `syncgraph_errors_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CodeLabel {
-    pub code: String,
+struct CodeLabel {
+    code: &'static str,
 }
-
-/// GraphQL errors sent, by `extensions.code`.
-pub type ErrorCounts = Family<CodeLabel, Counter>;
 
 /// A change older than this that the feed has not published makes the server not ready.
 pub const READY_LAG: Duration = Duration::from_secs(10);
@@ -58,14 +56,14 @@ impl Health {
         db: DatabaseConnection,
         connections: Arc<Semaphore>,
         max_connections: usize,
-        errors: ErrorCounts,
+        errors: Arc<ErrorCounts>,
         poll: Duration,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let lag = Arc::new(Lag::default());
         let mut registry = Registry::with_prefix("syncgraph");
-        registry.register("errors", "GraphQL errors sent, by extensions.code", errors);
         registry.register_collector(Box::new(FeedCollector {
+            errors,
             broker: broker.clone(),
             connections,
             max_connections,
@@ -151,6 +149,7 @@ impl std::fmt::Debug for FeedCollector {
 
 /// Reads the feed's counters and gauges at each scrape.
 struct FeedCollector {
+    errors: Arc<ErrorCounts>,
     broker: Arc<Broker>,
     connections: Arc<Semaphore>,
     max_connections: usize,
@@ -245,6 +244,15 @@ impl Collector for FeedCollector {
             "Age of the oldest captured change not yet published",
             self.lag.millis.load(Ordering::Relaxed) as f64 / 1000.0,
         )?;
+        let mut errors = encoder.encode_descriptor(
+            "errors",
+            "GraphQL errors sent, by extensions.code",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (code, count) in self.errors.sent() {
+            ConstCounter::new(count).encode(errors.encode_family(&CodeLabel { code })?)?;
+        }
         Ok(())
     }
 }

@@ -26,6 +26,41 @@ pub mod code {
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
     pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
     pub const INTERNAL_SERVER_ERROR: &str = "INTERNAL_SERVER_ERROR";
+
+    /// Every code, in the order `ErrorCounts` keeps them.
+    pub const ALL: [&str; 9] = [
+        UNAUTHENTICATED,
+        FORBIDDEN,
+        NOT_FOUND,
+        CONFLICT,
+        BAD_USER_INPUT,
+        CURSOR_EXPIRED,
+        RATE_LIMITED,
+        LIMIT_EXCEEDED,
+        INTERNAL_SERVER_ERROR,
+    ];
+}
+
+/// Errors sent to clients so far, by code (read by `/metrics`).
+#[derive(Debug, Default)]
+pub struct ErrorCounts([std::sync::atomic::AtomicU64; code::ALL.len()]);
+
+impl ErrorCounts {
+    /// Counts one error with `code` (one of `code::ALL`; any other is not counted).
+    pub fn add(&self, code: &str) {
+        if let Some(i) = code::ALL.iter().position(|known| *known == code) {
+            self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Each code with its count, leaving out those never sent.
+    pub fn sent(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        code::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(code, count)| (*code, count.load(std::sync::atomic::Ordering::Relaxed)))
+            .filter(|(_, count)| *count > 0)
+    }
 }
 
 /// What a resolver can fail with.
@@ -172,6 +207,32 @@ impl From<AppError> for async_graphql::Error {
     }
 }
 
+/// The one way to make a coded error outside a resolver: `message` with `extensions.code`
+/// set to `code` (a constant of `code`), at `pos` when it points into the document. A
+/// transport that answers on its own (a request it could not read, an operation past a
+/// limit) makes it through `Api::refuse`, which also counts it; one returned in a response
+/// is counted as the response leaves `Api`.
+pub fn coded(
+    code: &'static str,
+    message: impl Into<String>,
+    pos: Option<async_graphql::Pos>,
+) -> async_graphql::ServerError {
+    let mut err = async_graphql::ServerError::new(message, pos);
+    let mut extensions = async_graphql::ErrorExtensionValues::default();
+    extensions.set("code", code);
+    err.extensions = Some(extensions);
+    err
+}
+
+/// Whether `response` answers a request that never ran (its document did not parse or
+/// validate, or was refused before execution): no data, and no error found while resolving
+/// (those carry a path). GraphQL over HTTP answers it with 400, graphql-ws with `error`.
+pub fn is_request_error(response: &async_graphql::Response) -> bool {
+    response.data == async_graphql::Value::Null
+        && !response.errors.is_empty()
+        && response.errors.iter().all(|err| err.path.is_empty())
+}
+
 /// Gives every error that has no `extensions.code` yet one: BAD_USER_INPUT. Every error of
 /// ours goes through `From<AppError>` and has a code, so an uncoded one comes from
 /// async-graphql's own checks of the request: syntax, validation, or coercion of variables
@@ -216,6 +277,26 @@ mod tests {
         let err: async_graphql::Error = AppError::Conflict { current_version: 3 }.into();
         assert_eq!(extension(&err, "code"), Some("CONFLICT".into()));
         assert_eq!(extension(&err, "currentVersion"), Some(3.into()));
+    }
+
+    #[test]
+    fn coded_errors_carry_their_code_and_request_errors_are_told_apart() {
+        let err = coded(code::LIMIT_EXCEEDED, "too many", None);
+        let json = serde_json::to_value(&err).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({ "message": "too many", "extensions": { "code": "LIMIT_EXCEEDED" } })
+        );
+        let refused = async_graphql::Response::from_errors(vec![err.clone()]);
+        assert!(is_request_error(&refused));
+        let mut resolved = err;
+        resolved.path = vec![async_graphql::PathSegment::Field("me".into())];
+        assert!(!is_request_error(&async_graphql::Response::from_errors(
+            vec![resolved]
+        )));
+        assert!(!is_request_error(&async_graphql::Response::new(
+            async_graphql::Value::Null
+        )));
     }
 
     #[test]

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use async_graphql::extensions::{Extension, ExtensionContext, ExtensionFactory, NextParseQuery};
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
-use async_graphql::{Pos, ServerError, ServerResult, Variables};
+use async_graphql::{Pos, ServerResult, Variables};
 
-use super::error::code;
+use super::error::{self, code};
 
 /// Refuses introspection; installed only when introspection is switched off.
 pub struct RefuseIntrospection;
@@ -35,14 +35,11 @@ impl Extension for RefuseIntrospection {
     ) -> ServerResult<ExecutableDocument> {
         let document = next.run(ctx, query, variables).await?;
         match introspection_at(&document) {
-            Some(pos) => {
-                let mut err =
-                    ServerError::new("introspection is switched off on this server", Some(pos));
-                let mut extensions = async_graphql::ErrorExtensionValues::default();
-                extensions.set("code", code::FORBIDDEN);
-                err.extensions = Some(extensions);
-                Err(err)
-            }
+            Some(pos) => Err(error::coded(
+                code::FORBIDDEN,
+                "introspection is switched off on this server",
+                Some(pos),
+            )),
             None => Ok(document),
         }
     }

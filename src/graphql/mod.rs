@@ -22,11 +22,9 @@ use tokio::sync::mpsc;
 
 use crate::auth::{JwtKeys, Viewer};
 use crate::changes::Doorbell;
-use crate::config::Limits;
 use crate::live::SubscriptionQuota;
-use crate::metrics::{CodeLabel, ErrorCounts};
 use crate::pubsub::{Broker, FeedStats};
-use error::{AppError, AppResult};
+use error::{AppError, AppResult, ErrorCounts};
 use limits::{AuthLimiter, PageLimit};
 use loaders::Loaders;
 pub use mutation::MutationRoot;
@@ -55,12 +53,29 @@ pub struct Live {
     pub subscription_starts: Arc<tokio::sync::Semaphore>,
 }
 
+/// What the schema limits (from `config::Limits::schema`).
+#[derive(Clone, Copy, Debug)]
+pub struct SchemaLimits {
+    /// Deepest selection nesting of one operation.
+    pub max_depth: usize,
+    /// Most fields one document selects (see `complexity`).
+    pub max_complexity: usize,
+    /// Whether introspection is answered.
+    pub introspection: bool,
+    /// Open subscriptions of one user in this process.
+    pub max_subscriptions_per_user: u32,
+    /// signIn/signUp attempts per client address per minute.
+    pub auth_attempts_per_minute: u32,
+    /// Largest `first`/`last` of a page, 1 to `input::PAGE_SIZE_MAX`.
+    pub max_page_size: i32,
+}
+
 /// Builds the schema over a database connection, this process's token keys and the feed.
 pub fn build_schema(
     db: DatabaseConnection,
     keys: JwtKeys,
     live: Live,
-    limits: &Limits,
+    limits: &SchemaLimits,
 ) -> AppSchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(db)
@@ -69,12 +84,12 @@ pub fn build_schema(
         .data(SubscriptionQuota::new(limits.max_subscriptions_per_user))
         .data(AuthLimiter::new(limits.auth_attempts_per_minute))
         .data(PageLimit(
-            (limits.max_page_size as i32).clamp(1, input::PAGE_SIZE_MAX),
+            limits.max_page_size.clamp(1, input::PAGE_SIZE_MAX),
         ))
-        .limit_depth(limits.max_query_depth as usize)
-        .limit_complexity(limits.max_query_complexity as usize)
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity)
         .extension(complexity::FullComplexity {
-            max: limits.max_query_complexity as usize,
+            max: limits.max_complexity,
         });
     if limits.introspection {
         builder.finish()
@@ -103,7 +118,7 @@ pub struct ApiParts {
     schema: AppSchema,
     db: DatabaseConnection,
     broker: Arc<Broker>,
-    errors: ErrorCounts,
+    errors: Arc<ErrorCounts>,
     shapes: Arc<shared::Shapes>,
     subscription_starts: Arc<tokio::sync::Semaphore>,
 }
@@ -130,9 +145,9 @@ pub(crate) struct FeedMark(pub i64);
 
 impl Api {
     /// The API over `db`, signing tokens with `keys`, streaming from `live`.
-    pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &Limits) -> Self {
+    pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &SchemaLimits) -> Self {
         Self(Arc::new(ApiParts {
-            errors: ErrorCounts::default(),
+            errors: Arc::default(),
             broker: live.broker.clone(),
             subscription_starts: live.subscription_starts.clone(),
             schema: build_schema(db.clone(), keys, live, limits),
@@ -175,25 +190,31 @@ impl Api {
         response
     }
 
-    /// Counts an error the transport sent itself (a request it could not read, an
-    /// operation past a limit), so `/metrics` sees every coded error.
-    pub fn count_error(&self, code: &str) {
-        self.errors
-            .get_or_create(&CodeLabel {
-                code: code.to_owned(),
-            })
-            .inc();
+    /// An error a transport answers on its own (a request it could not read, an operation
+    /// past a limit), made by `error::coded` and counted, so `/metrics` sees every coded
+    /// error.
+    pub fn refuse(
+        &self,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> async_graphql::ServerError {
+        self.count_error(code);
+        error::coded(code, message, None)
+    }
+
+    fn count_error(&self, code: &str) {
+        self.errors.add(code);
     }
 
     /// GraphQL errors sent so far, by code (for `/metrics`).
-    pub fn error_counts(&self) -> ErrorCounts {
+    pub fn error_counts(&self) -> Arc<ErrorCounts> {
         self.errors.clone()
     }
 
     /// Gives every error a code, and counts it.
     fn finish(&self, response: &mut async_graphql::Response) {
         for code in codes(response) {
-            self.errors.get_or_create(&CodeLabel { code }).inc();
+            self.errors.add(&code);
         }
     }
 

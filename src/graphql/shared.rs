@@ -24,7 +24,7 @@ use async_graphql::parser::types::{
 use async_graphql::{Name, Pos, Positioned, ServerError, Variables};
 use async_graphql_value::Value;
 
-use super::error::{AppError, code};
+use super::error::{self, AppError, code};
 use crate::live::Follower;
 use crate::pubsub::ChangeEvent;
 
@@ -142,11 +142,11 @@ pub(crate) fn plan(
     walk.selection_set(&operation.node.selection_set.node, true, 0);
     if walk.roots.len() != 1 {
         let pos = walk.roots.get(1).copied().unwrap_or(operation.pos);
-        let mut err = ServerError::new("a subscription selects exactly one root field", Some(pos));
-        let mut extensions = async_graphql::ErrorExtensionValues::default();
-        extensions.set("code", code::BAD_USER_INPUT);
-        err.extensions = Some(extensions);
-        return Err(err);
+        return Err(error::coded(
+            code::BAD_USER_INPUT,
+            "a subscription selects exactly one root field",
+            Some(pos),
+        ));
     }
     let mut key_variables = Variables::default();
     for (name, value) in variables.iter() {

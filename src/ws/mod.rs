@@ -393,15 +393,14 @@ impl Connection {
         if self.operations.len() < self.max_operations {
             return false;
         }
-        self.api.count_error(code::LIMIT_EXCEEDED);
-        let payload = json!([{
-            "message": format!(
+        let refused = self.api.refuse(
+            code::LIMIT_EXCEEDED,
+            format!(
                 "at most {} operations may run at once on one connection",
                 self.max_operations
             ),
-            "extensions": { "code": code::LIMIT_EXCEEDED }
-        }]);
-        self.send(error_message(Some(id), payload)).await;
+        );
+        self.send(error_message(Some(id), json!([refused]))).await;
         true
     }
 }

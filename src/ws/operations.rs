@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::protocol::{Dialect, frame, raw_frame};
 use super::writer::Outgoing;
 use crate::auth::Viewer;
+use crate::graphql::error;
 use crate::graphql::limits::ClientAddr;
 use crate::graphql::{Api, Reply, StartPermit};
 
@@ -198,10 +199,7 @@ impl Operations {
                     }
                     Reply::Response(response) => response,
                 };
-                let failed =
-                    response.data == async_graphql::Value::Null && !response.errors.is_empty();
-                let never_ran = response.errors.iter().all(|e| e.path.is_empty());
-                let failed_before_data = first && failed && never_ran;
+                let failed_before_data = first && error::is_request_error(&response);
                 first = false;
                 // Serialized straight into the frame's text, without a JSON tree in between.
                 if failed_before_data {

@@ -251,12 +251,12 @@ pub(super) fn frame<P: serde::Serialize>(kind: &str, id: &str, payload: &P) -> S
         Err(err) => {
             // Only a map with non-string keys fails; a GraphQL response has none.
             tracing::error!(error = %err, "a response could not be serialized");
-            json!({
-                "type": "error",
-                "id": id,
-                "payload": [{ "message": "internal error", "extensions": { "code": "INTERNAL_SERVER_ERROR" } }]
-            })
-            .to_string()
+            let internal = crate::graphql::error::coded(
+                crate::graphql::error::code::INTERNAL_SERVER_ERROR,
+                "internal error",
+                None,
+            );
+            error_message(Some(id), json!([internal]))
         }
     }
 }

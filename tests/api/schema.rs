@@ -33,7 +33,7 @@ async fn every_type_and_field_has_a_description() {
         db,
         syncgraph::auth::JwtKeys::new(b"x", std::time::Duration::from_secs(60)),
         live,
-        &syncgraph::config::Limits::DEFAULT,
+        &syncgraph::config::Limits::DEFAULT.schema(),
     );
     let query = "{ __schema { types { name kind description fields { name description args { name description } } inputFields { name description } } } }";
     let response = api
