@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{self, JwtKeys};
-use crate::changes::{Doorbell, PostgresDoorbell, Pruner, Tailer};
+use crate::changes::{self, Announcer, Doorbell, PostgresDoorbell, Pruner, Tailer};
 use crate::config::Config;
 use crate::db::{self, StatementCounter};
 use crate::graphql::{Api, Live};
@@ -226,6 +226,7 @@ async fn token_keys(config: &Config, db: &DatabaseConnection) -> anyhow::Result<
 struct Feed {
     broker: Arc<Broker>,
     doorbell: Doorbell,
+    announcer: Announcer,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -235,6 +236,7 @@ impl Feed {
         Live {
             broker: self.broker.clone(),
             doorbell: self.doorbell.clone(),
+            announcer: self.announcer.clone(),
             subscription_starts: Arc::new(tokio::sync::Semaphore::new(
                 config.db_max_connections.max(1) as usize,
             )),
@@ -242,8 +244,9 @@ impl Feed {
     }
 }
 
-/// Step 3: LISTEN (PostgreSQL), find where the log stands, and spawn the tailer, the
-/// pruner and (SQLite) the WAL checkpoints, each until `stopped` turns true.
+/// Step 3: LISTEN and announce our commits to the others (PostgreSQL), find where the log
+/// stands, and spawn the tailer, the pruner and (SQLite) the WAL checkpoints, each until
+/// `stopped` turns true.
 async fn start_feed(
     config: &Config,
     databases: &Databases,
@@ -267,8 +270,14 @@ async fn start_feed(
         .context("finding where the change log stands")?;
     let broker = Arc::new(Broker::new(start));
     let mut tasks = Vec::new();
+    let announcer = Announcer::default();
     if let Some(postgres_doorbell) = postgres_doorbell {
         tasks.push(tokio::spawn(postgres_doorbell.run(stopped.clone())));
+        tasks.push(tokio::spawn(changes::announce_commits(
+            feed_db.clone(),
+            announcer.clone(),
+            stopped.clone(),
+        )));
     }
     let tailer = Tailer::new(
         feed_db.clone(),
@@ -290,6 +299,7 @@ async fn start_feed(
     Ok(Feed {
         broker,
         doorbell,
+        announcer,
         tasks,
     })
 }

@@ -7,6 +7,10 @@ use std::time::Duration;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, DatabaseBackend, DatabaseConnection, DbErr};
 
+/// Run on each of the server's PostgreSQL connections as it opens: its writes are announced
+/// by the process, not by the trigger's NOTIFY.
+pub const WRITER_SETTING: &str = "SET syncgraph.writer = 'on'";
+
 /// How long a SQLite writer waits for another's lock before giving up.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,6 +52,19 @@ pub async fn connect(
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
         .sqlx_logging(false);
+    if backend == DatabaseBackend::Postgres {
+        // Marks the connection as syncgraph's when it opens (not per write): `log_change()`
+        // then does not NOTIFY in our transactions, and the process announces its commits
+        // itself (`changes::Announcer`; migration m20261204_000001).
+        options.map_sqlx_postgres_pool_opts(|pool| {
+            pool.after_connect(|connection, _| {
+                Box::pin(async move {
+                    use sea_orm::sqlx::Executor;
+                    connection.execute(WRITER_SETTING).await.map(|_| ())
+                })
+            })
+        });
+    }
     if backend == DatabaseBackend::Sqlite {
         options.map_sqlx_sqlite_opts(|opts| {
             opts.create_if_missing(true)

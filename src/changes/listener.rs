@@ -1,13 +1,16 @@
 //! Postgres doorbell: a dedicated LISTEN connection on channel `change_log`. NOTIFY only
 //! wakes the tailer; notifications are lost while disconnected, so every (re)connect rings
-//! once more, after LISTEN is active, and the tailer re-reads from its last position.
+//! once more, after LISTEN is active, and the tailer re-reads from its last position. And
+//! the other side: `announce_commits` NOTIFYs the other processes of this one's commits.
 
 use std::time::Duration;
 
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
 
-use super::{ChangeError, Doorbell};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+
+use super::{Announcer, ChangeError, Doorbell};
 
 /// The NOTIFY channel the `log_change()` trigger signals.
 pub const CHANNEL: &str = "change_log";
@@ -83,5 +86,35 @@ impl PostgresDoorbell {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// At most one NOTIFY per this long for this process's own commits.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(5);
+
+/// The payload of a process's announcement (the trigger's NOTIFY has none), so that what
+/// woke a listener can be told apart.
+pub const ANNOUNCEMENT: &str = "syncgraph";
+
+/// NOTIFYs the other processes after this process's commits until `shutdown` turns true:
+/// each wait for an `Announcer` ring is followed by one NOTIFY, sent on `db` after the rung
+/// commit (so the change is visible to whoever it wakes), then a pause of `ANNOUNCE_EVERY`
+/// during which further rings make one more NOTIFY. A NOTIFY that fails is logged; the
+/// others' poll still finds the change.
+pub async fn announce_commits(
+    db: DatabaseConnection,
+    announcer: Announcer,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let notify = format!("SELECT pg_notify('{CHANNEL}', '{ANNOUNCEMENT}')");
+    loop {
+        tokio::select! {
+            _ = announcer.wait() => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(err) = db.execute_unprepared(&notify).await {
+            tracing::warn!(error = %err, "cannot announce a commit to the other processes");
+        }
+        tokio::time::sleep(ANNOUNCE_EVERY).await;
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use sea_orm::DbErr;
 use tokio::sync::Notify;
 
-pub use listener::PostgresDoorbell;
+pub use listener::{PostgresDoorbell, announce_commits};
 pub use log::{lag, pruned_through, read_scope};
 pub use prune::{Pruner, Retention};
 pub use tailer::Tailer;
@@ -40,6 +40,25 @@ impl Doorbell {
     }
 
     /// Waits for a ring.
+    pub async fn wait(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// Rung after each of this process's own commits: on PostgreSQL, `announce_commits` then
+/// wakes the other processes with one NOTIFY, sent after the commit and outside it, at most
+/// one per `ANNOUNCE_EVERY`. (The trigger does not NOTIFY for the server's own connections.)
+/// A ring with nobody waiting is kept, so rings during a NOTIFY make one more after it.
+#[derive(Clone, Debug, Default)]
+pub struct Announcer(Arc<Notify>);
+
+impl Announcer {
+    /// Announces a commit of this process (now, or with the next NOTIFY).
+    pub fn announce(&self) {
+        self.0.notify_one();
+    }
+
+    /// Waits for a commit to announce.
     pub async fn wait(&self) {
         self.0.notified().await;
     }

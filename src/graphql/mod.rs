@@ -21,7 +21,7 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::mpsc;
 
 use crate::auth::{JwtKeys, Viewer};
-use crate::changes::Doorbell;
+use crate::changes::{Announcer, Doorbell};
 use crate::live::SubscriptionQuota;
 use crate::pubsub::{Broker, FeedStats};
 use error::{AppError, AppResult, ErrorCounts};
@@ -35,12 +35,15 @@ use tracing::Instrument as _;
 /// The executable schema.
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// The change feed as resolvers see it: the hub to subscribe to, the doorbell that
-/// mutations ring after they commit, and the permits subscriptions take to start.
+/// The change feed as resolvers see it: the hub to subscribe to, the doorbell and the
+/// announcer that mutations ring after they commit, and the permits subscriptions take to
+/// start.
 #[derive(Clone)]
 pub struct Live {
     pub broker: Arc<Broker>,
     pub doorbell: Doorbell,
+    /// Tells the other processes (PostgreSQL) of this one's commits.
+    pub announcer: Announcer,
     /// How many WebSocket operations may start at once (parse, validate, and for a
     /// subscription check membership and the cursor and hand over; a query or mutation
     /// holds it for its whole run): as many as the pool has connections. A start holds ~15 KiB that
@@ -525,10 +528,12 @@ pub(crate) fn live<'a>(ctx: &Context<'a>) -> AppResult<&'a Live> {
     ctx.data::<Live>().map_err(|_| missing("Live"))
 }
 
-/// Rings the doorbell after a mutation committed, so the tailer reads the change at once.
+/// After a mutation committed: rings this process's doorbell, so its tailer reads the change
+/// at once, and announces the commit to the other processes.
 pub(crate) fn committed(ctx: &Context<'_>) {
     if let Ok(live) = ctx.data::<Live>() {
         live.doorbell.ring();
+        live.announcer.announce();
     }
 }
 

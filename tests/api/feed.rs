@@ -426,3 +426,74 @@ async fn killing_the_listen_connection_loses_nothing_postgres() {
     })
     .await;
 }
+
+/// PostgreSQL: the server's own commits do not NOTIFY inside their transactions (the trigger
+/// skips connections marked `syncgraph.writer`); the writing process announces them after
+/// they commit, with the payload `syncgraph`. Any other writer's trigger still NOTIFYs. With
+/// a one-minute fallback poll on both processes only a wake-up can deliver within the
+/// receive deadline (15 s): an API write on one process and a SQL write each reach a
+/// subscriber on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES (a PostgreSQL server URL)"
+)]
+async fn other_processes_are_woken_by_api_and_sql_writes_postgres() {
+    use sea_orm::sqlx::postgres::PgListener;
+    let slow_poll: fn(&mut syncgraph::Config) = |config| config.poll_ms = 60_000;
+    run_with(
+        Backend::Postgres,
+        slow_poll,
+        move |server: TestServer| async move {
+            let (ada, ada_id) = server.sign_up("Ada").await;
+            let channel = server.create_channel(&ada, "woken").await;
+            let peer = server.start_peer_with(Some("test-secret"), slow_poll).await;
+            let mut ws = WsClient::connect_to(peer.addr, Some(&ada)).await;
+            ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+            wait_for_subscribers(&peer.broker, &channel, 1).await;
+            // Who notifies: a LISTEN of the test's own.
+            let mut listener = PgListener::connect(&server.database_url).await.unwrap();
+            listener.listen("change_log").await.unwrap();
+            // What it heard until it has been quiet for a while.
+            async fn heard(listener: &mut PgListener) -> Vec<String> {
+                let mut payloads = Vec::new();
+                while let Ok(notification) =
+                    tokio::time::timeout(Duration::from_millis(500), listener.recv()).await
+                {
+                    payloads.push(notification.unwrap().payload().to_owned());
+                }
+                payloads
+            }
+
+            let started = std::time::Instant::now();
+            server.post_message(&ada, &channel, "via api").await;
+            assert_eq!(collect(&mut ws, "1", 1).await[0].1, "via api");
+            println!(
+                "an API write reached the other process in {:?}",
+                started.elapsed()
+            );
+            let payloads = heard(&mut listener).await;
+            assert!(
+                !payloads.is_empty(),
+                "the writing process announced its commit"
+            );
+            assert!(
+                payloads.iter().all(|payload| payload == "syncgraph"),
+                "no NOTIFY from the trigger in the server's own transaction: {payloads:?}"
+            );
+
+            let started = std::time::Instant::now();
+            sql_insert(&server.sql().await, &channel, &ada_id, "via sql").await;
+            assert_eq!(collect(&mut ws, "1", 1).await[0].1, "via sql");
+            println!("a SQL write reached the server in {:?}", started.elapsed());
+            let payloads = heard(&mut listener).await;
+            assert!(
+                payloads.iter().any(String::is_empty),
+                "the trigger NOTIFYs for other writers: {payloads:?}"
+            );
+            ws.close().await;
+            peer.stop().await;
+        },
+    )
+    .await;
+}

@@ -295,11 +295,22 @@ impl TestServer {
     /// Starts another server on this test's database with `jwt_secret` (`None`: the one
     /// stored in the database).
     pub async fn start_peer_with_secret(&self, jwt_secret: Option<&str>) -> Peer {
+        self.start_peer_with(jwt_secret, |_| {}).await
+    }
+
+    /// Starts another server on this test's database with `jwt_secret`, its settings
+    /// adjusted by `configure`.
+    pub async fn start_peer_with(
+        &self,
+        jwt_secret: Option<&str>,
+        configure: fn(&mut Config),
+    ) -> Peer {
         let mut config = Config::for_database(self.database_url.clone());
         config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         config.jwt_secret = jwt_secret.map(str::to_owned);
         config.db_max_connections = 5;
         test_settings(&mut config);
+        configure(&mut config);
         let app = App::build(&config).await.expect("build peer");
         let addr = app.local_addr().expect("peer addr");
         let broker = app.broker();

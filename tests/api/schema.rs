@@ -27,6 +27,7 @@ async fn every_type_and_field_has_a_description() {
     let live = syncgraph::graphql::Live {
         broker: std::sync::Arc::new(syncgraph::pubsub::Broker::new(0)),
         doorbell: syncgraph::changes::Doorbell::default(),
+        announcer: syncgraph::changes::Announcer::default(),
         subscription_starts: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
     };
     let api = syncgraph::graphql::Api::new(
