@@ -28,13 +28,15 @@ pub enum ChangeError {
     Decode { position: i64, reason: String },
 }
 
-/// Wakes the tailer: rung after our own commits (every backend) and by Postgres NOTIFY. A
-/// ring with nobody waiting is kept, so a wake-up between a read and the wait is not lost.
+/// A bell: `ring` wakes whoever `wait`s, now or at its next wait (a ring with nobody waiting
+/// is kept, so a wake-up between a read and the wait is not lost; rings before the wait
+/// make one wake-up). As the tailer's doorbell it is rung after our own commits (every
+/// backend) and by Postgres NOTIFY; as the `Announcer`, after our own commits.
 #[derive(Clone, Debug, Default)]
 pub struct Doorbell(Arc<Notify>);
 
 impl Doorbell {
-    /// Wakes the tailer (now, or at its next wait).
+    /// Wakes the waiter (now, or at its next wait).
     pub fn ring(&self) {
         self.0.notify_one();
     }
@@ -47,19 +49,6 @@ impl Doorbell {
 
 /// Rung after each of this process's own commits: on PostgreSQL, `announce_commits` then
 /// wakes the other processes with one NOTIFY, sent after the commit and outside it, at most
-/// one per `ANNOUNCE_EVERY`. (The trigger does not NOTIFY for the server's own connections.)
-/// A ring with nobody waiting is kept, so rings during a NOTIFY make one more after it.
-#[derive(Clone, Debug, Default)]
-pub struct Announcer(Arc<Notify>);
-
-impl Announcer {
-    /// Announces a commit of this process (now, or with the next NOTIFY).
-    pub fn announce(&self) {
-        self.0.notify_one();
-    }
-
-    /// Waits for a commit to announce.
-    pub async fn wait(&self) {
-        self.0.notified().await;
-    }
-}
+/// one per `ANNOUNCE_EVERY` (the trigger does not NOTIFY for the server's own connections).
+/// A bell like the `Doorbell`: a ring during a NOTIFY makes one more after it.
+pub type Announcer = Doorbell;

@@ -533,7 +533,7 @@ pub(crate) fn live<'a>(ctx: &Context<'a>) -> AppResult<&'a Live> {
 pub(crate) fn committed(ctx: &Context<'_>) {
     if let Ok(live) = ctx.data::<Live>() {
         live.doorbell.ring();
-        live.announcer.announce();
+        live.announcer.ring();
     }
 }
 

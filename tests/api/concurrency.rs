@@ -31,6 +31,27 @@ async fn race(
     futures_util::future::join_all(requests).await
 }
 
+/// Waits (with a deadline) until `count` sessions of this test's PostgreSQL database wait
+/// on a lock: `what` has reached the lock another transaction holds.
+async fn wait_for_lock_waiters(sql: &sea_orm::DatabaseConnection, count: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row = sql
+            .query_one_raw(Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT count(*) AS waiting FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        if row.try_get::<i64>("", "waiting").unwrap() >= count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} never waited on the lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Checks that exactly one response won (with `field` at `version + 1`) and the rest conflicted.
 fn exactly_one_winner(responses: &[Value], field: &str, version: i64) -> String {
     let mut winners = Vec::new();
@@ -113,24 +134,8 @@ both_backends! {
             })
         };
         if server.backend == Backend::Postgres {
-            // Wait (with a deadline) until both updates are blocked on the row lock.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let row = sql
-                    .query_one_raw(Statement::from_string(
-                        sea_orm::DatabaseBackend::Postgres,
-                        "SELECT count(*) AS waiting FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    ))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                let waiting: i64 = row.try_get("", "waiting").unwrap();
-                if waiting >= 2 {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "the two updates never queued on the lock");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // Both updates are blocked on the row lock.
+            wait_for_lock_waiters(&sql, 2, "the two updates").await;
         }
         // SQLite cannot show who waits on its lock, so there the updates may still be on
         // their way when the lock is released; either way they are serialised and exactly one
@@ -184,23 +189,8 @@ async fn a_channel_deleted_while_a_write_runs_answers_not_found() {
                         .unwrap()
                 })
             };
-            // Wait (with a deadline) until the write is blocked on the deleted channel's lock.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let row = sql
-                    .query_one_raw(Statement::from_string(
-                        sea_orm::DatabaseBackend::Postgres,
-                        "SELECT count(*) AS waiting FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    ))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                if row.try_get::<i64>("", "waiting").unwrap() >= 1 {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{field} never waited on the channel's lock");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // The write is blocked on the deleted channel's lock.
+            wait_for_lock_waiters(&sql, 1, field).await;
             txn.commit().await.unwrap();
             let response = tokio::time::timeout(crate::helpers::TIMEOUT, write)
                 .await
