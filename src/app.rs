@@ -34,6 +34,9 @@ pub struct App {
     broker: Arc<Broker>,
     doorbell: Doorbell,
     stop: watch::Sender<bool>,
+    /// Stops announcing commits to the other processes: only once every request and socket
+    /// has ended, since a mutation may still commit during the graceful shutdown.
+    stop_announcing: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// One permit per open WebSocket: shutdown waits until every one is back.
     connections: Arc<tokio::sync::Semaphore>,
@@ -47,7 +50,8 @@ impl App {
         let databases = open_databases(config).await?;
         let keys = token_keys(config, &databases.db).await?;
         let (stop, stopped) = watch::channel(false);
-        let feed = start_feed(config, &databases, stopped.clone()).await?;
+        let (stop_announcing, announcing_stopped) = watch::channel(false);
+        let feed = start_feed(config, &databases, stopped.clone(), announcing_stopped).await?;
         let api = Api::new(
             databases.db.clone(),
             keys.clone(),
@@ -90,6 +94,7 @@ impl App {
             broker: feed.broker,
             doorbell: feed.doorbell,
             stop,
+            stop_announcing,
             tasks: feed.tasks,
             connections,
             max_connections: config.limits.max_connections,
@@ -165,6 +170,8 @@ impl App {
         if !matches!(closed, Ok(Ok(_))) {
             tracing::warn!("some WebSockets did not close within 10 s of shutdown");
         }
+        // Every request and socket has ended: what committed is announced one last time.
+        let _ = self.stop_announcing.send(true);
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
@@ -251,6 +258,7 @@ async fn start_feed(
     config: &Config,
     databases: &Databases,
     stopped: watch::Receiver<bool>,
+    announcing_stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Feed> {
     let feed_db = &databases.feed_db;
     let doorbell = Doorbell::default();
@@ -273,10 +281,14 @@ async fn start_feed(
     let announcer = Announcer::default();
     if let Some(postgres_doorbell) = postgres_doorbell {
         tasks.push(tokio::spawn(postgres_doorbell.run(stopped.clone())));
+        // A connection of its own, so that announcements never wait behind the feed's reads.
+        let (announcing_db, _) = db::connect(&config.database_url, 1)
+            .await
+            .context("opening the connection that announces commits")?;
         tasks.push(tokio::spawn(changes::announce_commits(
-            feed_db.clone(),
+            announcing_db,
             announcer.clone(),
-            stopped.clone(),
+            announcing_stopped,
         )));
     }
     let tailer = Tailer::new(

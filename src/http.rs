@@ -224,7 +224,13 @@ async fn graphql_post(
             );
         }
     };
-    let request = request.data(ClientAddr(client.ip()));
+    let mut request = request.data(ClientAddr(client.ip()));
+    if let Err(err) = state.api.resolve_persisted(&mut request) {
+        return respond(
+            &async_graphql::Response::from_errors(vec![err]),
+            graphql_response,
+        );
+    }
     run(&state, request, &headers, graphql_response).await
 }
 
@@ -312,7 +318,7 @@ async fn graphql_query_string(
     client: ClientAddr,
 ) -> Response {
     let graphql_response = wants_graphql_response(&headers);
-    let request = match async_graphql::http::parse_query_string(
+    let mut request = match async_graphql::http::parse_query_string(
         query.as_deref().unwrap_or_default(),
     ) {
         Ok(request) => request,
@@ -324,6 +330,13 @@ async fn graphql_query_string(
             );
         }
     };
+    // Before the mutation check: a persisted query's text is known only once resolved.
+    if let Err(err) = state.api.resolve_persisted(&mut request) {
+        return respond(
+            &async_graphql::Response::from_errors(vec![err]),
+            graphql_response,
+        );
+    }
     if is_mutation(&request) {
         let mut response =
             bad_request(&state, "mutations must be sent with POST", graphql_response);
@@ -359,7 +372,13 @@ async fn run(
     graphql_response: bool,
 ) -> Response {
     let response = state.api.execute(request, viewer(state, headers)).await;
-    let request_error = error::is_request_error(&response);
+    respond(&response, graphql_response)
+}
+
+/// A GraphQL response as GraphQL over HTTP sends it: a request that never ran gets 400 when
+/// the client accepts `application/graphql-response+json`, and no `data` entry.
+fn respond(response: &async_graphql::Response, graphql_response: bool) -> Response {
+    let request_error = error::is_request_error(response);
     let status = if graphql_response && request_error {
         StatusCode::BAD_REQUEST
     } else {
@@ -370,7 +389,7 @@ async fn run(
     } else {
         APPLICATION_JSON
     };
-    let body = serde_json::to_value(&response).map(|mut body| {
+    let body = serde_json::to_value(response).map(|mut body| {
         if request_error && let Some(object) = body.as_object_mut() {
             // GraphQL over HTTP: a request that never executed has no `data` entry at all.
             object.remove("data");

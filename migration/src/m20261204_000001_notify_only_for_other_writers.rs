@@ -27,14 +27,26 @@ impl MigrationName for Migration {
     }
 }
 
-/// Replaces `from` with `to` in `log_change()`'s definition, failing when `from` is not there.
+/// Replaces `from` with `to` in `log_change()`'s definition, failing when `from` is not
+/// there. Up also fails when its result is there already: `ALWAYS` is part of
+/// `OTHER_WRITERS`, so finding `from` alone would not tell that up has run.
 fn edit(from: &str, to: &str) -> String {
+    let already = if to == OTHER_WRITERS {
+        format!(
+            "IF position($to${to}$to$ in definition) > 0 THEN
+        RAISE EXCEPTION 'log_change() has been edited so already';
+    END IF;"
+        )
+    } else {
+        String::new()
+    };
     format!(
         r#"DO $migration$
 DECLARE
     definition text := pg_get_functiondef('log_change()'::regprocedure);
     edited text;
 BEGIN
+    {already}
     edited := replace(definition, $from${from}$from$, $to${to}$to$);
     IF edited = definition THEN
         RAISE EXCEPTION 'log_change() does not hold the statement this migration edits';

@@ -96,25 +96,36 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_millis(5);
 /// woke a listener can be told apart.
 pub const ANNOUNCEMENT: &str = "syncgraph";
 
-/// NOTIFYs the other processes after this process's commits until `shutdown` turns true:
-/// each wait for an `Announcer` ring is followed by one NOTIFY, sent on `db` after the rung
+/// After a NOTIFY that failed, how long until the next try.
+const ANNOUNCE_RETRY: Duration = Duration::from_millis(500);
+
+/// NOTIFYs the other processes after this process's commits until `stop` turns true: each
+/// wait for an `Announcer` ring is followed by one NOTIFY, sent on `db` after the rung
 /// commit (so the change is visible to whoever it wakes), then a pause of `ANNOUNCE_EVERY`
-/// during which further rings make one more NOTIFY. A NOTIFY that fails is logged; the
-/// others' poll still finds the change.
+/// during which further rings make one more NOTIFY. A NOTIFY that fails is logged and tried
+/// again after `ANNOUNCE_RETRY`. At `stop` (once every request has ended) it sends one last
+/// NOTIFY, for whatever committed since the previous one.
 pub async fn announce_commits(
     db: DatabaseConnection,
     announcer: Announcer,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let notify = format!("SELECT pg_notify('{CHANNEL}', '{ANNOUNCEMENT}')");
     loop {
-        tokio::select! {
-            _ = announcer.wait() => {}
-            _ = shutdown.changed() => return,
-        }
+        let stopping = tokio::select! {
+            _ = announcer.wait() => false,
+            _ = stop.changed() => true,
+        };
+        let mut pause = ANNOUNCE_EVERY;
         if let Err(err) = db.execute_unprepared(&notify).await {
             tracing::warn!(error = %err, "cannot announce a commit to the other processes");
+            announcer.ring();
+            pause = ANNOUNCE_RETRY;
         }
-        tokio::time::sleep(ANNOUNCE_EVERY).await;
+        if stopping {
+            db.close().await.ok();
+            return;
+        }
+        tokio::time::sleep(pause).await;
     }
 }

@@ -25,10 +25,11 @@ pub mod code {
     pub const CURSOR_EXPIRED: &str = "CURSOR_EXPIRED";
     pub const RATE_LIMITED: &str = "RATE_LIMITED";
     pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
+    pub const PERSISTED_QUERY_NOT_FOUND: &str = "PERSISTED_QUERY_NOT_FOUND";
     pub const INTERNAL_SERVER_ERROR: &str = "INTERNAL_SERVER_ERROR";
 
     /// Every code, in the order `ErrorCounts` keeps them.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         UNAUTHENTICATED,
         FORBIDDEN,
         NOT_FOUND,
@@ -37,6 +38,7 @@ pub mod code {
         CURSOR_EXPIRED,
         RATE_LIMITED,
         LIMIT_EXCEEDED,
+        PERSISTED_QUERY_NOT_FOUND,
         INTERNAL_SERVER_ERROR,
     ];
 }
@@ -46,10 +48,16 @@ pub mod code {
 pub struct ErrorCounts([std::sync::atomic::AtomicU64; code::ALL.len()]);
 
 impl ErrorCounts {
-    /// Counts one error with `code` (one of `code::ALL`; any other is not counted).
+    /// Counts one error with `code` (one of `code::ALL`; any other is a bug, logged).
     pub fn add(&self, code: &str) {
-        if let Some(i) = code::ALL.iter().position(|known| *known == code) {
-            self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match code::ALL.iter().position(|known| *known == code) {
+            Some(i) => {
+                self.0[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => {
+                debug_assert!(false, "error code {code} is missing from code::ALL");
+                tracing::error!(code, "an error code missing from code::ALL was not counted");
+            }
         }
     }
 

@@ -8,6 +8,7 @@ mod introspection;
 pub mod limits;
 pub mod loaders;
 pub mod mutation;
+mod persisted;
 pub mod query;
 mod shared;
 pub mod subscription;
@@ -122,6 +123,7 @@ pub struct ApiParts {
     db: DatabaseConnection,
     broker: Arc<Broker>,
     errors: Arc<ErrorCounts>,
+    persisted: persisted::PersistedQueries,
     shapes: Arc<shared::Shapes>,
     subscription_starts: Arc<tokio::sync::Semaphore>,
 }
@@ -151,6 +153,7 @@ impl Api {
     pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &SchemaLimits) -> Self {
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
+            persisted: persisted::PersistedQueries::default(),
             broker: live.broker.clone(),
             subscription_starts: live.subscription_starts.clone(),
             schema: build_schema(db.clone(), keys, live, limits),
@@ -191,6 +194,22 @@ impl Api {
             "operation finished"
         );
         response
+    }
+
+    /// Resolves an Apollo persisted query (`extensions.persistedQuery`): a known hash
+    /// becomes its text, a text with its hash is registered. Transports call it before
+    /// anything reads the request; the error (PERSISTED_QUERY_NOT_FOUND, or BAD_USER_INPUT
+    /// for a hash that is not its text's) is counted.
+    pub fn resolve_persisted(
+        &self,
+        request: &mut async_graphql::Request,
+    ) -> Result<(), async_graphql::ServerError> {
+        self.persisted.resolve(request).inspect_err(|err| {
+            let code = err.extensions.as_ref().and_then(|e| e.get("code"));
+            if let Some(async_graphql::Value::String(code)) = code {
+                self.count_error(code);
+            }
+        })
     }
 
     /// An error a transport answers on its own (a request it could not read, an operation
@@ -528,12 +547,53 @@ pub(crate) fn live<'a>(ctx: &Context<'a>) -> AppResult<&'a Live> {
     ctx.data::<Live>().map_err(|_| missing("Live"))
 }
 
-/// After a mutation committed: rings this process's doorbell, so its tailer reads the change
-/// at once, and announces the commit to the other processes.
-pub(crate) fn committed(ctx: &Context<'_>) {
-    if let Ok(live) = ctx.data::<Live>() {
+/// How a resolver that writes a live table runs its write: `Committed::new(ctx).write(...)`.
+/// When the write returns (committed or refused) it rings this process's doorbell, so the
+/// tailer reads the change at once, and announces the commit to the other processes (on
+/// PostgreSQL the trigger does not NOTIFY for the server's own connections, so a commit not
+/// rung would wait for the poll). A write dropped while in flight (its client went away)
+/// may still commit after the drop: it rings at once and again after `LATE_COMMIT`; one that
+/// commits even later is found by the poll. A ring after a write that did not commit only
+/// costs a read.
+pub(crate) struct Committed<'a> {
+    live: Option<&'a Live>,
+    returned: bool,
+}
+
+/// When a write dropped in flight is rung again.
+const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl<'a> Committed<'a> {
+    pub(crate) fn new(ctx: &Context<'a>) -> Self {
+        Self {
+            live: ctx.data::<Live>().ok(),
+            returned: false,
+        }
+    }
+
+    /// Runs `write`, ringing when it returns or is dropped.
+    pub(crate) async fn write<T>(mut self, write: impl std::future::Future<Output = T>) -> T {
+        let out = write.await;
+        self.returned = true;
+        out
+    }
+}
+
+impl Drop for Committed<'_> {
+    fn drop(&mut self) {
+        let Some(live) = self.live else { return };
         live.doorbell.ring();
         live.announcer.ring();
+        if !self.returned
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (doorbell, announcer) = (live.doorbell.clone(), live.announcer.clone());
+            runtime.spawn(async move {
+                tokio::time::sleep(LATE_COMMIT).await;
+                doorbell.ring();
+                announcer.ring();
+            });
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use super::error::{AppError, AppResult};
 use super::input::{self, *};
 use super::limits::{AuthLimiter, ClientAddr};
 use super::types::{AuthPayload, Channel, Document, Message, User};
-use super::{committed, db, jwt_keys, missing, viewer_id};
+use super::{Committed, db, jwt_keys, missing, viewer_id};
 use crate::{auth, store};
 
 /// Input of `signUp`.
@@ -172,8 +172,11 @@ impl MutationRoot {
     ) -> AppResult<Channel> {
         let viewer = viewer_id(ctx)?;
         let name = required_text("input.name", &input.name, CHANNEL_NAME_MAX)?;
-        let written = Channel(store::channel::create(db(ctx)?, name, viewer).await?);
-        committed(ctx);
+        let written = Channel(
+            Committed::new(ctx)
+                .write(store::channel::create(db(ctx)?, name, viewer))
+                .await?,
+        );
         Ok(written)
     }
 
@@ -186,9 +189,16 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let user_id = input::id("input.userId", &input.user_id)?;
-        let written =
-            Channel(store::channel::add_member(db(ctx)?, viewer, channel_id, user_id).await?);
-        committed(ctx);
+        let written = Channel(
+            Committed::new(ctx)
+                .write(store::channel::add_member(
+                    db(ctx)?,
+                    viewer,
+                    channel_id,
+                    user_id,
+                ))
+                .await?,
+        );
         Ok(written)
     }
 
@@ -202,8 +212,14 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let user_id = input::id("input.userId", &input.user_id)?;
-        let removed = store::channel::remove_member(db(ctx)?, viewer, channel_id, user_id).await?;
-        committed(ctx);
+        let removed = Committed::new(ctx)
+            .write(store::channel::remove_member(
+                db(ctx)?,
+                viewer,
+                channel_id,
+                user_id,
+            ))
+            .await?;
         Ok(User(removed))
     }
 
@@ -216,9 +232,11 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
-        let written =
-            Message::new(store::message::create(db(ctx)?, channel_id, viewer, body).await?);
-        committed(ctx);
+        let written = Message::new(
+            Committed::new(ctx)
+                .write(store::message::create(db(ctx)?, channel_id, viewer, body))
+                .await?,
+        );
         Ok(written)
     }
 
@@ -232,9 +250,16 @@ impl MutationRoot {
         let id = input::id("input.id", &input.id)?;
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
         let written = Message::new(
-            store::message::edit(db(ctx)?, viewer, id, body, input.expected_version).await?,
+            Committed::new(ctx)
+                .write(store::message::edit(
+                    db(ctx)?,
+                    viewer,
+                    id,
+                    body,
+                    input.expected_version,
+                ))
+                .await?,
         );
-        committed(ctx);
         Ok(written)
     }
 
@@ -247,9 +272,15 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
         let written = Message::new(
-            store::message::delete(db(ctx)?, viewer, id, input.expected_version).await?,
+            Committed::new(ctx)
+                .write(store::message::delete(
+                    db(ctx)?,
+                    viewer,
+                    id,
+                    input.expected_version,
+                ))
+                .await?,
         );
-        committed(ctx);
         Ok(written)
     }
 
@@ -263,9 +294,17 @@ impl MutationRoot {
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let title = required_text("input.title", &input.title, DOCUMENT_TITLE_MAX)?;
         let body = limited_text("input.body", &input.body, DOCUMENT_BODY_MAX)?;
-        let written =
-            Document(store::document::create(db(ctx)?, viewer, channel_id, title, body).await?);
-        committed(ctx);
+        let written = Document(
+            Committed::new(ctx)
+                .write(store::document::create(
+                    db(ctx)?,
+                    viewer,
+                    channel_id,
+                    title,
+                    body,
+                ))
+                .await?,
+        );
         Ok(written)
     }
 
@@ -294,10 +333,17 @@ impl MutationRoot {
             ));
         }
         let written = Document(
-            store::document::update(db(ctx)?, viewer, id, title, body, input.expected_version)
+            Committed::new(ctx)
+                .write(store::document::update(
+                    db(ctx)?,
+                    viewer,
+                    id,
+                    title,
+                    body,
+                    input.expected_version,
+                ))
                 .await?,
         );
-        committed(ctx);
         Ok(written)
     }
 }

@@ -174,7 +174,7 @@ async fn typescript_example(server: TestServer) {
         "the TypeScript example failed:\n{report}"
     );
     assert!(
-        report.contains("a CONFLICT handled"),
+        report.contains("a CONFLICT handled") && report.contains("persisted queries by hash"),
         "the example ran to its end:\n{report}"
     );
     println!("{report}");

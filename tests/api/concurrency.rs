@@ -33,7 +33,7 @@ async fn race(
 
 /// Waits (with a deadline) until `count` sessions of this test's PostgreSQL database wait
 /// on a lock: `what` has reached the lock another transaction holds.
-async fn wait_for_lock_waiters(sql: &sea_orm::DatabaseConnection, count: i64, what: &str) {
+pub async fn wait_for_lock_waiters(sql: &sea_orm::DatabaseConnection, count: i64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let row = sql

@@ -497,3 +497,63 @@ async fn other_processes_are_woken_by_api_and_sql_writes_postgres() {
     )
     .await;
 }
+
+/// PostgreSQL: a write that commits while its process shuts down gracefully (a request in
+/// flight is let finish) is still announced to the other processes: announcing stops only
+/// once every request has ended. The writer's post waits on a lock until its process is
+/// stopping; the subscriber's process polls once a minute, so only the announcement can
+/// deliver it within the receive deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES (a PostgreSQL server URL)"
+)]
+async fn a_write_committed_during_a_graceful_shutdown_is_announced_postgres() {
+    fn slow_poll(config: &mut syncgraph::Config) {
+        config.poll_ms = 60_000;
+    }
+    run_with(Backend::Postgres, slow_poll, |server: TestServer| async move {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "last words").await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("1", BODIES, json!({ "c": channel })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        let writer = server.start_peer_with(Some("test-secret"), slow_poll).await;
+        // The post's foreign-key check waits for this lock on the channel's row.
+        let sql = server.sql().await;
+        let lock = sql.begin().await.unwrap();
+        lock.execute_unprepared(&format!("SELECT id FROM channels WHERE id = {channel} FOR UPDATE"))
+            .await
+            .unwrap();
+        let post = {
+            let url = format!("http://{}/graphql", writer.addr);
+            let (token, channel) = (ada.clone(), channel.clone());
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&json!({
+                        "query": "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"during shutdown\" }) { id } }",
+                        "variables": { "c": channel },
+                    }))
+                    .timeout(crate::helpers::TIMEOUT)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<serde_json::Value>()
+                    .await
+                    .unwrap()
+            })
+        };
+        crate::concurrency::wait_for_lock_waiters(&sql, 1, "the post").await;
+        // The writer starts its graceful shutdown, then the post commits.
+        let stopping = tokio::spawn(writer.stop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lock.commit().await.unwrap();
+        let answered = tokio::time::timeout(crate::helpers::TIMEOUT, post).await.unwrap().unwrap();
+        assert!(answered.get("errors").is_none(), "{answered}");
+        assert_eq!(collect(&mut ws, "1", 1).await[0].1, "during shutdown");
+        tokio::time::timeout(crate::helpers::TIMEOUT, stopping).await.unwrap().unwrap();
+    })
+    .await;
+}

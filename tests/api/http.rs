@@ -181,3 +181,112 @@ fn references(text: &str) -> Vec<String> {
     }
     found
 }
+
+/// Apollo automatic persisted queries: an unknown hash gets PERSISTED_QUERY_NOT_FOUND, the
+/// hash with its text registers it, then the hash alone works, over GET too; a hash that is
+/// not its text's gets BAD_USER_INPUT; a persisted mutation is still refused over GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisted_queries_register_by_hash_and_run_by_hash() {
+    use sha2::Digest;
+    crate::helpers::run(
+        crate::helpers::Backend::Sqlite,
+        |server: crate::helpers::TestServer| async move {
+            let (token, id) = server.sign_up("Ada").await;
+            let query = "query Me { me { id } }";
+            let hash = format!("{:x}", sha2::Sha256::digest(query.as_bytes()));
+            let persisted = json!({ "persistedQuery": { "version": 1, "sha256Hash": hash } });
+            let post = |body: Value| {
+                server
+                    .client()
+                    .post(server.url("/graphql"))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+            };
+            let get = |extensions: &Value| {
+                server
+                    .client()
+                    .get(server.url("/graphql"))
+                    .query(&[("extensions", extensions.to_string())])
+                    .bearer_auth(&token)
+                    .send()
+            };
+
+            let unknown: Value = get(&persisted).await.unwrap().json().await.unwrap();
+            assert_eq!(
+                error_code(&unknown),
+                "PERSISTED_QUERY_NOT_FOUND",
+                "{unknown}"
+            );
+            assert_eq!(unknown["errors"][0]["message"], "PersistedQueryNotFound");
+
+            let registered: Value = post(json!({ "query": query, "extensions": persisted }))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(data(&registered, "me")["id"], id.as_str());
+
+            let by_hash = get(&persisted).await.unwrap();
+            assert_eq!(by_hash.status(), 200);
+            let by_hash: Value = by_hash.json().await.unwrap();
+            assert_eq!(data(&by_hash, "me")["id"], id.as_str());
+            let by_hash: Value = post(json!({ "extensions": persisted }))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(data(&by_hash, "me")["id"], id.as_str());
+
+            let wrong =
+                json!({ "persistedQuery": { "version": 1, "sha256Hash": "00".repeat(32) } });
+            let mismatch: Value = post(json!({ "query": query, "extensions": wrong }))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(error_code(&mismatch), "BAD_USER_INPUT", "{mismatch}");
+            assert!(
+                mismatch.get("data").is_none_or(Value::is_null),
+                "nothing ran: {mismatch}"
+            );
+
+            let mutation = "mutation { createChannel(input: { name: \"by hash\" }) { id } }";
+            let mutation_hash = format!("{:x}", sha2::Sha256::digest(mutation.as_bytes()));
+            let persisted_mutation =
+                json!({ "persistedQuery": { "version": 1, "sha256Hash": mutation_hash } });
+            let created: Value =
+                post(json!({ "query": mutation, "extensions": persisted_mutation }))
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+            assert!(created.get("errors").is_none(), "{created}");
+            let refused = get(&persisted_mutation).await.unwrap();
+            assert_eq!(
+                refused.status(),
+                405,
+                "mutations are POST only, by hash too"
+            );
+
+            let metrics = server
+                .client()
+                .get(server.url("/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(
+                metrics.contains("syncgraph_errors_total{code=\"PERSISTED_QUERY_NOT_FOUND\"} 1"),
+                "{metrics}"
+            );
+        },
+    )
+    .await;
+}

@@ -2,9 +2,11 @@
 // graphql-ws (the graphql-transport-ws protocol), with the same token on both.
 import { ApolloClient, ApolloLink, HttpLink, InMemoryCache } from '@apollo/client';
 import { CombinedGraphQLErrors } from '@apollo/client/errors';
+import { PersistedQueryLink } from '@apollo/client/link/persisted-queries';
 import { GraphQLWsLink } from '@apollo/client/link/subscriptions';
 import { getMainDefinition } from '@apollo/client/utilities';
 import { OperationTypeNode } from 'graphql';
+import { createHash } from 'node:crypto';
 import { createClient } from 'graphql-ws';
 import WebSocket from 'ws';
 
@@ -34,6 +36,39 @@ export function apolloClient(httpUrl: string, token: string | null): ApolloClien
     http,
   );
   return new ApolloClient({ link, cache: new InMemoryCache() });
+}
+
+/**
+ * Apollo Client with automatic persisted queries: a query goes as its SHA-256 alone (over
+ * GET, so responses can be cached), and with its text only when the server does not know
+ * the hash yet (it answers PERSISTED_QUERY_NOT_FOUND, and the link retries). `requests`
+ * records each HTTP request this client makes: its method, and whether it carried the text.
+ */
+export function persistedQueryClient(
+  httpUrl: string,
+  token: string,
+  requests: string[],
+): ApolloClient {
+  const recordingFetch: typeof fetch = async (input, init) => {
+    const method = init?.method ?? 'GET';
+    const withText =
+      method === 'GET'
+        ? new URL(String(input)).searchParams.has('query')
+        : /"query"\s*:/.test(String(init?.body ?? ''));
+    requests.push(`${method} ${withText ? 'with text' : 'hash only'}`);
+    return fetch(input, init);
+  };
+  const persisted = new PersistedQueryLink({
+    // In a browser, hash with `crypto.subtle.digest('SHA-256', ...)` instead.
+    sha256: (text: string) => createHash('sha256').update(text).digest('hex'),
+    useGETForHashedQueries: true,
+  });
+  const http = new HttpLink({
+    uri: `${httpUrl}/graphql`,
+    headers: { authorization: `Bearer ${token}` },
+    fetch: recordingFetch,
+  });
+  return new ApolloClient({ link: persisted.concat(http), cache: new InMemoryCache() });
 }
 
 /** The error code of a GraphQL error answer (`extensions.code`), if that is what `error` is. */

@@ -3,7 +3,7 @@
 // with Apollo Client, post, edit with CONFLICT handling, resume after a dropped
 // connection without losing or repeating an event, and close cleanly. Exits non-zero on
 // anything unexpected, so it doubles as a check of the example (syncgraph's tests run it).
-import { apolloClient, editMessage } from './apollo.js';
+import { apolloClient, editMessage, persistedQueryClient } from './apollo.js';
 import { connect, followMessages, type MessageEvent } from './live.js';
 import { ChannelSnapshot, CreateChannel, MessageEvents, PostMessage, SignUp } from './operations.js';
 
@@ -149,10 +149,30 @@ async function main(): Promise<void> {
   const [closed] = closes.items;
   check(closed?.code === 1000 && closed.wasClean, `a client's close is answered: ${JSON.stringify(closed)}`);
   apolloSubscription.unsubscribe();
+
+  // 6. Persisted queries: the first time, the hash alone is refused and the link sends the
+  //    text; after that the hash alone works, over GET.
+  const requests: string[] = [];
+  const persisted = persistedQueryClient(url, token, requests);
+  for (let i = 0; i < 2; i++) {
+    const result = await persisted.query({
+      query: ChannelSnapshot,
+      variables: { id: channelId },
+      fetchPolicy: 'network-only',
+    });
+    check(result.data?.channel?.id === channelId, 'a persisted query answers');
+  }
+  const expected = ['GET hash only', 'POST with text', 'GET hash only'];
+  check(
+    JSON.stringify(requests) === JSON.stringify(expected),
+    `persisted queries go by hash: ${requests.join(', ')}`,
+  );
+  persisted.stop();
   apollo.stop();
   anonymous.stop();
   console.log(`ok: ${events.items.length} events over graphql-ws (${keys.join(', ')}), ` +
-    `${apolloEvents.items.length} over Apollo Client, ${reconnects} resume(s), a CONFLICT handled`);
+    `${apolloEvents.items.length} over Apollo Client, ${reconnects} resume(s), a CONFLICT handled, ` +
+    `persisted queries by hash (${requests.join(', ')})`);
 }
 
 main().then(
