@@ -21,6 +21,7 @@ use crate::graphql::{Api, Live};
 use crate::http::{self, HttpState};
 use crate::metrics::Health;
 use crate::pubsub::Broker;
+use crate::store::Writes;
 
 /// A built server whose change feed is already running (LISTEN active on Postgres).
 pub struct App {
@@ -34,8 +35,9 @@ pub struct App {
     broker: Arc<Broker>,
     doorbell: Doorbell,
     stop: watch::Sender<bool>,
-    /// Stops announcing commits to the other processes: only once every request and socket
-    /// has ended, since a mutation may still commit during the graceful shutdown.
+    /// Stops announcing commits to the other processes, and the SQLite group writer: only
+    /// once every request and socket has ended, since a mutation may still commit during the
+    /// graceful shutdown.
     stop_announcing: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// One permit per open WebSocket: shutdown waits until every one is back.
@@ -51,9 +53,23 @@ impl App {
         let keys = token_keys(config, &databases.db).await?;
         let (stop, stopped) = watch::channel(false);
         let (stop_announcing, announcing_stopped) = watch::channel(false);
-        let feed = start_feed(config, &databases, stopped.clone(), announcing_stopped).await?;
+        let mut feed = start_feed(
+            config,
+            &databases,
+            stopped.clone(),
+            announcing_stopped.clone(),
+        )
+        .await?;
+        // SQLite: one writer commits concurrent mutations together (`store::writer`); it
+        // too stops only once every request has ended.
+        let (writes, group_writer) = Writes::new(&databases.db);
+        if let Some(group_writer) = group_writer {
+            feed.tasks
+                .push(tokio::spawn(group_writer.run(announcing_stopped)));
+        }
         let api = Api::new(
             databases.db.clone(),
+            writes,
             keys.clone(),
             feed.live(config),
             &config.limits.schema(),
@@ -170,7 +186,8 @@ impl App {
         if !matches!(closed, Ok(Ok(_))) {
             tracing::warn!("some WebSockets did not close within 10 s of shutdown");
         }
-        // Every request and socket has ended: what committed is announced one last time.
+        // Every request and socket has ended: the group writer ends, and what committed is
+        // announced one last time.
         let _ = self.stop_announcing.send(true);
         for task in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

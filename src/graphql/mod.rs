@@ -25,6 +25,7 @@ use crate::auth::{JwtKeys, Viewer};
 use crate::changes::{Announcer, Doorbell};
 use crate::live::SubscriptionQuota;
 use crate::pubsub::{Broker, FeedStats};
+use crate::store;
 use error::{AppError, AppResult, ErrorCounts};
 use limits::{AuthLimiter, PageLimit};
 use loaders::Loaders;
@@ -74,15 +75,18 @@ pub struct SchemaLimits {
     pub max_page_size: i32,
 }
 
-/// Builds the schema over a database connection, this process's token keys and the feed.
+/// Builds the schema over a database connection (and how writes run on it), this process's
+/// token keys and the feed.
 pub fn build_schema(
     db: DatabaseConnection,
+    writes: crate::store::Writes,
     keys: JwtKeys,
     live: Live,
     limits: &SchemaLimits,
 ) -> AppSchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(db)
+        .data(writes)
         .data(keys)
         .data(live)
         .data(SubscriptionQuota::new(limits.max_subscriptions_per_user))
@@ -150,13 +154,19 @@ pub(crate) struct FeedMark(pub i64);
 
 impl Api {
     /// The API over `db`, signing tokens with `keys`, streaming from `live`.
-    pub fn new(db: DatabaseConnection, keys: JwtKeys, live: Live, limits: &SchemaLimits) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        writes: crate::store::Writes,
+        keys: JwtKeys,
+        live: Live,
+        limits: &SchemaLimits,
+    ) -> Self {
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
             persisted: persisted::PersistedQueries::default(),
             broker: live.broker.clone(),
             subscription_starts: live.subscription_starts.clone(),
-            schema: build_schema(db.clone(), keys, live, limits),
+            schema: build_schema(db.clone(), writes, keys, live, limits),
             db,
             shapes: Arc::default(),
         }))
@@ -547,16 +557,19 @@ pub(crate) fn live<'a>(ctx: &Context<'a>) -> AppResult<&'a Live> {
     ctx.data::<Live>().map_err(|_| missing("Live"))
 }
 
-/// How a resolver that writes a live table runs its write: `Committed::new(ctx).write(...)`.
-/// When the write returns (committed or refused) it rings this process's doorbell, so the
-/// tailer reads the change at once, and announces the commit to the other processes (on
-/// PostgreSQL the trigger does not NOTIFY for the server's own connections, so a commit not
-/// rung would wait for the poll). A write dropped while in flight (its client went away)
-/// may still commit after the drop: it rings at once and again after `LATE_COMMIT`; one that
-/// commits even later is found by the poll. A ring after a write that did not commit only
-/// costs a read.
+/// How a resolver that writes a live table runs its write:
+/// `Committed::new(ctx)?.write(move |db| Box::pin(async move { store::...(&db, ...).await }))`.
+/// The write runs through `store::Writes` (on SQLite, grouped with concurrent ones into one
+/// transaction; on PostgreSQL, on the pool). When it returns (committed or refused) this
+/// rings this process's doorbell, so the tailer reads the change at once, and announces the
+/// commit to the other processes (on PostgreSQL the trigger does not NOTIFY for the server's
+/// own connections, so a commit not rung would wait for the poll). A write dropped while in
+/// flight (its client went away) may still commit after the drop: it rings at once and
+/// again after `LATE_COMMIT`; one that commits even later is found by the poll. A ring after
+/// a write that did not commit only costs a read.
 pub(crate) struct Committed<'a> {
     live: Option<&'a Live>,
+    writes: &'a store::Writes,
     returned: bool,
 }
 
@@ -564,16 +577,28 @@ pub(crate) struct Committed<'a> {
 const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<'a> Committed<'a> {
-    pub(crate) fn new(ctx: &Context<'a>) -> Self {
-        Self {
+    pub(crate) fn new(ctx: &Context<'a>) -> AppResult<Self> {
+        Ok(Self {
             live: ctx.data::<Live>().ok(),
+            writes: ctx
+                .data::<store::Writes>()
+                .map_err(|_| missing("store::Writes"))?,
             returned: false,
-        }
+        })
     }
 
     /// Runs `write`, ringing when it returns or is dropped.
-    pub(crate) async fn write<T>(mut self, write: impl std::future::Future<Output = T>) -> T {
-        let out = write.await;
+    pub(crate) async fn write<T, W>(mut self, write: W) -> Result<T, store::StoreError>
+    where
+        T: Send + 'static,
+        W: for<'c> FnOnce(
+                sea_orm::DatabaseExecutor<'c>,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T, store::StoreError>> + Send + 'c>,
+            > + Send
+            + 'static,
+    {
+        let out = self.writes.run(write).await;
         self.returned = true;
         out
     }

@@ -171,10 +171,12 @@ impl MutationRoot {
         #[graphql(desc = "What to do; see the input type.")] input: CreateChannelInput,
     ) -> AppResult<Channel> {
         let viewer = viewer_id(ctx)?;
-        let name = required_text("input.name", &input.name, CHANNEL_NAME_MAX)?;
+        let name = required_text("input.name", &input.name, CHANNEL_NAME_MAX)?.to_owned();
         let written = Channel(
-            Committed::new(ctx)
-                .write(store::channel::create(db(ctx)?, name, viewer))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(async move { store::channel::create(&db, &name, viewer).await })
+                })
                 .await?,
         );
         Ok(written)
@@ -190,13 +192,12 @@ impl MutationRoot {
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let user_id = input::id("input.userId", &input.user_id)?;
         let written = Channel(
-            Committed::new(ctx)
-                .write(store::channel::add_member(
-                    db(ctx)?,
-                    viewer,
-                    channel_id,
-                    user_id,
-                ))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(async move {
+                        store::channel::add_member(&db, viewer, channel_id, user_id).await
+                    })
+                })
                 .await?,
         );
         Ok(written)
@@ -212,13 +213,12 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let user_id = input::id("input.userId", &input.user_id)?;
-        let removed = Committed::new(ctx)
-            .write(store::channel::remove_member(
-                db(ctx)?,
-                viewer,
-                channel_id,
-                user_id,
-            ))
+        let removed = Committed::new(ctx)?
+            .write(move |db| {
+                Box::pin(async move {
+                    store::channel::remove_member(&db, viewer, channel_id, user_id).await
+                })
+            })
             .await?;
         Ok(User(removed))
     }
@@ -231,10 +231,14 @@ impl MutationRoot {
     ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
-        let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
+        let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?.to_owned();
         let written = Message::new(
-            Committed::new(ctx)
-                .write(store::message::create(db(ctx)?, channel_id, viewer, body))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(
+                        async move { store::message::create(&db, channel_id, viewer, &body).await },
+                    )
+                })
                 .await?,
         );
         Ok(written)
@@ -248,16 +252,15 @@ impl MutationRoot {
     ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
-        let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?;
+        let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?.to_owned();
+        let expected_version = input.expected_version;
         let written = Message::new(
-            Committed::new(ctx)
-                .write(store::message::edit(
-                    db(ctx)?,
-                    viewer,
-                    id,
-                    body,
-                    input.expected_version,
-                ))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(async move {
+                        store::message::edit(&db, viewer, id, &body, expected_version).await
+                    })
+                })
                 .await?,
         );
         Ok(written)
@@ -271,14 +274,14 @@ impl MutationRoot {
     ) -> AppResult<Message> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.id", &input.id)?;
+        let expected_version = input.expected_version;
         let written = Message::new(
-            Committed::new(ctx)
-                .write(store::message::delete(
-                    db(ctx)?,
-                    viewer,
-                    id,
-                    input.expected_version,
-                ))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(async move {
+                        store::message::delete(&db, viewer, id, expected_version).await
+                    })
+                })
                 .await?,
         );
         Ok(written)
@@ -292,17 +295,15 @@ impl MutationRoot {
     ) -> AppResult<Document> {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
-        let title = required_text("input.title", &input.title, DOCUMENT_TITLE_MAX)?;
-        let body = limited_text("input.body", &input.body, DOCUMENT_BODY_MAX)?;
+        let title = required_text("input.title", &input.title, DOCUMENT_TITLE_MAX)?.to_owned();
+        let body = limited_text("input.body", &input.body, DOCUMENT_BODY_MAX)?.to_owned();
         let written = Document(
-            Committed::new(ctx)
-                .write(store::document::create(
-                    db(ctx)?,
-                    viewer,
-                    channel_id,
-                    title,
-                    body,
-                ))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(async move {
+                        store::document::create(&db, viewer, channel_id, &title, &body).await
+                    })
+                })
                 .await?,
         );
         Ok(written)
@@ -332,16 +333,17 @@ impl MutationRoot {
                 "input: give a title, a body or both",
             ));
         }
+        let (title, body) = (title.map(str::to_owned), body.map(str::to_owned));
+        let expected_version = input.expected_version;
         let written = Document(
-            Committed::new(ctx)
-                .write(store::document::update(
-                    db(ctx)?,
-                    viewer,
-                    id,
-                    title,
-                    body,
-                    input.expected_version,
-                ))
+            Committed::new(ctx)?
+                .write(move |db| {
+                    Box::pin(async move {
+                        let (title, body) = (title.as_deref(), body.as_deref());
+                        store::document::update(&db, viewer, id, title, body, expected_version)
+                            .await
+                    })
+                })
                 .await?,
         );
         Ok(written)

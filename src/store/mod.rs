@@ -5,6 +5,9 @@ pub mod channel;
 pub mod document;
 pub mod message;
 pub mod user;
+pub mod writer;
+
+pub use writer::{GroupWriter, Writes};
 
 use sea_orm::sea_query::{Expr, SimpleExpr};
 use sea_orm::{DatabaseBackend, DbErr, SqlErr};

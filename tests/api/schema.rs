@@ -30,8 +30,10 @@ async fn every_type_and_field_has_a_description() {
         announcer: syncgraph::changes::Announcer::default(),
         subscription_starts: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
     };
+    let writes = syncgraph::store::Writes::new(&db).0;
     let api = syncgraph::graphql::Api::new(
         db,
+        writes,
         syncgraph::auth::JwtKeys::new(b"x", std::time::Duration::from_secs(60)),
         live,
         &syncgraph::config::Limits::DEFAULT.schema(),
