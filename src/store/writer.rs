@@ -7,7 +7,11 @@
 //! `MAX_GROUP`), runs each in a savepoint (`SAVEPOINT`/`RELEASE`, or `ROLLBACK TO` when the
 //! job fails: a CONFLICT or a constraint rolls back that job alone and its client alone gets
 //! the error), then commits the group. Each job's answer is sent only after the group has
-//! committed: a client never hears of a write that a crash could still lose. Jobs run one
+//! committed: a client never hears of a write that was not committed. (With
+//! `synchronous=NORMAL` in WAL mode, an operating system crash or power loss can still undo
+//! the last commits; a crash of the process cannot.) A job whose savepoint cannot be closed
+//! (the database rolled the whole transaction back) cuts the group short: the jobs run so far
+//! are answered as failed and the rest go to the next group. Jobs run one
 //! after another in arrival order, so positions and per-row versions are assigned as if each
 //! had its own transaction.
 //!
@@ -16,7 +20,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use sea_orm::{DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::{
+    DatabaseConnection, DatabaseExecutor, DatabaseTransaction, DbErr, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::StoreError;
@@ -33,12 +40,23 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// succeeded (`true`) or failed.
 type Answer = Box<dyn FnOnce(bool) + Send>;
 
+/// A job that has run: its answer, and whether the group's transaction is still sound (its
+/// savepoint was released or rolled back). A job that could not close its savepoint (the
+/// database rolled the whole transaction back: SQLITE_FULL, IOERR, NOMEM) leaves it unsound.
+struct Ran {
+    answer: Answer,
+    sound: bool,
+}
+
 /// A job: runs in the group's transaction.
-type Job = Box<dyn for<'a> FnOnce(&'a DatabaseTransaction) -> BoxFuture<'a, Answer> + Send>;
+type Job = Box<dyn for<'a> FnOnce(&'a DatabaseTransaction) -> BoxFuture<'a, Ran> + Send>;
 
 /// Sends writes to the group-committing writer (SQLite), or runs them on the pool.
 #[derive(Clone)]
-pub enum Writes {
+pub struct Writes(Route);
+
+#[derive(Clone)]
+enum Route {
     /// PostgreSQL: each write runs on the pool, as it comes.
     Pool(DatabaseConnection),
     /// SQLite: each write is a job of the writer.
@@ -56,11 +74,11 @@ impl Writes {
     /// otherwise.
     pub fn new(db: &DatabaseConnection) -> (Writes, Option<GroupWriter>) {
         if db.get_database_backend() != sea_orm::DatabaseBackend::Sqlite {
-            return (Writes::Pool(db.clone()), None);
+            return (Writes(Route::Pool(db.clone())), None);
         }
         let (sender, jobs) = mpsc::channel(QUEUE);
         (
-            Writes::Grouped(sender),
+            Writes(Route::Grouped(sender)),
             Some(GroupWriter {
                 db: db.clone(),
                 jobs,
@@ -76,21 +94,24 @@ impl Writes {
             + Send
             + 'static,
     {
-        let sender = match self {
-            Writes::Pool(db) => return write(DatabaseExecutor::Connection(db)).await,
-            Writes::Grouped(sender) => sender,
+        let sender = match &self.0 {
+            Route::Pool(db) => return write(DatabaseExecutor::Connection(db)).await,
+            Route::Grouped(sender) => sender,
         };
         let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |group: &DatabaseTransaction| {
             Box::pin(async move {
-                let result = in_savepoint(group, write).await;
-                Box::new(move |committed: bool| {
-                    let _ = reply.send(if committed {
-                        result
-                    } else {
-                        Err(group_failed())
-                    });
-                }) as Answer
+                let (result, sound) = in_savepoint(group, write).await;
+                Ran {
+                    answer: Box::new(move |committed: bool| {
+                        let _ = reply.send(if committed {
+                            result
+                        } else {
+                            Err(group_failed())
+                        });
+                    }),
+                    sound,
+                }
             })
         });
         sender.send(job).await.map_err(|_| writer_gone())?;
@@ -99,74 +120,112 @@ impl Writes {
 }
 
 /// Runs `write` in a savepoint of `group`: released when it succeeds, rolled back when it
-/// fails.
-async fn in_savepoint<T, W>(group: &DatabaseTransaction, write: W) -> Result<T, StoreError>
+/// fails (or panics). Also says whether the savepoint could be closed.
+async fn in_savepoint<T, W>(group: &DatabaseTransaction, write: W) -> (Result<T, StoreError>, bool)
 where
     W: for<'a> FnOnce(DatabaseExecutor<'a>) -> BoxFuture<'a, Result<T, StoreError>>,
 {
-    let savepoint = group.begin().await?;
-    let result = write(DatabaseExecutor::Transaction(&savepoint)).await;
-    match &result {
-        Ok(_) => savepoint.commit().await?,
-        Err(_) => savepoint.rollback().await?,
+    let savepoint = match group.begin().await {
+        Ok(savepoint) => savepoint,
+        Err(err) => return (Err(err.into()), false),
+    };
+    let ran = std::panic::AssertUnwindSafe(write(DatabaseExecutor::Transaction(&savepoint)));
+    let result = match futures_util::FutureExt::catch_unwind(ran).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!("a write panicked; it is rolled back");
+            Err(StoreError::Db(DbErr::Custom("the write failed".into())))
+        }
+    };
+    let closed = match &result {
+        Ok(_) => savepoint.commit().await,
+        Err(_) => savepoint.rollback().await,
+    };
+    match closed {
+        Ok(()) => (result, true),
+        Err(err) => {
+            tracing::error!(error = %err, "a write's savepoint could not be closed");
+            (Err(err.into()), false)
+        }
     }
-    result
 }
 
 impl GroupWriter {
     /// Runs groups until `stop` turns true, then the jobs already queued, and ends.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        // Jobs of a group that was cut short, to run first in the next.
+        let mut carried: Vec<Job> = Vec::new();
         loop {
-            let first = tokio::select! {
-                job = self.jobs.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
-                _ = stop.changed() => {
-                    self.jobs.close();
-                    match self.jobs.recv().await {
+            if carried.is_empty() {
+                let first = tokio::select! {
+                    job = self.jobs.recv() => match job {
                         Some(job) => job,
                         None => return,
+                    },
+                    _ = stop.changed() => {
+                        self.jobs.close();
+                        match self.jobs.recv().await {
+                            Some(job) => job,
+                            None => return,
+                        }
                     }
-                }
-            };
-            let mut group = vec![first];
+                };
+                carried.push(first);
+            }
+            let mut group = std::mem::take(&mut carried);
             while group.len() < MAX_GROUP {
                 match self.jobs.try_recv() {
                     Ok(job) => group.push(job),
                     Err(_) => break,
                 }
             }
-            self.commit(group).await;
+            carried = self.commit(group).await;
         }
     }
 
-    /// Runs `group` in one transaction and answers each job once it has committed.
-    async fn commit(&self, group: Vec<Job>) {
-        let answers = match self.db.begin().await {
-            Ok(transaction) => {
-                let mut answers = Vec::with_capacity(group.len());
-                for job in group {
-                    answers.push(job(&transaction).await);
-                }
-                let committed = match transaction.commit().await {
-                    Ok(()) => true,
-                    Err(err) => {
-                        tracing::error!(error = %err, jobs = answers.len(), "a group of writes could not commit");
-                        false
-                    }
-                };
-                answers.into_iter().for_each(|answer| answer(committed));
-                return;
-            }
+    /// Runs `group` in one transaction and answers each job once it has committed. Returns
+    /// the jobs not run: after a job that left the transaction unsound, the group stops
+    /// there, the jobs it ran are answered as failed (the database rolled them back), and
+    /// the rest go to the next group.
+    async fn commit(&self, group: Vec<Job>) -> Vec<Job> {
+        // IMMEDIATE: the group takes the write lock at once (waiting up to the busy timeout).
+        // A deferred transaction whose first statement reads would hold a read snapshot, and
+        // a commit by another connection meanwhile would make every later write of the group
+        // fail at once (SQLITE_BUSY_SNAPSHOT), without waiting.
+        let options = TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        let transaction = match self.db.begin_with_options(options).await {
+            Ok(transaction) => transaction,
             Err(err) => {
-                tracing::error!(error = %err, "cannot begin a group of writes");
-                group
+                // Dropped unrun: each client hears that its write was not run.
+                tracing::error!(error = %err, jobs = group.len(), "cannot begin a group of writes");
+                return Vec::new();
             }
         };
-        // Not begun: every job of the group fails, unrun (dropping a job drops its reply,
-        // which its client reads as the writer gone).
-        drop(answers);
+        let mut answers = Vec::with_capacity(group.len());
+        let mut jobs = group.into_iter();
+        let mut sound = true;
+        for job in jobs.by_ref() {
+            let ran = job(&transaction).await;
+            answers.push(ran.answer);
+            if !ran.sound {
+                sound = false;
+                break;
+            }
+        }
+        // An unsound transaction is dropped unfinished: sea-orm rolls it back.
+        let committed = sound
+            && match transaction.commit().await {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::error!(error = %err, jobs = answers.len(), "a group of writes could not commit");
+                    false
+                }
+            };
+        answers.into_iter().for_each(|answer| answer(committed));
+        jobs.collect()
     }
 }
 
@@ -175,7 +234,9 @@ fn group_failed() -> StoreError {
 }
 
 fn writer_gone() -> StoreError {
-    StoreError::Db(DbErr::Custom("the writer has stopped".into()))
+    StoreError::Db(DbErr::Custom(
+        "the write was not run (the writer stopped, or could not begin)".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -234,7 +295,7 @@ mod tests {
         let (_dir, db) = sqlite().await;
         let (writes, writer) = Writes::new(&db);
         let writer = writer.expect("SQLite writes are grouped");
-        let Writes::Grouped(queue) = &writes else {
+        let Route::Grouped(queue) = &writes.0 else {
             panic!("grouped")
         };
         // Queued before the writer runs, so it takes the three as one group.
@@ -283,5 +344,69 @@ mod tests {
             .expect("the writer ends in time")
             .expect("task");
         assert!(writes.run(post("late", false)).await.is_err());
+    }
+
+    /// A group begins IMMEDIATE: a job that reads first, while another connection commits,
+    /// does not leave the group with a stale read snapshot that makes the next job's write
+    /// fail at once (with a deferred BEGIN, the second job here got SQLITE_BUSY_SNAPSHOT).
+    #[tokio::test]
+    async fn a_group_holds_the_write_lock_from_its_start() {
+        let (dir, db) = sqlite().await;
+        let url = format!("sqlite://{}", dir.path().join("writes.db").display());
+        let (other, _) = crate::db::connect(&url, 1)
+            .await
+            .expect("another connection");
+        let (writes, writer) = Writes::new(&db);
+        let writer = writer.expect("grouped");
+        let Route::Grouped(queue) = &writes.0 else {
+            panic!("grouped")
+        };
+        let reader = {
+            let writes = writes.clone();
+            tokio::spawn(async move {
+                writes
+                    .run(move |db| {
+                        Box::pin(async move {
+                            db.execute_unprepared("SELECT count(*) FROM messages").await?;
+                            // Another writer commits now, if it can.
+                            let insert = other.execute_unprepared(
+                                "INSERT INTO messages (channel_id, author_id, body) VALUES (7, 1, 'elsewhere')",
+                            );
+                            let _ = tokio::time::timeout(std::time::Duration::from_millis(300), insert).await;
+                            Ok(0)
+                        })
+                    })
+                    .await
+            })
+        };
+        let poster = {
+            let writes = writes.clone();
+            tokio::spawn(async move { writes.run(post("after the read", false)).await })
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while queue.max_capacity() - queue.capacity() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the jobs are queued in time"
+            );
+            tokio::task::yield_now().await;
+        }
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(writer.run(stopped));
+        let wait = std::time::Duration::from_secs(10);
+        let read = tokio::time::timeout(wait, reader)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(read.is_ok(), "{:?}", read.err());
+        let posted = tokio::time::timeout(wait, poster)
+            .await
+            .expect("in time")
+            .expect("task");
+        assert!(
+            posted.is_ok(),
+            "the write after the read: {:?}",
+            posted.err()
+        );
     }
 }
