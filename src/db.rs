@@ -227,3 +227,22 @@ pub async fn checkpoint_wal_once(db: &DatabaseConnection) -> Result<(), DbErr> {
     }
     Ok(())
 }
+
+/// A migrated SQLite database in a temporary folder, with user 1 a member of channel 7, for
+/// unit tests that need real tables; the folder goes when the returned handle is dropped.
+#[cfg(test)]
+pub(crate) async fn test_database() -> (tempfile::TempDir, DatabaseConnection, String) {
+    use sea_orm::ConnectionTrait;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let (db, _) = connect(&url, 2).await.expect("database");
+    crate::app::migrate(&db).await.expect("migrations");
+    for sql in [
+        "INSERT INTO users (id, name, email, password_hash) VALUES (1, 'Ada', 'ada@example.com', 'x')",
+        "INSERT INTO channels (id, name) VALUES (7, 'general')",
+        "INSERT INTO channel_members (channel_id, user_id) VALUES (7, 1)",
+    ] {
+        db.execute_unprepared(sql).await.expect("fixture");
+    }
+    (dir, db, url)
+}

@@ -295,19 +295,9 @@ mod tests {
         row_id: None,
     };
 
-    /// A migrated SQLite database in a temporary folder, with user 1 in channel 7.
+    /// A migrated SQLite database with user 1 in channel 7.
     async fn database() -> (tempfile::TempDir, DatabaseConnection) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("live.db").display());
-        let (db, _) = crate::db::connect(&url, 2).await.expect("database");
-        crate::app::migrate(&db).await.expect("migrations");
-        for sql in [
-            "INSERT INTO users (id, name, email, password_hash) VALUES (1, 'Ada', 'ada@example.com', 'x')",
-            "INSERT INTO channels (id, name) VALUES (7, 'general')",
-            "INSERT INTO channel_members (channel_id, user_id) VALUES (7, 1)",
-        ] {
-            db.execute_unprepared(sql).await.expect("fixture");
-        }
+        let (dir, db, _) = crate::db::test_database().await;
         (dir, db)
     }
 

@@ -244,21 +244,6 @@ mod tests {
     use super::*;
     use sea_orm::ConnectionTrait;
 
-    async fn sqlite() -> (tempfile::TempDir, DatabaseConnection) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("writes.db").display());
-        let (db, _) = crate::db::connect(&url, 2).await.expect("database");
-        crate::app::migrate(&db).await.expect("migrations");
-        for sql in [
-            "INSERT INTO users (id, name, email, password_hash) VALUES (1, 'Ada', 'ada@example.com', 'x')",
-            "INSERT INTO channels (id, name) VALUES (7, 'general')",
-            "INSERT INTO channel_members (channel_id, user_id) VALUES (7, 1)",
-        ] {
-            db.execute_unprepared(sql).await.expect("fixture");
-        }
-        (dir, db)
-    }
-
     /// Inserts a message with `body`, then fails when `fail` (after the insert ran).
     fn post(
         body: &'static str,
@@ -292,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_that_arrive_together_commit_together_and_a_failing_one_rolls_back_alone() {
-        let (_dir, db) = sqlite().await;
+        let (_dir, db, _) = crate::db::test_database().await;
         let (writes, writer) = Writes::new(&db);
         let writer = writer.expect("SQLite writes are grouped");
         let Route::Grouped(queue) = &writes.0 else {
@@ -351,8 +336,7 @@ mod tests {
     /// fail at once (with a deferred BEGIN, the second job here got SQLITE_BUSY_SNAPSHOT).
     #[tokio::test]
     async fn a_group_holds_the_write_lock_from_its_start() {
-        let (dir, db) = sqlite().await;
-        let url = format!("sqlite://{}", dir.path().join("writes.db").display());
+        let (_dir, db, url) = crate::db::test_database().await;
         let (other, _) = crate::db::connect(&url, 1)
             .await
             .expect("another connection");
