@@ -5,7 +5,7 @@
 # core 1. Every scenario gets a fresh server (and database).
 #
 #   bench/run.sh [scenario ...]     scenarios: fanout saturation sustained memory mutations
-#                                   (default: all of them)
+#                                   shapes topics (default: all of them)
 #   TARGETS="ceiling sqlite postgres" DURATION=10 bench/run.sh fanout
 #
 # Each run's JSON line is appended to bench/results/<target>.jsonl;
@@ -13,7 +13,7 @@
 # PostgreSQL runs use a fresh database `syncgraph_bench` on SYNCGRAPH_TEST_POSTGRES's server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenarios=("${@:-fanout saturation sustained memory mutations}")
+scenarios=("${@:-fanout saturation sustained memory mutations shapes topics}")
 read -r -a scenarios <<< "${scenarios[*]}"
 read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
 duration="${DURATION:-10}"
@@ -114,6 +114,17 @@ for scenario in "${scenarios[@]}"; do
             saturation)
                 start "$target"
                 loadgen "$target" saturation 1 --connections 100 --subscriptions 10000 \
+                    --rate 0 --duration "$duration"
+                stop ;;
+            shapes) # (f) saturation with 10,000 subscriptions of 1,000 distinct shapes
+                start "$target"
+                loadgen "$target" shapes 1 --connections 100 --subscriptions 10000 --shapes 1000 \
+                    --subscription 'subscription($c: ID!) { s{shape}: messageEvents(channelId: $c) { cursor message { body } } }' \
+                    --rate 0 --duration "$duration"
+                stop ;;
+            topics) # (g) saturation with 10,000 subscriptions over 100 topics
+                start "$target"
+                loadgen "$target" topics 100 --connections 100 --subscriptions 10000 \
                     --rate 0 --duration "$duration"
                 stop ;;
             sustained)

@@ -58,9 +58,13 @@ struct Args {
     /// connection_init payload (JSON); overrides the one made from --token.
     #[arg(long)]
     init_payload: Option<String>,
-    /// Subscription document.
+    /// Subscription document. `{shape}` is replaced by the subscription's number modulo
+    /// `--shapes`, so that (in an alias, say) subscriptions differ in shape.
     #[arg(long, default_value = DEFAULT_SUBSCRIPTION)]
     subscription: String,
+    /// How many distinct values `{shape}` takes.
+    #[arg(long, default_value_t = 1)]
+    shapes: usize,
     /// Subscription variables template: `{topic}` is replaced.
     #[arg(long, default_value = r#"{"c":"{topic}"}"#)]
     sub_vars: String,
@@ -507,7 +511,10 @@ async fn main() -> anyhow::Result<()> {
                 json!({
                     "type": "subscribe",
                     "id": format!("s{index}"),
-                    "payload": { "query": args.subscription, "variables": vars }
+                    "payload": {
+                        "query": args.subscription.replace("{shape}", &(index % args.shapes.max(1)).to_string()),
+                        "variables": vars
+                    }
                 })
                 .to_string(),
             ))
