@@ -1,7 +1,13 @@
-//! The GraphQL schema: `AppSchema`, `build_schema`, and per-request execution. Runs without a
-//! socket: tests call `execute` directly.
+//! The GraphQL schema: `AppSchema`, `build_schema`, and per-request execution (`Api`). Runs
+//! without a socket: tests call `execute` directly. Its rooms: `replies` (an operation's
+//! replies, the live phase of a subscription), `context` (what resolvers take from a
+//! request), `committed` (how a mutation writes), `shared` (subscription shapes, render
+//! mode), the roots and types, and the request checks (`complexity`, `introspection`,
+//! `persisted`, `limits`, `input`, `error`).
 
+mod committed;
 mod complexity;
+mod context;
 pub mod error;
 pub mod input;
 mod introspection;
@@ -10,14 +16,15 @@ pub mod loaders;
 pub mod mutation;
 mod persisted;
 pub mod query;
+mod replies;
 mod shared;
 pub mod subscription;
 pub mod types;
 
 use std::sync::Arc;
 
-use async_graphql::{Context, Schema};
-use futures_util::{FutureExt, StreamExt};
+use async_graphql::Schema;
+use futures_util::StreamExt;
 use sea_orm::DatabaseConnection;
 use tokio::sync::mpsc;
 
@@ -25,12 +32,14 @@ use crate::auth::{JwtKeys, Viewer};
 use crate::changes::{Announcer, Doorbell};
 use crate::live::SubscriptionQuota;
 use crate::pubsub::{Broker, FeedStats};
-use crate::store;
-use error::{AppError, AppResult, ErrorCounts};
+pub(crate) use committed::Committed;
+pub(crate) use context::{db, jwt_keys, live, loaders, missing, viewer, viewer_id};
+use error::ErrorCounts;
 use limits::{AuthLimiter, PageLimit};
-use loaders::Loaders;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
+pub use replies::Replies;
+use replies::{AbortOnDrop, Finished};
 pub use subscription::SubscriptionRoot;
 use tracing::Instrument as _;
 
@@ -383,98 +392,6 @@ pub struct StartPermit {
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// One operation's replies (see `Api::execute_stream`). A subscription's whole live state
-/// is in here, in the task that drives it, with nothing else allocated for it: there may be
-/// 10,000 of them, each woken for every event of its topic.
-pub struct Replies {
-    api: Api,
-    /// The start phase's responses, until it ends.
-    start: Option<mpsc::Receiver<async_graphql::Response>>,
-    /// The start phase's task, stopped if the replies are dropped first. Dropped once the
-    /// start ends: a finished task's memory (~2 KiB) lives as long as its handle.
-    start_task: Option<AbortOnDrop>,
-    /// Where a subscription's resolver leaves its follower, until the start ends.
-    handover: Option<Arc<shared::Handover>>,
-    /// A handed-over subscription: what it follows and how it renders.
-    live: Option<(crate::live::Follower, Arc<shared::Shape>)>,
-    finished: Finished,
-}
-
-impl Replies {
-    /// The next reply, or `None` when the operation is over.
-    pub async fn next(&mut self) -> Option<Reply> {
-        if let Some(start) = &mut self.start {
-            if let Some(mut response) = start.recv().await {
-                self.api.finish(&mut response);
-                self.finished.count(response.errors.len());
-                tracing::debug!(parent: &self.finished.span, errors = response.errors.len(), "response");
-                return Some(Reply::Response(Box::new(response)));
-            }
-            // Free async-graphql's state (and its hold on the handover) first, and the
-            // finished task.
-            self.start = None;
-            self.start_task = None;
-            let handover = self.handover.take()?;
-            let (follower, parts) = handover.take()?;
-            self.live = Some((follower, self.api.shapes.intern(parts)));
-        }
-        let (follower, shape) = self.live.as_mut()?;
-        loop {
-            let (rendered, event) = match follower.next().await? {
-                crate::live::Next::Event(event) => {
-                    let api = &self.api;
-                    let span = &self.finished.span;
-                    // Most subscribers find the rendering made; the first (or one racing
-                    // it) makes it. That path is boxed, so the state a subscription keeps
-                    // while it waits for events (most of its life) stays small.
-                    let rendered = match event.memo.get("render", shape.id as i64) {
-                        Some(rendered) => rendered,
-                        None => event
-                            .memo
-                            .get_or_try_init("render", shape.id as i64, || {
-                                api.render(shape, shared::RenderOne::Event(event.clone()))
-                                    .instrument(span.clone())
-                            })
-                            .boxed()
-                            .await
-                            .unwrap_or_else(Arc::new),
-                    };
-                    (rendered, true)
-                }
-                crate::live::Next::Error(err) => {
-                    let rendered = self
-                        .api
-                        .render(shape, shared::RenderOne::Error(err.into()))
-                        .boxed()
-                        .await;
-                    (
-                        Arc::new(rendered.unwrap_or_else(|rendered| rendered)),
-                        false,
-                    )
-                }
-            };
-            let Some(json) = &rendered.json else { continue };
-            for code in &rendered.codes {
-                self.api.count_error(code);
-            }
-            self.finished.count(rendered.codes.len());
-            if event {
-                FeedStats::add(&self.api.broker.stats.delivered, 1);
-            }
-            return Some(Reply::Shared(json.clone()));
-        }
-    }
-}
-
 /// Gives every error of `response` a code, and returns the codes.
 fn codes(response: &mut async_graphql::Response) -> Vec<String> {
     error::ensure_codes(response);
@@ -494,34 +411,6 @@ fn codes(response: &mut async_graphql::Response) -> Vec<String> {
         .collect()
 }
 
-/// Logs an operation's end (however it ends) in its span.
-struct Finished {
-    span: tracing::Span,
-    started: std::time::Instant,
-    responses: u64,
-    errors: u64,
-}
-
-impl Finished {
-    /// Counts a reply with `errors` errors.
-    fn count(&mut self, errors: usize) {
-        self.responses += 1;
-        self.errors += errors as u64;
-    }
-}
-
-impl Drop for Finished {
-    fn drop(&mut self) {
-        tracing::debug!(
-            parent: &self.span,
-            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            responses = self.responses,
-            errors = self.errors,
-            "operation finished"
-        );
-    }
-}
-
 /// The span an operation runs in: its name (when the request names one) and the viewer.
 fn operation_span(request: &async_graphql::Request, viewer: Viewer) -> tracing::Span {
     let viewer = match viewer {
@@ -533,113 +422,4 @@ fn operation_span(request: &async_graphql::Request, viewer: Viewer) -> tracing::
         operation = request.operation_name.as_deref().unwrap_or(""),
         viewer,
     )
-}
-
-pub(crate) fn missing(what: &'static str) -> AppError {
-    AppError::Internal(Arc::new(std::io::Error::other(format!(
-        "schema data missing: {what}"
-    ))))
-}
-
-/// The database connection.
-pub(crate) fn db<'a>(ctx: &Context<'a>) -> AppResult<&'a DatabaseConnection> {
-    ctx.data::<DatabaseConnection>()
-        .map_err(|_| missing("DatabaseConnection"))
-}
-
-/// This process's token keys.
-pub(crate) fn jwt_keys<'a>(ctx: &Context<'a>) -> AppResult<&'a JwtKeys> {
-    ctx.data::<JwtKeys>().map_err(|_| missing("JwtKeys"))
-}
-
-/// The change feed.
-pub(crate) fn live<'a>(ctx: &Context<'a>) -> AppResult<&'a Live> {
-    ctx.data::<Live>().map_err(|_| missing("Live"))
-}
-
-/// How a resolver that writes a live table runs its write:
-/// `Committed::new(ctx)?.write(move |db| Box::pin(async move { store::...(&db, ...).await }))`.
-/// The write runs through `store::Writes` (on SQLite, grouped with concurrent ones into one
-/// transaction; on PostgreSQL, on the pool). When it returns (committed or refused) this
-/// rings this process's doorbell, so the tailer reads the change at once, and announces the
-/// commit to the other processes (on PostgreSQL the trigger does not NOTIFY for the server's
-/// own connections, so a commit not rung would wait for the poll). A write dropped while in
-/// flight (its client went away) may still commit after the drop: it rings at once and
-/// again after `LATE_COMMIT`; one that commits even later is found by the poll. A ring after
-/// a write that did not commit only costs a read.
-pub(crate) struct Committed<'a> {
-    live: Option<&'a Live>,
-    writes: &'a store::Writes,
-    returned: bool,
-}
-
-/// When a write dropped in flight is rung again.
-const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-impl<'a> Committed<'a> {
-    pub(crate) fn new(ctx: &Context<'a>) -> AppResult<Self> {
-        Ok(Self {
-            live: ctx.data::<Live>().ok(),
-            writes: ctx
-                .data::<store::Writes>()
-                .map_err(|_| missing("store::Writes"))?,
-            returned: false,
-        })
-    }
-
-    /// Runs `write`, ringing when it returns or is dropped.
-    pub(crate) async fn write<T, W>(mut self, write: W) -> Result<T, store::StoreError>
-    where
-        T: Send + 'static,
-        W: for<'c> FnOnce(
-                sea_orm::DatabaseExecutor<'c>,
-            ) -> std::pin::Pin<
-                Box<dyn std::future::Future<Output = Result<T, store::StoreError>> + Send + 'c>,
-            > + Send
-            + 'static,
-    {
-        let out = self.writes.run(write).await;
-        self.returned = true;
-        out
-    }
-}
-
-impl Drop for Committed<'_> {
-    fn drop(&mut self) {
-        let Some(live) = self.live else { return };
-        live.doorbell.ring();
-        live.announcer.ring();
-        if !self.returned
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let (doorbell, announcer) = (live.doorbell.clone(), live.announcer.clone());
-            runtime.spawn(async move {
-                tokio::time::sleep(LATE_COMMIT).await;
-                doorbell.ring();
-                announcer.ring();
-            });
-        }
-    }
-}
-
-/// The per-request loaders.
-pub(crate) fn loaders<'a>(ctx: &Context<'a>) -> AppResult<&'a Loaders> {
-    ctx.data::<Loaders>().map_err(|_| missing("Loaders"))
-}
-
-/// Who the request acts as (anonymous when none was attached).
-pub(crate) fn viewer(ctx: &Context<'_>) -> AppResult<Viewer> {
-    Ok(ctx
-        .data_opt::<Viewer>()
-        .copied()
-        .unwrap_or(Viewer::Anonymous))
-}
-
-/// The signed-in user's id, or UNAUTHENTICATED.
-pub(crate) fn viewer_id(ctx: &Context<'_>) -> AppResult<i64> {
-    match viewer(ctx)? {
-        Viewer::User(id) => Ok(id),
-        Viewer::Anonymous => Err(AppError::Unauthenticated("sign in to do this")),
-        Viewer::InvalidToken => Err(AppError::Unauthenticated("the token is invalid or expired")),
-    }
 }

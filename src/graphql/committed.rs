@@ -1,0 +1,73 @@
+//! How a mutation writes a live table: through `store::Writes`, then waking every process.
+
+use async_graphql::Context;
+
+use super::Live;
+use super::context::missing;
+use super::error::AppResult;
+use crate::store;
+
+/// How a resolver that writes a live table runs its write:
+/// `Committed::new(ctx)?.write(move |db| Box::pin(async move { store::...(&db, ...).await }))`.
+/// The write runs through `store::Writes` (on SQLite, grouped with concurrent ones into one
+/// transaction; on PostgreSQL, on the pool). When it returns (committed or refused) this
+/// rings this process's doorbell, so the tailer reads the change at once, and announces the
+/// commit to the other processes (on PostgreSQL the trigger does not NOTIFY for the server's
+/// own connections, so a commit not rung would wait for the poll). A write dropped while in
+/// flight (its client went away) may still commit after the drop: it rings at once and
+/// again after `LATE_COMMIT`; one that commits even later is found by the poll. A ring after
+/// a write that did not commit only costs a read.
+pub(crate) struct Committed<'a> {
+    live: Option<&'a Live>,
+    writes: &'a store::Writes,
+    returned: bool,
+}
+
+/// When a write dropped in flight is rung again.
+const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl<'a> Committed<'a> {
+    pub(crate) fn new(ctx: &Context<'a>) -> AppResult<Self> {
+        Ok(Self {
+            live: ctx.data::<Live>().ok(),
+            writes: ctx
+                .data::<store::Writes>()
+                .map_err(|_| missing("store::Writes"))?,
+            returned: false,
+        })
+    }
+
+    /// Runs `write`, ringing when it returns or is dropped.
+    pub(crate) async fn write<T, W>(mut self, write: W) -> Result<T, store::StoreError>
+    where
+        T: Send + 'static,
+        W: for<'c> FnOnce(
+                sea_orm::DatabaseExecutor<'c>,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T, store::StoreError>> + Send + 'c>,
+            > + Send
+            + 'static,
+    {
+        let out = self.writes.run(write).await;
+        self.returned = true;
+        out
+    }
+}
+
+impl Drop for Committed<'_> {
+    fn drop(&mut self) {
+        let Some(live) = self.live else { return };
+        live.doorbell.ring();
+        live.announcer.ring();
+        if !self.returned
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let (doorbell, announcer) = (live.doorbell.clone(), live.announcer.clone());
+            runtime.spawn(async move {
+                tokio::time::sleep(LATE_COMMIT).await;
+                doorbell.ring();
+                announcer.ring();
+            });
+        }
+    }
+}
