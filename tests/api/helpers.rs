@@ -326,6 +326,18 @@ impl TestServer {
         }
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics text")
+    }
+
     /// Polls `/readyz` until it answers `status` (failing after `TIMEOUT`); returns its report.
     pub async fn readyz_until(&self, status: u16) -> Value {
         let deadline = tokio::time::Instant::now() + TIMEOUT;

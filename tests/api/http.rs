@@ -273,15 +273,7 @@ async fn persisted_queries_register_by_hash_and_run_by_hash() {
                 "mutations are POST only, by hash too"
             );
 
-            let metrics = server
-                .client()
-                .get(server.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = server.metrics().await;
             assert!(
                 metrics.contains("syncgraph_errors_total{code=\"PERSISTED_QUERY_NOT_FOUND\"} 1"),
                 "{metrics}"

@@ -287,13 +287,7 @@ async fn connections_past_the_maximum_get_503() {
             Err(other) => panic!("expected 503, got {other}"),
             Ok(_) => panic!("a third connection was accepted"),
         }
-        let metrics = server
-            .client()
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap();
-        let metrics = metrics.text().await.unwrap();
+        let metrics = server.metrics().await;
         assert!(
             metrics.contains("syncgraph_errors_total{code=\"LIMIT_EXCEEDED\"} 1"),
             "the refusal is counted: {metrics}"

@@ -50,7 +50,7 @@ both_backends! {
         ws.close().await;
         let deadline = tokio::time::Instant::now() + crate::helpers::TIMEOUT;
         loop {
-            let text = server.client().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            let text = server.metrics().await;
             if sample(&text, "syncgraph_ws_connections") == Some(0.0) && sample(&text, "syncgraph_subscriptions") == Some(0.0) {
                 break;
             }
@@ -85,15 +85,7 @@ both_backends! {
 
 /// The feed's lag as `/metrics` reports it: (positions, seconds).
 async fn lag(server: &crate::helpers::TestServer) -> (f64, f64) {
-    let text = server
-        .client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     (
         sample(&text, "syncgraph_feed_lag_positions").expect("lag positions"),
         sample(&text, "syncgraph_feed_lag_seconds").expect("lag seconds"),
