@@ -1,8 +1,9 @@
 //! PostgreSQL: `log_change()` NOTIFYs only for writers other than syncgraph.
 //!
 //! A NOTIFY makes its transaction take a lock at commit that every notifying transaction in
-//! the cluster queues on, so a NOTIFY in every API write halved the write rate (pgbench, the
-//! `postMessage` statement: 4,349 tps with it, 8,433 without, 8 clients). syncgraph's own
+//! the cluster queues on: pgbench ran the `postMessage` statement at 4,349 tps with it and
+//! 8,433 without, 8 clients (issue 15's figures; the server's own end-to-end rate did not
+//! move, see BENCHMARKS.md). syncgraph's own
 //! connections set `syncgraph.writer = 'on'` when they open (`db::connect`); for them the
 //! trigger no longer notifies, and the writing process announces its commits itself, after
 //! they commit, at most one NOTIFY every few milliseconds (`changes::Announcer`). Every other
