@@ -102,6 +102,39 @@ loadgen() {
     last_json="$(echo "$out" | sed -n 's/^JSON //p')"
 }
 
+# write_ceiling: the database's own limit for postMessage's statement, in the same run, on
+# the database the mutations scenario just wrote to (its user and 64 channels): pgbench with
+# prepared statements, 8 and 32 clients, the capture trigger as migrated. "notify" is how
+# any other SQL client writes (the trigger NOTIFYs in its transaction); "no-notify" is how
+# syncgraph's own connections write (`syncgraph.writer=on`, ARCHITECTURE.md, "The doorbell").
+# Each result is a JSON line with label write-ceiling-<notify|no-notify>-<clients>.
+write_ceiling() {
+    local url="${admin%/*}/syncgraph_bench" script range author
+    range="$(psql "$url" -Atc "SELECT min(channel_id) || ' ' || max(channel_id) || ' ' || user_id FROM channel_members GROUP BY user_id ORDER BY count(*) DESC LIMIT 1")"
+    read -r cmin cmax author <<< "$range"
+    script="$(mktemp)"
+    cat > "$script" <<'SQL'
+\set c random(:cmin, :cmax)
+INSERT INTO messages (channel_id, author_id, body) SELECT :c, :a, 'pgbench' WHERE EXISTS (SELECT 1 FROM channel_members WHERE channel_id = :c AND user_id = :a) RETURNING *;
+SQL
+    local mode clients tps
+    for mode in notify no-notify; do
+        for clients in 8 32; do
+            local options=""
+            [ "$mode" = no-notify ] && options="-c syncgraph.writer=on"
+            tps="$(PGOPTIONS="$options" taskset -c 1 pgbench -n -M prepared -f "$script" \
+                -D cmin="$cmin" -D cmax="$cmax" -D a="$author" -c "$clients" -j 1 \
+                -T "$duration" "$url" 2>&1 | sed -n 's/^tps = \([0-9.]*\) (without.*/\1/p')"
+            echo "write ceiling ($mode, $clients clients): $tps tps"
+            jq -nc --arg name "write-ceiling-$mode-$clients" --argjson tps "${tps:-0}" \
+                --argjson clients "$clients" --arg target postgres --arg commit "$commit" \
+                '{label: $name, tps: $tps, clients: $clients, target: $target, commit: $commit, at: (now | todate)}' \
+                >> "$results/postgres.jsonl"
+        done
+    done
+    rm -f "$script"
+}
+
 for scenario in "${scenarios[@]}"; do
     for target in "${targets[@]}"; do
         echo "### $scenario on $target"
@@ -151,7 +184,8 @@ for scenario in "${scenarios[@]}"; do
                 start "$target"
                 loadgen "$target" mutations 64 --connections 0 --subscriptions 0 \
                     --rate 0 --publishers 64 --duration "$duration"
-                stop ;;
+                stop
+                if [ "$target" = postgres ]; then write_ceiling; fi ;;
             *) echo "unknown scenario $scenario" >&2; exit 2 ;;
         esac
     done

@@ -337,7 +337,8 @@ async fn graphql_query_string(
             graphql_response,
         );
     }
-    if is_mutation(&request) {
+    state.api.parse(&mut request);
+    if is_mutation(&mut request) {
         let mut response =
             bad_request(&state, "mutations must be sent with POST", graphql_response);
         *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
@@ -351,11 +352,12 @@ async fn graphql_query_string(
 }
 
 /// True when the operation the request would run is a mutation.
-fn is_mutation(request: &async_graphql::Request) -> bool {
-    let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
+fn is_mutation(request: &mut async_graphql::Request) -> bool {
+    let name = request.operation_name.clone();
+    let name = name.as_deref();
+    let Ok(document) = request.parsed_query() else {
         return false;
     };
-    let name = request.operation_name.as_deref();
     document.operations.iter().any(|(op_name, op)| {
         let selected = match name {
             Some(name) => op_name.map(|n| n.as_str()) == Some(name),

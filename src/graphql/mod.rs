@@ -8,6 +8,7 @@
 mod committed;
 mod complexity;
 mod context;
+mod documents;
 pub mod error;
 pub mod input;
 mod introspection;
@@ -137,6 +138,7 @@ pub struct ApiParts {
     broker: Arc<Broker>,
     errors: Arc<ErrorCounts>,
     persisted: persisted::PersistedQueries,
+    documents: documents::ParsedDocuments,
     shapes: Arc<shared::Shapes>,
     subscription_starts: Arc<tokio::sync::Semaphore>,
 }
@@ -173,6 +175,7 @@ impl Api {
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
             persisted: persisted::PersistedQueries::default(),
+            documents: documents::ParsedDocuments::default(),
             broker: live.broker.clone(),
             subscription_starts: live.subscription_starts.clone(),
             schema: build_schema(db.clone(), writes, keys, live, limits),
@@ -186,10 +189,23 @@ impl Api {
         &self.schema
     }
 
-    /// Attaches the viewer, fresh loaders and the feed mark (taken first, see `FeedMark`).
-    fn prepare(&self, request: async_graphql::Request, viewer: Viewer) -> async_graphql::Request {
+    /// Gives `request` its parsed document from the cache of parsed documents (see
+    /// `documents`), so that nothing parses its text again.
+    pub fn parse(&self, request: &mut async_graphql::Request) {
+        self.documents.attach(request);
+    }
+
+    /// Attaches the parsed document, the viewer, fresh loaders and the feed mark (taken
+    /// first, see `FeedMark`).
+    fn prepare(
+        &self,
+        mut request: async_graphql::Request,
+        viewer: Viewer,
+    ) -> async_graphql::Request {
+        let mark = FeedMark(self.broker.published());
+        self.documents.attach(&mut request);
         request
-            .data(FeedMark(self.broker.published()))
+            .data(mark)
             .data(viewer)
             .data(loaders::loaders(self.db.clone()))
     }
@@ -354,6 +370,7 @@ impl Api {
             .data(one)
             .data(loaders::loaders(self.db.clone()));
         request.operation_name = shape.operation_name.clone();
+        self.documents.attach(&mut request);
         let Some(mut response) = self.schema.execute_stream(request).next().await else {
             return Ok(shared::Rendered {
                 json: None,
