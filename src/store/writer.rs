@@ -393,4 +393,109 @@ mod tests {
             posted.err()
         );
     }
+
+    /// Inserts a message, then panics.
+    fn panics()
+    -> impl for<'a> FnOnce(DatabaseExecutor<'a>) -> BoxFuture<'a, Result<i64, StoreError>>
+    + Send
+    + 'static {
+        move |db| {
+            Box::pin(async move {
+                crate::store::message::create(&db, 7, 1, "panicked").await?;
+                panic!("a bug in a write");
+            })
+        }
+    }
+
+    /// Rolls the whole transaction back, as SQLite does on SQLITE_FULL or IOERR, then
+    /// fails.
+    fn rolls_back_all()
+    -> impl for<'a> FnOnce(DatabaseExecutor<'a>) -> BoxFuture<'a, Result<i64, StoreError>>
+    + Send
+    + 'static {
+        move |db| {
+            Box::pin(async move {
+                db.execute_unprepared("ROLLBACK").await?;
+                Err(StoreError::Db(DbErr::Custom("disk full".into())))
+            })
+        }
+    }
+
+    /// A job of `run_group`.
+    enum Kind {
+        /// `post(body, fail)`.
+        Post(&'static str, bool),
+        /// `panics()`.
+        Panics,
+        /// `rolls_back_all()`.
+        RollsBackAll,
+    }
+
+    /// Queues `jobs` in order before the writer starts (so it takes them as one group),
+    /// runs the writer, and returns each job's result and the bodies committed.
+    async fn run_group(jobs: Vec<Kind>) -> (Vec<Result<i64, StoreError>>, Vec<String>) {
+        let (_dir, db, _) = crate::db::test_database().await;
+        let (writes, writer) = Writes::new(&db);
+        let writer = writer.expect("grouped");
+        let Route::Grouped(queue) = &writes.0 else {
+            panic!("grouped")
+        };
+        let mut runs = Vec::new();
+        for kind in jobs {
+            let writes = writes.clone();
+            runs.push(tokio::spawn(async move {
+                match kind {
+                    Kind::Post(body, fail) => writes.run(post(body, fail)).await,
+                    Kind::Panics => writes.run(panics()).await,
+                    Kind::RollsBackAll => writes.run(rolls_back_all()).await,
+                }
+            }));
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while queue.max_capacity() - queue.capacity() < runs.len() {
+                assert!(tokio::time::Instant::now() < deadline, "queued in time");
+                tokio::task::yield_now().await;
+            }
+        }
+        let (_stop, stopped) = watch::channel(false);
+        tokio::spawn(writer.run(stopped));
+        let mut results = Vec::new();
+        for run in runs {
+            results.push(
+                tokio::time::timeout(std::time::Duration::from_secs(5), run)
+                    .await
+                    .expect("answered in time")
+                    .expect("task"),
+            );
+        }
+        (results, bodies(&db).await)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_is_rolled_back_alone_and_the_writer_goes_on() {
+        let (results, committed) = run_group(vec![
+            Kind::Post("one", false),
+            Kind::Panics,
+            Kind::Post("two", false),
+        ])
+        .await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(results[1].is_err());
+        assert_eq!(committed, ["one", "two"]);
+    }
+
+    /// The database rolled the group's transaction back (SQLITE_FULL, IOERR): the jobs run
+    /// before are answered as failed, never as committed, and the rest run in the next group.
+    #[tokio::test]
+    async fn a_transaction_the_database_rolled_back_cuts_the_group_short() {
+        let (results, committed) = run_group(vec![
+            Kind::Post("rolled back by the database", false),
+            Kind::RollsBackAll,
+            Kind::Post("next group", false),
+            Kind::Post("next group too", false),
+        ])
+        .await;
+        assert!(results[0].is_err() && results[1].is_err(), "{results:?}");
+        assert!(results[2].is_ok() && results[3].is_ok(), "{results:?}");
+        assert_eq!(committed, ["next group", "next group too"]);
+    }
 }
