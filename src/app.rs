@@ -60,13 +60,12 @@ impl App {
             announcing_stopped.clone(),
         )
         .await?;
-        // SQLite: one writer commits concurrent mutations together (`store::writer`); it
+        // SQLite: one writer commits concurrent mutations together (`store::writer`);
+        // PostgreSQL: posts that arrive together are inserted together (`store::posts`). It
         // too stops only once every request has ended.
         let (writes, group_writer) = Writes::new(&databases.db);
-        if let Some(group_writer) = group_writer {
-            feed.tasks
-                .push(tokio::spawn(group_writer.run(announcing_stopped)));
-        }
+        feed.tasks
+            .push(tokio::spawn(group_writer.run(announcing_stopped)));
         let api = Api::new(
             databases.db.clone(),
             writes,

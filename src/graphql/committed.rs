@@ -52,6 +52,19 @@ impl<'a> Committed<'a> {
         self.returned = true;
         out
     }
+
+    /// Posts a message (`store::Writes::post_message`: on PostgreSQL, batched with the
+    /// posts that arrive together).
+    pub(crate) async fn post_message(
+        mut self,
+        channel_id: i64,
+        author_id: i64,
+        body: String,
+    ) -> Result<entities::message::Model, store::StoreError> {
+        let out = self.writes.post_message(channel_id, author_id, body).await;
+        self.returned = true;
+        out
+    }
 }
 
 impl Drop for Committed<'_> {

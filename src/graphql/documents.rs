@@ -63,9 +63,7 @@ impl ParsedDocuments {
         Some(document)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<str>, Arc<ExecutableDocument>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<str>, Arc<ExecutableDocument>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -89,7 +87,10 @@ mod tests {
         assert_eq!(format!("{first:?}"), format!("{second:?}"));
         assert_eq!(
             format!("{second:?}"),
-            format!("{:?}", async_graphql::parser::parse_query(query).expect("parses"))
+            format!(
+                "{:?}",
+                async_graphql::parser::parse_query(query).expect("parses")
+            )
         );
     }
 
@@ -115,6 +116,10 @@ mod tests {
         assert_eq!(cache.len(), MAX_DOCUMENTS);
         // The oldest went first.
         assert!(!cache.lock().contains("{ a0 }"));
-        assert!(cache.lock().contains(&*format!("{{ a{} }}", MAX_DOCUMENTS + 9)));
+        assert!(
+            cache
+                .lock()
+                .contains(&*format!("{{ a{} }}", MAX_DOCUMENTS + 9))
+        );
     }
 }

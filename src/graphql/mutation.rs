@@ -234,11 +234,7 @@ impl MutationRoot {
         let body = required_text("input.body", &input.body, MESSAGE_BODY_MAX)?.to_owned();
         let written = Message::new(
             Committed::new(ctx)?
-                .write(move |db| {
-                    Box::pin(
-                        async move { store::message::create(&db, channel_id, viewer, &body).await },
-                    )
-                })
+                .post_message(channel_id, viewer, body)
                 .await?,
         );
         Ok(written)

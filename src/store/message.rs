@@ -60,20 +60,38 @@ pub async fn create(
     let statement = db.get_database_backend().build(&insert);
     match message::Model::find_by_statement(statement).one(db).await {
         Ok(Some(message)) => Ok(message),
-        Ok(None) => Err(
-            match channel::require_member(db, channel_id, author_id).await {
-                // Joined since the insert read: a retry would succeed, but this one did not.
-                Ok(()) => StoreError::Forbidden("only members of the channel may do this"),
-                Err(err) => err,
-            },
-        ),
-        // PostgreSQL: the membership was read from the statement's snapshot, and the
-        // channel (or the author) was deleted by a transaction that committed before the
-        // foreign-key check could lock its row.
-        Err(err) if StoreError::is_foreign_key_violation(&err) => {
-            Err(channel::vanished(db, channel_id, StoreError::UnknownViewer).await)
-        }
-        Err(err) => Err(err.into()),
+        Ok(None) => Err(not_posted(db, channel_id, author_id).await),
+        Err(err) => Err(post_failed(db, channel_id, err).await),
+    }
+}
+
+/// Why a post to `channel_id` by `author_id` inserted nothing: the channel is missing, or
+/// the author is not a member.
+pub(crate) async fn not_posted(
+    db: &impl ConnectionTrait,
+    channel_id: i64,
+    author_id: i64,
+) -> StoreError {
+    match channel::require_member(db, channel_id, author_id).await {
+        // Joined since the insert read: a retry would succeed, but this one did not.
+        Ok(()) => StoreError::Forbidden("only members of the channel may do this"),
+        Err(err) => err,
+    }
+}
+
+/// What a post's failed insert means for its client.
+pub(crate) async fn post_failed(
+    db: &impl ConnectionTrait,
+    channel_id: i64,
+    err: sea_orm::DbErr,
+) -> StoreError {
+    // PostgreSQL: the membership was read from the statement's snapshot, and the channel (or
+    // the author) was deleted by a transaction that committed before the foreign-key check
+    // could lock its row.
+    if StoreError::is_foreign_key_violation(&err) {
+        channel::vanished(db, channel_id, StoreError::UnknownViewer).await
+    } else {
+        err.into()
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod channel;
 pub mod document;
 pub mod message;
+mod posts;
 pub mod user;
 pub mod writer;
 

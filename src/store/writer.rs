@@ -27,6 +27,7 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::StoreError;
+use super::posts::{Batcher, Post};
 
 /// Most jobs committed together.
 pub const MAX_GROUP: usize = 256;
@@ -57,33 +58,83 @@ pub struct Writes(Route);
 
 #[derive(Clone)]
 enum Route {
-    /// PostgreSQL: each write runs on the pool, as it comes.
-    Pool(DatabaseConnection),
+    /// PostgreSQL: each write runs on the pool, as it comes; posts go to the batcher
+    /// (`store::posts`).
+    Pool {
+        db: DatabaseConnection,
+        posts: mpsc::Sender<Post>,
+    },
     /// SQLite: each write is a job of the writer.
     Grouped(mpsc::Sender<Job>),
 }
 
-/// The writer's side: runs groups until told to stop.
-pub struct GroupWriter {
-    db: DatabaseConnection,
-    jobs: mpsc::Receiver<Job>,
+/// The writer's side: runs until told to stop. On SQLite, the group-committing writer; on
+/// PostgreSQL, the posts' batcher.
+pub struct GroupWriter(Runner);
+
+enum Runner {
+    Sqlite {
+        db: DatabaseConnection,
+        jobs: mpsc::Receiver<Job>,
+    },
+    Posts(Batcher),
 }
 
 impl Writes {
-    /// How `db`'s writes run: grouped on SQLite (run the returned `GroupWriter`), on the pool
-    /// otherwise.
-    pub fn new(db: &DatabaseConnection) -> (Writes, Option<GroupWriter>) {
+    /// How `db`'s writes run: grouped on SQLite, on the pool otherwise (posts batched).
+    /// Run the returned `GroupWriter`.
+    pub fn new(db: &DatabaseConnection) -> (Writes, GroupWriter) {
         if db.get_database_backend() != sea_orm::DatabaseBackend::Sqlite {
-            return (Writes(Route::Pool(db.clone())), None);
+            let (posts, batcher) = super::posts::queue(db);
+            return (
+                Writes(Route::Pool {
+                    db: db.clone(),
+                    posts,
+                }),
+                GroupWriter(Runner::Posts(batcher)),
+            );
         }
         let (sender, jobs) = mpsc::channel(QUEUE);
         (
             Writes(Route::Grouped(sender)),
-            Some(GroupWriter {
+            GroupWriter(Runner::Sqlite {
                 db: db.clone(),
                 jobs,
             }),
         )
+    }
+
+    /// Posts a message (`message::create`): on SQLite as a job of the writer, on PostgreSQL
+    /// through the batcher (`store::posts`). Answered once committed.
+    pub async fn post_message(
+        &self,
+        channel_id: i64,
+        author_id: i64,
+        body: String,
+    ) -> Result<entities::message::Model, StoreError> {
+        let posts = match &self.0 {
+            Route::Pool { posts, .. } => posts,
+            Route::Grouped(_) => {
+                return self
+                    .run(move |db| {
+                        Box::pin(async move {
+                            super::message::create(&db, channel_id, author_id, &body).await
+                        })
+                    })
+                    .await;
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        posts
+            .send(Post {
+                channel_id,
+                author_id,
+                body,
+                reply,
+            })
+            .await
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
 
     /// Runs `write` and answers with what it returned, once it has committed.
@@ -95,7 +146,7 @@ impl Writes {
             + 'static,
     {
         let sender = match &self.0 {
-            Route::Pool(db) => return write(DatabaseExecutor::Connection(db)).await,
+            Route::Pool { db, .. } => return write(DatabaseExecutor::Connection(db)).await,
             Route::Grouped(sender) => sender,
         };
         let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
@@ -151,8 +202,24 @@ where
 }
 
 impl GroupWriter {
+    /// Runs until `stop` turns true, then the writes already queued, and ends.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        match self.0 {
+            Runner::Sqlite { db, jobs } => SqliteWriter { db, jobs }.run(stop).await,
+            Runner::Posts(batcher) => batcher.run(stop).await,
+        }
+    }
+}
+
+/// SQLite's group-committing writer.
+struct SqliteWriter {
+    db: DatabaseConnection,
+    jobs: mpsc::Receiver<Job>,
+}
+
+impl SqliteWriter {
     /// Runs groups until `stop` turns true, then the jobs already queued, and ends.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // Jobs of a group that was cut short, to run first in the next.
         let mut carried: Vec<Job> = Vec::new();
         loop {
@@ -279,7 +346,6 @@ mod tests {
     async fn jobs_that_arrive_together_commit_together_and_a_failing_one_rolls_back_alone() {
         let (_dir, db, _) = crate::db::test_database().await;
         let (writes, writer) = Writes::new(&db);
-        let writer = writer.expect("SQLite writes are grouped");
         let Route::Grouped(queue) = &writes.0 else {
             panic!("grouped")
         };
@@ -341,7 +407,6 @@ mod tests {
             .await
             .expect("another connection");
         let (writes, writer) = Writes::new(&db);
-        let writer = writer.expect("grouped");
         let Route::Grouped(queue) = &writes.0 else {
             panic!("grouped")
         };
@@ -436,7 +501,6 @@ mod tests {
     async fn run_group(jobs: Vec<Kind>) -> (Vec<Result<i64, StoreError>>, Vec<String>) {
         let (_dir, db, _) = crate::db::test_database().await;
         let (writes, writer) = Writes::new(&db);
-        let writer = writer.expect("grouped");
         let Route::Grouped(queue) = &writes.0 else {
             panic!("grouped")
         };
