@@ -161,7 +161,7 @@ for scenario in "${scenarios[@]}"; do
                     --rate 0 --duration "$duration"
                 stop ;;
             sustained)
-                for rate in 250 500 1000 2000 3000 4000 6000; do
+                for rate in 250 500 1000 2000 3000 4000 5000 6000 8000; do
                     start "$target"
                     loadgen "$target" "sustained-$rate" 100 --connections 100 --subscriptions 100 \
                         --rate "$rate" --publishers 64 --duration "$duration"

@@ -256,3 +256,54 @@ pub(crate) async fn test_database() -> (tempfile::TempDir, DatabaseConnection, S
     }
     (dir, db, url)
 }
+
+/// `test_database`'s fixture on a fresh PostgreSQL database of `SYNCGRAPH_TEST_POSTGRES`'s
+/// server (only built where it names one: cfg `postgres_tests`, see build.rs). Returns the
+/// database, and the admin connection and name to drop it with (`drop_test_postgres`).
+#[cfg(all(test, postgres_tests))]
+pub(crate) async fn test_postgres() -> (DatabaseConnection, DatabaseConnection, String) {
+    use sea_orm::ConnectionTrait;
+    let admin_url = std::env::var("SYNCGRAPH_TEST_POSTGRES").expect("SYNCGRAPH_TEST_POSTGRES");
+    let admin = sea_orm::Database::connect(&admin_url).await.expect("admin");
+    let name = format!(
+        "syncgraph_unit_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let url = format!(
+        "{}/{name}",
+        admin_url.rsplit_once('/').expect("a database URL").0
+    );
+    let (db, _) = connect(&url, 4).await.expect("database");
+    crate::app::migrate(&db).await.expect("migrations");
+    for sql in [
+        "INSERT INTO users (id, name, email, password_hash) VALUES (1, 'Ada', 'ada@example.com', 'x'), (2, 'Bob', 'bob@example.com', 'x')",
+        "INSERT INTO channels (id, name) VALUES (7, 'general')",
+        "INSERT INTO channel_members (channel_id, user_id) VALUES (7, 1)",
+    ] {
+        db.execute_unprepared(sql).await.expect("fixture");
+    }
+    (db, admin, name)
+}
+
+/// Drops a database made by `test_postgres`.
+#[cfg(all(test, postgres_tests))]
+pub(crate) async fn drop_test_postgres(
+    db: DatabaseConnection,
+    admin: DatabaseConnection,
+    name: &str,
+) {
+    use sea_orm::ConnectionTrait;
+    let _ = db.close().await;
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .expect("drop database");
+}

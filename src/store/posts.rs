@@ -33,13 +33,66 @@ const QUEUE: usize = 1024;
 
 /// The batch's statement: its rows come as one JSON array of `{c, a, b}` (channel, author,
 /// body), inserted in array order where the author is a member of the channel.
-const INSERT: &str = "INSERT INTO messages (channel_id, author_id, body) \
+const INSERT_POSTGRES: &str = "INSERT INTO messages (channel_id, author_id, body) \
      SELECT v.c, v.a, v.b \
      FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (c bigint, a bigint, b text)) \
           WITH ORDINALITY AS v(c, a, b, i) \
      WHERE EXISTS (SELECT 1 FROM channel_members m WHERE m.channel_id = v.c AND m.user_id = v.a) \
      ORDER BY v.i \
      RETURNING *";
+
+/// The same for SQLite (`store::writer` runs it in its group's transaction).
+const INSERT_SQLITE: &str = "INSERT INTO messages (channel_id, author_id, body) \
+     SELECT json_extract(v.value, '$.c'), json_extract(v.value, '$.a'), json_extract(v.value, '$.b') \
+     FROM json_each(?) AS v \
+     WHERE EXISTS (SELECT 1 FROM channel_members m \
+                   WHERE m.channel_id = json_extract(v.value, '$.c') \
+                     AND m.user_id = json_extract(v.value, '$.a')) \
+     ORDER BY v.key \
+     RETURNING *";
+
+/// Inserts `posts` (channel, author, body) with one statement, each where its author is a
+/// member of its channel, in order. Returns each post's row, or `None` where it inserted
+/// nothing (`message::not_posted` says why). One statement: when it fails, it changed
+/// nothing (on SQLite, inside a transaction too: a failing statement undoes itself).
+pub(crate) async fn insert_rows<C: sea_orm::ConnectionTrait>(
+    db: &C,
+    posts: &[(i64, i64, &str)],
+) -> Result<Vec<Option<message::Model>>, sea_orm::DbErr> {
+    let rows = posts
+        .iter()
+        .map(|(c, a, b)| serde_json::json!({ "c": c, "a": a, "b": b }))
+        .collect();
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DatabaseBackend::Sqlite => INSERT_SQLITE,
+        _ => INSERT_POSTGRES,
+    };
+    let statement = Statement::from_sql_and_values(
+        backend,
+        sql,
+        [Value::Json(Some(Box::new(serde_json::Value::Array(rows))))],
+    );
+    let mut inserted = message::Model::find_by_statement(statement).all(db).await?;
+    // Matched by content, in id order: the rows of equal content are interchangeable, and
+    // the earliest post gets the earliest row.
+    inserted.sort_by_key(|row| row.id);
+    let mut by_content: HashMap<(i64, i64, String), VecDeque<message::Model>> = HashMap::new();
+    for row in inserted {
+        by_content
+            .entry((row.channel_id, row.author_id, row.body.clone()))
+            .or_default()
+            .push_back(row);
+    }
+    Ok(posts
+        .iter()
+        .map(|&(c, a, b)| {
+            by_content
+                .get_mut(&(c, a, b.to_owned()))
+                .and_then(VecDeque::pop_front)
+        })
+        .collect())
+}
 
 /// One post waiting for its batch.
 pub(crate) struct Post {
@@ -110,18 +163,11 @@ async fn insert(db: &DatabaseConnection, batch: Vec<Post>) {
         }
         return;
     }
-    let rows = batch
+    let rows: Vec<(i64, i64, &str)> = batch
         .iter()
-        .map(
-            |post| serde_json::json!({ "c": post.channel_id, "a": post.author_id, "b": post.body }),
-        )
+        .map(|post| (post.channel_id, post.author_id, post.body.as_str()))
         .collect();
-    let statement = Statement::from_sql_and_values(
-        DatabaseBackend::Postgres,
-        INSERT,
-        [Value::Json(Some(Box::new(serde_json::Value::Array(rows))))],
-    );
-    let inserted = match message::Model::find_by_statement(statement).all(db).await {
+    let inserted = match insert_rows(db, &rows).await {
         Ok(inserted) => inserted,
         Err(err) => {
             tracing::debug!(error = %err, posts = batch.len(), "a batch of posts failed; each runs alone");
@@ -129,29 +175,12 @@ async fn insert(db: &DatabaseConnection, batch: Vec<Post>) {
             return;
         }
     };
-    // Matched by content, in id order: the rows of equal content are interchangeable, and
-    // the earliest post gets the earliest row.
-    let mut by_content: HashMap<(i64, i64, String), VecDeque<message::Model>> = HashMap::new();
-    let mut inserted = inserted;
-    inserted.sort_by_key(|row| row.id);
-    for row in inserted {
-        by_content
-            .entry((row.channel_id, row.author_id, row.body.clone()))
-            .or_default()
-            .push_back(row);
-    }
-    let mut missed = Vec::new();
-    for post in batch {
-        let key = (post.channel_id, post.author_id, post.body);
-        match by_content.get_mut(&key).and_then(VecDeque::pop_front) {
-            Some(row) => {
-                let _ = post.reply.send(Ok(row));
-            }
-            None => missed.push((key.0, key.1, post.reply)),
-        }
-    }
-    for (channel_id, author_id, reply) in missed {
-        let _ = reply.send(Err(messages::not_posted(db, channel_id, author_id).await));
+    for (post, row) in batch.into_iter().zip(inserted) {
+        let answer = match row {
+            Some(row) => Ok(row),
+            None => Err(messages::not_posted(db, post.channel_id, post.author_id).await),
+        };
+        let _ = post.reply.send(answer);
     }
 }
 
@@ -159,4 +188,118 @@ async fn insert(db: &DatabaseConnection, batch: Vec<Post>) {
 async fn alone(db: &DatabaseConnection, post: Post) {
     let posted = messages::create(db, post.channel_id, post.author_id, &post.body).await;
     let _ = post.reply.send(posted);
+}
+
+#[cfg(all(test, postgres_tests))]
+mod tests {
+    use super::*;
+    use sea_orm::ConnectionTrait;
+
+    /// Runs `posts` (channel, author, body) as one batch and returns each answer.
+    async fn batch(
+        db: &DatabaseConnection,
+        posts: &[(i64, i64, &str)],
+    ) -> Vec<Result<message::Model, StoreError>> {
+        let mut answers = Vec::new();
+        let mut batch = Vec::new();
+        for &(channel_id, author_id, body) in posts {
+            let (reply, answer) = oneshot::channel();
+            batch.push(Post {
+                channel_id,
+                author_id,
+                body: body.to_owned(),
+                reply,
+            });
+            answers.push(answer);
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), insert(db, batch))
+            .await
+            .expect("the batch ends in time");
+        let mut out = Vec::new();
+        for answer in answers {
+            out.push(answer.await.expect("every post is answered"));
+        }
+        out
+    }
+
+    async fn bodies(db: &DatabaseConnection) -> Vec<String> {
+        db.query_all_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT body FROM messages ORDER BY id",
+        ))
+        .await
+        .expect("read")
+        .iter()
+        .map(|row| row.try_get("", "body").expect("body"))
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn each_post_of_a_batch_gets_its_own_row_or_its_own_refusal() {
+        let (db, admin, name) = crate::db::test_postgres().await;
+        let answers = batch(
+            &db,
+            &[
+                (7, 1, "first"),
+                (7, 2, "not a member"),
+                (7, 1, "same"),
+                (8, 1, "no such channel"),
+                (7, 1, "same"),
+                (7, 1, "last"),
+            ],
+        )
+        .await;
+        let ok: Vec<(i64, String)> = answers
+            .iter()
+            .filter_map(|answer| answer.as_ref().ok())
+            .map(|row| (row.id, row.body.clone()))
+            .collect();
+        assert_eq!(
+            ok.iter().map(|(_, body)| body.as_str()).collect::<Vec<_>>(),
+            ["first", "same", "same", "last"]
+        );
+        // In arrival order: ids (and so change-log positions) increase along the batch.
+        assert!(ok.windows(2).all(|pair| pair[0].0 < pair[1].0), "{ok:?}");
+        assert!(
+            matches!(answers[1], Err(StoreError::Forbidden(_))),
+            "{:?}",
+            answers[1]
+        );
+        assert!(
+            matches!(answers[3], Err(StoreError::NotFound(_))),
+            "{:?}",
+            answers[3]
+        );
+        assert_eq!(bodies(&db).await, ["first", "same", "same", "last"]);
+        let logged = crate::changes::read_scope(&db, 7, 0, i64::MAX, 100)
+            .await
+            .expect("log")
+            .into_iter()
+            .filter(|event| event.table == "messages")
+            .count();
+        assert_eq!(logged, 4);
+        crate::db::drop_test_postgres(db, admin, &name).await;
+    }
+
+    /// A post PostgreSQL cannot store (a NUL character in its text; `Writes::post_message`
+    /// never batches one, but here it stands for any row that fails the statement, such as
+    /// a channel deleted under it) fails the batch's statement; each post then runs alone,
+    /// and only that one gets an error.
+    #[tokio::test]
+    async fn a_batch_whose_statement_fails_fails_only_the_posts_that_fail_alone() {
+        let (db, admin, name) = crate::db::test_postgres().await;
+        let answers = batch(
+            &db,
+            &[(7, 1, "before"), (7, 1, "a \0 NUL"), (7, 1, "after")],
+        )
+        .await;
+        assert!(answers[0].is_ok() && answers[2].is_ok(), "{answers:?}");
+        assert!(
+            matches!(answers[1], Err(StoreError::Db(_))),
+            "{:?}",
+            answers[1]
+        );
+        assert_eq!(bodies(&db).await, ["before", "after"]);
+        crate::db::drop_test_postgres(db, admin, &name).await;
+    }
 }

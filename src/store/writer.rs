@@ -52,6 +52,13 @@ struct Ran {
 /// A job: runs in the group's transaction.
 type Job = Box<dyn for<'a> FnOnce(&'a DatabaseTransaction) -> BoxFuture<'a, Ran> + Send>;
 
+/// What the SQLite writer is sent: a job, or a post (`Writes::post_message`), which it
+/// inserts together with the posts next to it in its group (`posts::insert_rows`).
+enum Work {
+    Job(Job),
+    Post(Post),
+}
+
 /// Sends writes to the group-committing writer (SQLite), or runs them on the pool.
 #[derive(Clone)]
 pub struct Writes(Route);
@@ -65,7 +72,7 @@ enum Route {
         posts: mpsc::Sender<Post>,
     },
     /// SQLite: each write is a job of the writer.
-    Grouped(mpsc::Sender<Job>),
+    Grouped(mpsc::Sender<Work>),
 }
 
 /// The writer's side: runs until told to stop. On SQLite, the group-committing writer; on
@@ -75,7 +82,7 @@ pub struct GroupWriter(Runner);
 enum Runner {
     Sqlite {
         db: DatabaseConnection,
-        jobs: mpsc::Receiver<Job>,
+        jobs: mpsc::Receiver<Work>,
     },
     Posts(Batcher),
 }
@@ -104,36 +111,40 @@ impl Writes {
         )
     }
 
-    /// Posts a message (`message::create`): on SQLite as a job of the writer, on PostgreSQL
-    /// through the batcher (`store::posts`). Answered once committed.
+    /// Posts a message (`message::create`), inserted by one statement together with the
+    /// posts that arrive with it (`store::posts`): on SQLite in the writer's group, on
+    /// PostgreSQL by the batcher. Answered once committed.
     pub async fn post_message(
         &self,
         channel_id: i64,
         author_id: i64,
         body: String,
     ) -> Result<entities::message::Model, StoreError> {
-        let posts = match &self.0 {
-            Route::Pool { posts, .. } => posts,
-            Route::Grouped(_) => {
-                return self
-                    .run(move |db| {
-                        Box::pin(async move {
-                            super::message::create(&db, channel_id, author_id, &body).await
-                        })
+        if body.contains('\0') {
+            // JSON, which carries a batch's rows, cannot hold it faithfully (SQLite's JSON
+            // functions cut the text there; PostgreSQL refuses it anyway): posted alone.
+            return self
+                .run(move |db| {
+                    Box::pin(async move {
+                        super::message::create(&db, channel_id, author_id, &body).await
                     })
-                    .await;
-            }
-        };
+                })
+                .await;
+        }
         let (reply, answer) = oneshot::channel();
-        posts
-            .send(Post {
-                channel_id,
-                author_id,
-                body,
-                reply,
-            })
-            .await
-            .map_err(|_| writer_gone())?;
+        let post = Post {
+            channel_id,
+            author_id,
+            body,
+            reply,
+        };
+        let sent = match &self.0 {
+            Route::Pool { posts, .. } => posts.send(post).await.is_ok(),
+            Route::Grouped(sender) => sender.send(Work::Post(post)).await.is_ok(),
+        };
+        if !sent {
+            return Err(writer_gone());
+        }
         answer.await.map_err(|_| writer_gone())?
     }
 
@@ -154,20 +165,104 @@ impl Writes {
             Box::pin(async move {
                 let (result, sound) = in_savepoint(group, write).await;
                 Ran {
-                    answer: Box::new(move |committed: bool| {
-                        let _ = reply.send(if committed {
-                            result
-                        } else {
-                            Err(group_failed())
-                        });
-                    }),
+                    answer: answer_with(reply, result),
                     sound,
                 }
             })
         });
-        sender.send(job).await.map_err(|_| writer_gone())?;
+        sender
+            .send(Work::Job(job))
+            .await
+            .map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
     }
+}
+
+/// Answers with `result` once the group has committed, or with an error if it did not.
+fn answer_with<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    result: Result<T, StoreError>,
+) -> Answer {
+    Box::new(move |committed: bool| {
+        let _ = reply.send(if committed {
+            result
+        } else {
+            Err(group_failed())
+        });
+    })
+}
+
+/// Runs consecutive `posts` of a group: one statement for all of them in a savepoint
+/// (`posts::insert_rows`); when it fails, each alone in a savepoint of its own, so that only
+/// the posts that fail alone get an error. Says whether the transaction is still sound.
+async fn posts_in_group(group: &DatabaseTransaction, posts: Vec<Post>) -> (Vec<Answer>, bool) {
+    let mut answers = Vec::with_capacity(posts.len());
+    if posts.len() > 1 {
+        let savepoint = match group.begin().await {
+            Ok(savepoint) => savepoint,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot open a savepoint for a batch of posts");
+                for post in posts {
+                    answers.push(answer_with(post.reply, Err(StoreError::Db(err.clone()))));
+                }
+                return (answers, false);
+            }
+        };
+        let rows: Vec<(i64, i64, &str)> = posts
+            .iter()
+            .map(|post| (post.channel_id, post.author_id, post.body.as_str()))
+            .collect();
+        let inserted = super::posts::insert_rows(&savepoint, &rows).await;
+        drop(rows);
+        let closed = match &inserted {
+            Ok(_) => savepoint.commit().await,
+            Err(_) => savepoint.rollback().await,
+        };
+        if let Err(err) = closed {
+            tracing::error!(error = %err, "a batch of posts' savepoint could not be closed");
+            for post in posts {
+                answers.push(answer_with(post.reply, Err(StoreError::Db(err.clone()))));
+            }
+            return (answers, false);
+        }
+        match inserted {
+            Ok(inserted) => {
+                for (post, row) in posts.into_iter().zip(inserted) {
+                    let result = match row {
+                        Some(row) => Ok(row),
+                        None => {
+                            Err(
+                                super::message::not_posted(group, post.channel_id, post.author_id)
+                                    .await,
+                            )
+                        }
+                    };
+                    answers.push(answer_with(post.reply, result));
+                }
+                return (answers, true);
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, posts = posts.len(), "a batch of posts failed; each runs alone");
+            }
+        }
+    }
+    for post in posts {
+        let Post {
+            channel_id,
+            author_id,
+            body,
+            reply,
+        } = post;
+        let (result, sound) = in_savepoint(group, move |db| {
+            Box::pin(async move { super::message::create(&db, channel_id, author_id, &body).await })
+        })
+        .await;
+        answers.push(answer_with(reply, result));
+        if !sound {
+            return (answers, false);
+        }
+    }
+    (answers, true)
 }
 
 /// Runs `write` in a savepoint of `group`: released when it succeeds, rolled back when it
@@ -214,14 +309,14 @@ impl GroupWriter {
 /// SQLite's group-committing writer.
 struct SqliteWriter {
     db: DatabaseConnection,
-    jobs: mpsc::Receiver<Job>,
+    jobs: mpsc::Receiver<Work>,
 }
 
 impl SqliteWriter {
     /// Runs groups until `stop` turns true, then the jobs already queued, and ends.
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // Jobs of a group that was cut short, to run first in the next.
-        let mut carried: Vec<Job> = Vec::new();
+        let mut carried: Vec<Work> = Vec::new();
         loop {
             if carried.is_empty() {
                 let first = tokio::select! {
@@ -254,7 +349,7 @@ impl SqliteWriter {
     /// the jobs not run: after a job that left the transaction unsound, the group stops
     /// there, the jobs it ran are answered as failed (the database rolled them back), and
     /// the rest go to the next group.
-    async fn commit(&self, group: Vec<Job>) -> Vec<Job> {
+    async fn commit(&self, group: Vec<Work>) -> Vec<Work> {
         // IMMEDIATE: the group takes the write lock at once (waiting up to the busy timeout).
         // A deferred transaction whose first statement reads would hold a read snapshot, and
         // a commit by another connection meanwhile would make every later write of the group
@@ -272,13 +367,29 @@ impl SqliteWriter {
             }
         };
         let mut answers = Vec::with_capacity(group.len());
-        let mut jobs = group.into_iter();
+        let mut works = group.into_iter().peekable();
         let mut sound = true;
-        for job in jobs.by_ref() {
-            let ran = job(&transaction).await;
-            answers.push(ran.answer);
-            if !ran.sound {
-                sound = false;
+        while let Some(work) = works.next() {
+            match work {
+                Work::Job(job) => {
+                    let ran = job(&transaction).await;
+                    answers.push(ran.answer);
+                    sound = ran.sound;
+                }
+                Work::Post(post) => {
+                    // With the posts right after it.
+                    let mut posts = vec![post];
+                    while let Some(Work::Post(_)) = works.peek() {
+                        if let Some(Work::Post(post)) = works.next() {
+                            posts.push(post);
+                        }
+                    }
+                    let (ran, still_sound) = posts_in_group(&transaction, posts).await;
+                    answers.extend(ran);
+                    sound = still_sound;
+                }
+            }
+            if !sound {
                 break;
             }
         }
@@ -292,7 +403,7 @@ impl SqliteWriter {
                 }
             };
         answers.into_iter().for_each(|answer| answer(committed));
-        jobs.collect()
+        works.collect()
     }
 }
 
@@ -494,6 +605,8 @@ mod tests {
         Panics,
         /// `rolls_back_all()`.
         RollsBackAll,
+        /// `Writes::post_message` by user 1 to (channel, body); answers the message's id.
+        Message(i64, &'static str),
     }
 
     /// Queues `jobs` in order before the writer starts (so it takes them as one group),
@@ -512,6 +625,10 @@ mod tests {
                     Kind::Post(body, fail) => writes.run(post(body, fail)).await,
                     Kind::Panics => writes.run(panics()).await,
                     Kind::RollsBackAll => writes.run(rolls_back_all()).await,
+                    Kind::Message(channel, body) => writes
+                        .post_message(channel, 1, body.to_owned())
+                        .await
+                        .map(|message| message.id),
                 }
             }));
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -561,5 +678,34 @@ mod tests {
         assert!(results[0].is_err() && results[1].is_err(), "{results:?}");
         assert!(results[2].is_ok() && results[3].is_ok(), "{results:?}");
         assert_eq!(committed, ["next group", "next group too"]);
+    }
+
+    /// Posts next to each other in a group are inserted by one statement; each is answered
+    /// with its own row (in arrival order) or its own refusal, and jobs between them keep
+    /// their place.
+    #[tokio::test]
+    async fn posts_in_a_group_are_inserted_together_each_answered_for_itself() {
+        let (results, committed) = run_group(vec![
+            Kind::Message(7, "a"),
+            Kind::Message(7, "a"),
+            Kind::Message(8, "no such channel"),
+            Kind::Post("a failing job", true),
+            Kind::Message(7, "b"),
+            Kind::Message(7, "with \0 NUL"),
+            Kind::Message(7, "c"),
+        ])
+        .await;
+        let ids: Vec<i64> = [0, 1, 4, 5, 6]
+            .iter()
+            .map(|&i| *results[i].as_ref().expect("posted"))
+            .collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+        assert!(
+            matches!(results[2], Err(StoreError::NotFound(_))),
+            "{:?}",
+            results[2]
+        );
+        assert!(matches!(results[3], Err(StoreError::Conflict { .. })));
+        assert_eq!(committed, ["a", "a", "b", "with \0 NUL", "c"]);
     }
 }
