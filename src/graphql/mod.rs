@@ -3,7 +3,7 @@
 //! replies, the live phase of a subscription), `context` (what resolvers take from a
 //! request), `committed` (how a mutation writes), `shared` (subscription shapes, render
 //! mode), the roots and types, and the request checks (`complexity`, `introspection`,
-//! `persisted`, `limits`, `input`, `error`).
+//! `persisted`, `documents`, `limits`, `input`, `error`).
 
 mod committed;
 mod complexity;
