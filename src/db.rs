@@ -36,9 +36,6 @@ impl StatementCounter {
     }
 }
 
-/// A pooled connection idle for longer than this is pinged before it is used.
-const POOL_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
-
 /// Opens `url` with the settings its backend needs.
 ///
 /// SQLite: the file is created if missing, WAL journal, a busy timeout, foreign keys on, and a
@@ -54,13 +51,6 @@ pub async fn connect(
         .max_connections(max_connections.max(1))
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
-        // sqlx pings a connection when it goes back to the pool, and by default again when
-        // it is taken out: three round trips for a one-statement write (each a wake-up of
-        // a backend, and a TLS record each way), a quarter of the server's CPU in the
-        // mutation benchmark (BENCHMARKS.md, "Write path: the pool's pings"). A connection
-        // handed back a moment ago answered that ping; only one idle for longer (the
-        // database restarted, a proxy timed it out) is pinged before use.
-        .test_before_acquire_if_idle_for(POOL_PING_AFTER_IDLE)
         .sqlx_logging(false);
     if backend == DatabaseBackend::Postgres {
         // Marks the connection as syncgraph's when it opens (not per write): `log_change()`

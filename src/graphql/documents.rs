@@ -1,8 +1,7 @@
 //! A bounded cache of parsed documents, by query text.
 //!
 //! async-graphql parses a request's text on every execution (a pest grammar: for the
-//! small `postMessage` mutation, the parse alone is ~5 % of a request's server CPU, see
-//! BENCHMARKS.md). Clients send the same few documents over and over, so each text is
+//! small `postMessage` mutation, the parse was ~9 % of the server's CPU, see BENCHMARKS.md). Clients send the same few documents over and over, so each text is
 //! parsed once and its document cloned for every later request (async-graphql takes it
 //! by value and edits it: `@skip`/`@include` are removed per request). The same goes for
 //! a subscription's renders, which run its document once per (shape, event).
@@ -22,17 +21,43 @@ const MAX_DOCUMENTS: usize = 1024;
 
 /// Longest text cached; longer ones are parsed every time (rare, and what a flood of
 /// distinct large documents would fill the cache with).
-const MAX_TEXT_BYTES: usize = 16 * 1024;
+const MAX_TEXT_BYTES: usize = 8 * 1024;
 
-/// Parsed documents by text, least recently used first out. At most
-/// `MAX_DOCUMENTS` texts of at most `MAX_TEXT_BYTES` each.
-pub struct ParsedDocuments(Mutex<lru::LruCache<Arc<str>, Arc<ExecutableDocument>>>);
+/// Most text kept, all documents together. A parsed document takes up to ~100 times its
+/// text (`{ a a a ... }`: each two-byte field is a ~200-byte node), so this bounds the
+/// cache near 50 MiB whatever clients send.
+const MAX_TOTAL_TEXT_BYTES: usize = 512 * 1024;
+
+/// Parsed documents by text, least recently used first out. At most `MAX_DOCUMENTS` texts
+/// of at most `MAX_TEXT_BYTES` each, `MAX_TOTAL_TEXT_BYTES` in all.
+pub struct ParsedDocuments(Mutex<Cache>);
+
+struct Cache {
+    documents: lru::LruCache<Arc<str>, Arc<ExecutableDocument>>,
+    text_bytes: usize,
+}
 
 impl Default for ParsedDocuments {
     fn default() -> Self {
-        Self(Mutex::new(lru::LruCache::new(
-            NonZeroUsize::MIN.saturating_add(MAX_DOCUMENTS - 1),
-        )))
+        Self(Mutex::new(Cache {
+            documents: lru::LruCache::new(NonZeroUsize::MIN.saturating_add(MAX_DOCUMENTS - 1)),
+            text_bytes: 0,
+        }))
+    }
+}
+
+impl Cache {
+    fn insert(&mut self, query: &str, document: Arc<ExecutableDocument>) {
+        self.text_bytes += query.len();
+        if let Some((replaced, _)) = self.documents.push(Arc::from(query), document) {
+            self.text_bytes -= replaced.len();
+        }
+        while self.text_bytes > MAX_TOTAL_TEXT_BYTES {
+            match self.documents.pop_lru() {
+                Some((dropped, _)) => self.text_bytes -= dropped.len(),
+                None => break,
+            }
+        }
     }
 }
 
@@ -53,23 +78,22 @@ impl ParsedDocuments {
             return None;
         }
         // Cloned outside the lock: the lock is held for the lookup only.
-        let cached = self.lock().get(query).cloned();
+        let cached = self.lock().documents.get(query).cloned();
         if let Some(document) = cached {
             return Some(ExecutableDocument::clone(&document));
         }
         let document = async_graphql::parser::parse_query(query).ok()?;
-        self.lock()
-            .put(Arc::from(query), Arc::new(document.clone()));
+        self.lock().insert(query, Arc::new(document.clone()));
         Some(document)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<Arc<str>, Arc<ExecutableDocument>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().documents.len()
     }
 }
 
@@ -115,11 +139,25 @@ mod tests {
         }
         assert_eq!(cache.len(), MAX_DOCUMENTS);
         // The oldest went first.
-        assert!(!cache.lock().contains("{ a0 }"));
+        assert!(!cache.lock().documents.contains("{ a0 }"));
         assert!(
             cache
                 .lock()
+                .documents
                 .contains(&*format!("{{ a{} }}", MAX_DOCUMENTS + 9))
         );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_in_text_too() {
+        let cache = ParsedDocuments::default();
+        let large = |i: usize| format!("{{ a{i} {} }}", "b ".repeat(MAX_TEXT_BYTES / 2 - 16));
+        for i in 0..200 {
+            assert!(cache.get(&large(i)).is_some());
+        }
+        let kept = cache.lock().text_bytes;
+        assert!(kept <= MAX_TOTAL_TEXT_BYTES, "{kept}");
+        assert!(cache.len() < 200 && cache.len() >= MAX_TOTAL_TEXT_BYTES / MAX_TEXT_BYTES);
+        assert!(cache.lock().documents.contains(&*large(199)));
     }
 }

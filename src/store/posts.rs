@@ -9,9 +9,11 @@
 //! post that arrives alone is inserted alone, as before, with no added wait.
 //!
 //! A post the statement did not insert (not a member, no such channel) is explained as a
-//! lone post's miss is (`message::not_posted`). When the statement fails (a channel deleted
-//! under it, say), nothing of it was written, and each post of the batch runs alone, so that
-//! only the posts that fail alone get an error. Each client is answered after the commit.
+//! lone post's miss is (`message::not_posted`). When the database refuses the statement (a
+//! channel deleted under it, say), nothing of it was written, and each post of the batch runs
+//! alone, so that only the posts that fail alone get an error; any other failure (the
+//! connection dropped) may have come after the commit, so every post gets the error rather
+//! than a second insert. Each client is answered after the commit.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -135,6 +137,10 @@ impl Batcher {
                 }
             };
             let Some(first) = first else { break };
+            // A slot first, then the batch: what arrives while every slot is busy joins it.
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                break;
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match self.posts.try_recv() {
@@ -142,9 +148,6 @@ impl Batcher {
                     Err(_) => break,
                 }
             }
-            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
-                break;
-            };
             let db = self.db.clone();
             tokio::spawn(async move {
                 insert(&db, batch).await;
@@ -169,9 +172,23 @@ async fn insert(db: &DatabaseConnection, batch: Vec<Post>) {
         .collect();
     let inserted = match insert_rows(db, &rows).await {
         Ok(inserted) => inserted,
+        // Refused by the database: the statement wrote nothing, and each post runs alone,
+        // in arrival order.
+        Err(err) if raised_by_database(&err) => {
+            tracing::warn!(error = %err, posts = batch.len(), "a batch of posts failed; each runs alone");
+            for post in batch {
+                alone(db, post).await;
+            }
+            return;
+        }
+        // Anything else (the connection dropped, a row that did not decode) may have come
+        // after the commit: running the posts again could post them twice. Each gets the
+        // error, as a lone post would.
         Err(err) => {
-            tracing::debug!(error = %err, posts = batch.len(), "a batch of posts failed; each runs alone");
-            futures_util::future::join_all(batch.into_iter().map(|post| alone(db, post))).await;
+            tracing::error!(error = %err, posts = batch.len(), "a batch of posts failed");
+            for post in batch {
+                let _ = post.reply.send(Err(StoreError::Db(err.clone())));
+            }
             return;
         }
     };
@@ -181,6 +198,18 @@ async fn insert(db: &DatabaseConnection, batch: Vec<Post>) {
             None => Err(messages::not_posted(db, post.channel_id, post.author_id).await),
         };
         let _ = post.reply.send(answer);
+    }
+}
+
+/// Whether `err` is an error the database raised for the statement (it has a SQLSTATE):
+/// then the statement, run in autocommit, wrote nothing.
+fn raised_by_database(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    match err {
+        DbErr::Query(RuntimeErr::SqlxError(err)) | DbErr::Exec(RuntimeErr::SqlxError(err)) => {
+            matches!(err.as_ref(), sea_orm::SqlxError::Database(_))
+        }
+        _ => false,
     }
 }
 

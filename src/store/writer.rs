@@ -15,7 +15,8 @@
 //! after another in arrival order, so positions and per-row versions are assigned as if each
 //! had its own transaction.
 //!
-//! PostgreSQL has no such writer: its writes run on the pool, concurrently.
+//! PostgreSQL has no such writer: its writes run on the pool, concurrently, and its posts go
+//! to a batcher (`store::posts`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -242,7 +243,7 @@ async fn posts_in_group(group: &DatabaseTransaction, posts: Vec<Post>) -> (Vec<A
                 return (answers, true);
             }
             Err(err) => {
-                tracing::debug!(error = %err, posts = posts.len(), "a batch of posts failed; each runs alone");
+                tracing::warn!(error = %err, posts = posts.len(), "a batch of posts failed; each runs alone");
             }
         }
     }
