@@ -332,3 +332,38 @@ mod tests {
         crate::db::drop_test_postgres(db, admin, &name).await;
     }
 }
+
+#[cfg(test)]
+mod sqlite_tests {
+    use super::*;
+
+    /// The batch statement itself (not its fallback) inserts every row, unusual bodies
+    /// included, and matches each to its post.
+    #[tokio::test]
+    async fn the_sqlite_batch_statement_inserts_and_matches_every_row() {
+        let (_dir, db, _) = crate::db::test_database().await;
+        let long = "x".repeat(4000);
+        let bodies = [
+            "123",
+            "null",
+            "{\"c\":1}",
+            "\\",
+            "\"",
+            "émoji 🎉",
+            long.as_str(),
+            "123",
+        ];
+        let posts: Vec<(i64, i64, &str)> = bodies.iter().map(|b| (7, 1, *b)).collect();
+        let rows = insert_rows(&db, &posts).await.expect("the statement runs");
+        let got: Vec<&str> = rows
+            .iter()
+            .map(|row| row.as_ref().expect("inserted").body.as_str())
+            .collect();
+        assert_eq!(got, bodies);
+        let ids: Vec<i64> = rows.iter().flatten().map(|row| row.id).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+        // Not a member (user 2 does not exist either): no row.
+        let missed = insert_rows(&db, &[(7, 2, "no")]).await.expect("runs");
+        assert!(missed[0].is_none());
+    }
+}
