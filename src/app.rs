@@ -89,6 +89,11 @@ impl App {
             api: api.clone(),
             keys,
             ws: config.ws(),
+            streams: config.streams(),
+            reservations: Arc::new(crate::streams::Reservations::new(
+                config.limits.max_connections as usize,
+                config.limits.max_operations_per_connection as usize,
+            )),
             max_ws_message_bytes: config.limits.max_ws_message_bytes as usize,
             max_body_bytes: config.limits.max_body_bytes as usize,
             connections: connections.clone(),

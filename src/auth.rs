@@ -50,6 +50,24 @@ impl Viewer {
         let token = bearer_token(value?)?;
         keys.verify_claims(token).map(|(_, expires)| expires)
     }
+
+    /// When the token of a valid `Authorization` value expires, on the monotonic clock: a
+    /// connection or stream opened with it ends then.
+    pub fn deadline(value: Option<&str>, keys: &JwtKeys) -> Option<tokio::time::Instant> {
+        Self::expiry(value, keys).map(instant_of)
+    }
+}
+
+/// The monotonic instant of a time in seconds since the epoch (now, if it has passed).
+fn instant_of(epoch_secs: u64) -> tokio::time::Instant {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    // At most a year ahead: a far-future `exp` must not overflow the clock.
+    let left = std::time::Duration::from_secs(epoch_secs)
+        .saturating_sub(now)
+        .min(std::time::Duration::from_secs(365 * 24 * 3600));
+    tokio::time::Instant::now() + left
 }
 
 /// The token of a `Bearer <token>` value.

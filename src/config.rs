@@ -89,6 +89,15 @@ pub struct Config {
         global = true
     , value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub ws_keep_alive_secs: u64,
+    /// An idle event stream (graphql-sse, multipart) gets a keep-alive every this many
+    /// seconds: a comment line, or a `{}` part.
+    #[arg(
+        long,
+        env = "SYNCGRAPH_STREAM_KEEP_ALIVE_SECS",
+        default_value_t = 10,
+        global = true
+    , value_parser = clap::value_parser!(u64).range(1..=10))]
+    pub stream_keep_alive_secs: u64,
     /// Keep captured changes at least this long (seconds) for resuming subscriptions.
     #[arg(
         long,
@@ -212,6 +221,7 @@ impl Config {
             log_format: LogFormat::Text,
             ws_init_timeout_ms: 3_000,
             ws_keep_alive_secs: 12,
+            stream_keep_alive_secs: 10,
             retention_secs: 604_800,
             retention_rows: 1_000_000,
             prune_interval_secs: 60,
@@ -241,6 +251,13 @@ impl Config {
             max_age: Duration::from_secs(self.retention_secs),
             max_rows: self.retention_rows,
             interval: Duration::from_secs(self.prune_interval_secs.max(1)),
+        }
+    }
+
+    /// The event streams' timing.
+    pub fn streams(&self) -> crate::streams::StreamConfig {
+        crate::streams::StreamConfig {
+            keep_alive: Duration::from_secs(self.stream_keep_alive_secs.clamp(1, 10)),
         }
     }
 

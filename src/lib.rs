@@ -16,6 +16,7 @@
 //!   doorbell (Postgres LISTEN, in-process rings), retention pruning, log replay reads.
 //! - `http`: the axum router: GraphQL over HTTP, WebSocket upgrade, GraphiQL, health.
 //! - `ws`: the graphql-transport-ws and legacy graphql-ws protocols over one socket.
+//! - `streams`: subscriptions over HTTP: graphql-sse (both modes) and Apollo multipart.
 //! - `app`: `App::build` wires everything, binds the listener and runs until shutdown.
 
 pub mod app;
@@ -30,6 +31,7 @@ pub mod live;
 pub mod metrics;
 pub mod pubsub;
 pub mod store;
+pub mod streams;
 pub mod ws;
 
 pub use app::App;

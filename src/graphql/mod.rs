@@ -155,7 +155,25 @@ impl std::ops::Deref for Api {
 /// for every subscription of its shape (the JSON text of a response).
 pub enum Reply {
     Response(Box<async_graphql::Response>),
-    Shared(Arc<str>),
+    /// `position`: the event's place in the feed (its cursor), when the payload is an event
+    /// (not an error that ended the subscription).
+    Shared {
+        json: Arc<str>,
+        position: Option<i64>,
+    },
+    /// The subscription has started following its topic: every change up to `position`
+    /// is behind it (replayed or before its start), so resuming after `position` misses
+    /// nothing. Sent once, before its first event; transports that cannot use it skip it.
+    Following {
+        position: i64,
+    },
+}
+
+impl Reply {
+    /// A feed position as the opaque cursor clients resume from (`after`).
+    pub fn cursor(position: i64) -> String {
+        input::encode_cursor(input::CursorKind::Event, position)
+    }
 }
 
 /// The feed position published when a request began, before any of its fields was read:

@@ -53,11 +53,13 @@ impl Replies {
             self.start_task = None;
             let handover = self.handover.take()?;
             let (follower, parts) = handover.take()?;
+            let position = follower.position();
             self.live = Some((follower, self.api.shapes.intern(parts)));
+            return Some(Reply::Following { position });
         }
         let (follower, shape) = self.live.as_mut()?;
         loop {
-            let (rendered, event) = match follower.next().await? {
+            let (rendered, position) = match follower.next().await? {
                 crate::live::Next::Event(event) => {
                     let api = &self.api;
                     let span = &self.finished.span;
@@ -76,7 +78,7 @@ impl Replies {
                             .await
                             .unwrap_or_else(Arc::new),
                     };
-                    (rendered, true)
+                    (rendered, Some(event.position))
                 }
                 crate::live::Next::Error(err) => {
                     let rendered = self
@@ -84,10 +86,7 @@ impl Replies {
                         .render(shape, shared::RenderOne::Error(err.into()))
                         .boxed()
                         .await;
-                    (
-                        Arc::new(rendered.unwrap_or_else(|rendered| rendered)),
-                        false,
-                    )
+                    (Arc::new(rendered.unwrap_or_else(|rendered| rendered)), None)
                 }
             };
             let Some(json) = &rendered.json else { continue };
@@ -95,10 +94,13 @@ impl Replies {
                 self.api.count_error(code);
             }
             self.finished.count(rendered.codes.len());
-            if event {
+            if position.is_some() {
                 FeedStats::add(&self.api.broker.stats.delivered, 1);
             }
-            return Some(Reply::Shared(json.clone()));
+            return Some(Reply::Shared {
+                json: json.clone(),
+                position,
+            });
         }
     }
 }

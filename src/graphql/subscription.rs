@@ -95,7 +95,7 @@ impl SubscriptionRoot {
         }
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("channelId", &channel_id)?;
-        let after = parse_after(after.as_deref())?;
+        let after = parse_after(ctx, after.as_deref())?;
         let filter = Filter {
             table: message::Model::TABLE,
             row_id: None,
@@ -124,7 +124,7 @@ impl SubscriptionRoot {
         }
         let viewer = viewer_id(ctx)?;
         let document_id = input::id("documentId", &document_id)?;
-        let after = parse_after(after.as_deref())?;
+        let after = parse_after(ctx, after.as_deref())?;
         // A missing document is refused like someone else's, so ids cannot be probed.
         let document = store::document::find(db(ctx)?, document_id)
             .await
@@ -201,7 +201,16 @@ fn hand_over<T: Send + 'static>(
     Ok(futures_util::stream::empty().boxed())
 }
 
-fn parse_after(after: Option<&str>) -> AppResult<Option<i64>> {
+/// A cursor a transport resumes from in place of the `after` argument: an event stream's
+/// `Last-Event-ID`, which a browser's `EventSource` sends when it reconnects.
+#[derive(Clone, Debug)]
+pub struct ResumeAfter(pub String);
+
+/// The cursor to resume after: the transport's (`ResumeAfter`), else the `after` argument.
+fn parse_after(ctx: &Context<'_>, after: Option<&str>) -> AppResult<Option<i64>> {
+    if let Some(ResumeAfter(cursor)) = ctx.data_opt::<ResumeAfter>() {
+        return input::decode_cursor("Last-Event-ID", CursorKind::Event, cursor).map(Some);
+    }
     after
         .map(|cursor| input::decode_cursor("after", CursorKind::Event, cursor))
         .transpose()

@@ -155,6 +155,12 @@ enum Step {
 }
 
 impl Follower {
+    /// Every change up to here has been considered (delivered or passed over): resuming
+    /// after it misses nothing this follower would deliver.
+    pub fn position(&self) -> i64 {
+        self.seen
+    }
+
     /// The next thing to send, or `None` when the subscription has ended (the channel or
     /// the followed row was deleted, or the server is shutting down).
     pub async fn next(&mut self) -> Option<Next> {

@@ -57,18 +57,6 @@ async fn until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The monotonic instant of a time in seconds since the epoch (now, if it has passed).
-fn instant_of(epoch_secs: u64) -> tokio::time::Instant {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // At most a year ahead: a far-future `exp` must not overflow the clock.
-    let left = Duration::from_secs(epoch_secs)
-        .saturating_sub(now)
-        .min(Duration::from_secs(365 * 24 * 3600));
-    tokio::time::Instant::now() + left
-}
-
 /// One connection's state.
 struct Connection {
     protocol: Protocol,
@@ -307,7 +295,7 @@ impl Connection {
         match Viewer::from_authorization(value, &self.keys) {
             Viewer::InvalidToken => None,
             viewer => {
-                self.expires_at = Viewer::expiry(value, &self.keys).map(instant_of);
+                self.expires_at = Viewer::deadline(value, &self.keys);
                 Some(viewer)
             }
         }

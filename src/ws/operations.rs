@@ -192,7 +192,9 @@ impl Operations {
             let quoted_id = serde_json::Value::from(id.as_str()).to_string();
             while let Some(reply) = replies.next().await {
                 let response = match reply {
-                    Reply::Shared(payload) => {
+                    // A socket's clients resume with `after` from an event's cursor.
+                    Reply::Following { .. } => continue,
+                    Reply::Shared { json: payload, .. } => {
                         first = false;
                         yield OpFrame { text: raw_frame(data_type, &quoted_id, &payload), last: false };
                         continue;

@@ -155,6 +155,7 @@ impl FreshDatabase {
 pub fn test_settings(config: &mut Config) {
     config.ws_init_timeout_ms = 500;
     config.ws_keep_alive_secs = 1;
+    config.stream_keep_alive_secs = 1;
     // Tests sign up many users and hold many subscriptions from one address; the limits
     // themselves are tested with their own settings (`limits.rs`).
     config.limits.auth_attempts_per_minute = 1_000_000;

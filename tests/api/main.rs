@@ -23,6 +23,7 @@ mod observability;
 mod process;
 mod protocol;
 mod schema;
+mod streams;
 mod subscriptions;
 
 /// CI runs everything: a CI build that would ignore the PostgreSQL or the client tests fails

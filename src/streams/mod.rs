@@ -1,0 +1,198 @@
+//! Subscriptions over HTTP: graphql-sse (`sse`, both of its modes) and Apollo's multipart
+//! subscriptions (`multipart`). Each is a framing of one operation's replies
+//! (`Api::execute_stream`, the same engine the WebSocket uses, so the same order, cursors,
+//! limits and codes); this module holds what they share: starting an operation, the items a
+//! response body is made of (replies, keep-alives, the token's expiry, the end), and the
+//! response headers.
+//!
+//! A response body is pulled by the server only as fast as the client reads it, so an
+//! operation is polled for its next reply only when there is room for it: a slow reader
+//! leaves its subscription behind, to catch up from the log later, and nothing is buffered
+//! for it beyond the socket's own buffer.
+
+pub mod multipart;
+mod reservations;
+pub mod sse;
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use futures_util::{Stream, StreamExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::auth::Viewer;
+use crate::graphql::error;
+use crate::graphql::{Api, Replies, Reply};
+
+pub use reservations::{Refusal, Reservations};
+
+/// Timing of the streaming transports.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    /// How often an idle event stream gets a comment line (graphql-sse) or a `{}` part
+    /// (multipart), so that proxies keep it open and a vanished client is noticed.
+    pub keep_alive: Duration,
+}
+
+/// What an operation's response body is made of, in order.
+pub(crate) enum Item {
+    Reply(Reply),
+    /// Nothing was sent for `keep_alive`.
+    KeepAlive,
+    /// The token the stream was opened with expired: it ends here.
+    Expired,
+    /// The operation is over. `shutdown`: it ended because the server is shutting down
+    /// (every subscription ends then), so the client should come back, not stop.
+    End {
+        shutdown: bool,
+    },
+}
+
+/// An operation once started (`start`).
+// Made once per request and taken apart at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Started {
+    /// It never ran (a syntax or validation error, a persisted query not found): answered as
+    /// a plain GraphQL response, before any stream begins.
+    Refused(Box<async_graphql::Response>),
+    /// It runs: `first` is its first reply (none when it ended without one).
+    Running {
+        first: Option<Reply>,
+        replies: Replies,
+    },
+}
+
+/// Starts `request` as `viewer` under a start permit, and waits for its first reply: a
+/// subscription's is `Reply::Following` once its checks passed (or its error), a query's is
+/// its response. So a request that never runs is answered with an HTTP status of its own.
+pub(crate) async fn start(api: &Api, request: async_graphql::Request, viewer: Viewer) -> Started {
+    let permit = api.start_permit().await;
+    let mut replies = api.execute_stream(request, viewer, permit);
+    match replies.next().await {
+        Some(Reply::Response(response)) if error::is_request_error(&response) => {
+            Started::Refused(response)
+        }
+        first => Started::Running { first, replies },
+    }
+}
+
+/// The items of a started operation's body: `first`, then each reply, a `KeepAlive` after
+/// every `keep_alive` without one (if given: a stream of several operations has its own),
+/// and `Expired` at `expires_at`; always ends with `Expired` or `End`.
+pub(crate) fn items(
+    first: Option<Reply>,
+    replies: Replies,
+    keep_alive: Option<Duration>,
+    expires_at: Option<Instant>,
+    shutdown: watch::Receiver<bool>,
+) -> impl Stream<Item = Item> + Send + 'static {
+    // As a stream, so that a keep-alive tick never drops a reply half made: the stream
+    // keeps the pending `next` between polls.
+    let replies = futures_util::stream::unfold(replies, |mut replies| async move {
+        let reply = replies.next().await?;
+        Some((reply, replies))
+    });
+    async_stream::stream! {
+        let mut replies = std::pin::pin!(replies);
+        if let Some(first) = first {
+            yield Item::Reply(first);
+        }
+        // Without keep-alives, a period that never comes.
+        let period = keep_alive.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let expiry = tokio::time::sleep_until(expires_at.unwrap_or_else(Instant::now));
+        let mut expiry = std::pin::pin!(expiry);
+        loop {
+            tokio::select! {
+                reply = replies.next() => match reply {
+                    Some(reply) => {
+                        ticks.reset();
+                        yield Item::Reply(reply);
+                    }
+                    None => {
+                        let shutdown = *shutdown.borrow();
+                        yield Item::End { shutdown };
+                        break;
+                    }
+                },
+                _ = ticks.tick(), if keep_alive.is_some() => yield Item::KeepAlive,
+                _ = &mut expiry, if expires_at.is_some() => {
+                    yield Item::Expired;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The response headers every event stream carries: no caching or transformation by a
+/// proxy, and no buffering by nginx, so that events are flushed as they happen.
+pub(crate) fn stream_headers(headers: &mut HeaderMap, content_type: &'static str) {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store, no-transform"),
+    );
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// The authorization a streaming request acts with: its `Authorization` header, else (for a
+/// GET, which `EventSource` makes without headers) an `access_token` in its URL.
+pub(crate) fn authorization(headers: &HeaderMap, access_token: Option<&str>) -> Option<String> {
+    match headers.get(header::AUTHORIZATION) {
+        Some(value) => Some(value.to_str().unwrap_or("invalid").to_owned()),
+        None => access_token.map(|token| format!("Bearer {token}")),
+    }
+}
+
+/// True when the client accepts a gzip-encoded response (`Accept-Encoding`, q above 0).
+pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or_default().trim();
+            let refused = parts.any(|param| {
+                param
+                    .trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+/// A response body of `chunks`, gzip-encoded when `gzip` (the caller then sets
+/// `Content-Encoding`). Each chunk is flushed on its own (a sync flush: a few bytes each),
+/// so an event reaches the client as it happens, while the compressor keeps its window
+/// across events, which repeat most of their text.
+pub(crate) fn body(
+    chunks: impl Stream<Item = Vec<u8>> + Send + 'static,
+    gzip: bool,
+) -> axum::body::Body {
+    use std::io::Write as _;
+    if !gzip {
+        return axum::body::Body::from_stream(chunks.map(Ok::<_, std::convert::Infallible>));
+    }
+    let encoded = async_stream::stream! {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut chunks = std::pin::pin!(chunks);
+        while let Some(chunk) = chunks.next().await {
+            // Writing into memory fails only when out of memory.
+            if encoder.write_all(&chunk).and_then(|()| encoder.flush()).is_err() {
+                return;
+            }
+            yield Ok::<_, std::io::Error>(std::mem::take(encoder.get_mut()));
+        }
+        if let Ok(tail) = encoder.finish() {
+            yield Ok(tail);
+        }
+    };
+    axum::body::Body::from_stream(encoded)
+}

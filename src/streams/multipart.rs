@@ -1,0 +1,179 @@
+//! Apollo's multipart subscriptions (`POST /graphql` accepting
+//! `multipart/mixed;subscriptionSpec="1.0"`), as Apollo Client's `HttpLink` and Apollo
+//! Kotlin/iOS read them: `multipart/mixed;boundary="graphql";subscriptionSpec="1.0"`, each part
+//! `Content-Type: application/json` holding `{"payload": <execution result>}`, a `{}` part as
+//! a heartbeat, `{"payload": null, "errors": [...]}` for a fatal transport error (an expired
+//! token), and the closing `--graphql--` at the end. Lines end with CRLF.
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+
+use super::{Item, StreamConfig};
+use crate::graphql::error::code;
+use crate::graphql::{Api, Replies, Reply};
+
+/// The response's media type.
+pub const CONTENT_TYPE: &str = "multipart/mixed;boundary=\"graphql\";subscriptionSpec=\"1.0\"";
+
+/// What opens the body and follows every part: a delimiter line.
+const DELIMITER: &[u8] = b"\r\n--graphql";
+/// What starts every part (after a delimiter).
+const PART_HEADERS: &[u8] = b"\r\nContent-Type: application/json\r\n\r\n";
+/// What turns the last delimiter into the closing one.
+const CLOSE: &[u8] = b"--\r\n";
+
+/// True when the client asked for multipart subscriptions (`Accept` names `multipart/mixed`
+/// with `subscriptionSpec`; a `boundary` parameter, quoted or not, may be there too).
+pub fn accepted(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|media| {
+            let mut params = media.split(';');
+            let name = params.next().unwrap_or_default().trim();
+            name.eq_ignore_ascii_case("multipart/mixed")
+                && params.any(|param| {
+                    param
+                        .trim()
+                        .to_ascii_lowercase()
+                        .starts_with("subscriptionspec")
+                })
+        })
+}
+
+/// How a multipart response runs.
+pub(crate) struct Options<'a> {
+    pub config: &'a StreamConfig,
+    /// When the token it was opened with expires.
+    pub expires_at: Option<tokio::time::Instant>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub gzip: bool,
+    /// One of the open-connection permits, held while the response lives.
+    pub permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The response of a started subscription: each item as a part.
+pub(crate) fn respond(
+    api: Api,
+    first: Option<Reply>,
+    replies: Replies,
+    options: Options<'_>,
+) -> Response {
+    let Options {
+        config,
+        expires_at,
+        shutdown,
+        gzip,
+        permit,
+    } = options;
+    let items = super::items(
+        first,
+        replies,
+        Some(config.keep_alive),
+        expires_at,
+        shutdown,
+    );
+    let mut response = (
+        StatusCode::OK,
+        super::body(frames(api, items, permit), gzip),
+    )
+        .into_response();
+    super::stream_headers(response.headers_mut(), CONTENT_TYPE);
+    if gzip {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
+}
+
+/// The body's bytes for `items`: the first delimiter, then one part per reply or heartbeat,
+/// then the closing delimiter.
+fn frames(
+    api: Api,
+    items: impl Stream<Item = Item> + Send + 'static,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> impl Stream<Item = Vec<u8>> + Send + 'static {
+    async_stream::stream! {
+        let _permit = permit;
+        yield DELIMITER.to_vec();
+        let mut items = std::pin::pin!(items);
+        while let Some(item) = items.next().await {
+            match item {
+                Item::Reply(Reply::Following { .. }) => {}
+                Item::Reply(Reply::Shared { json, .. }) => {
+                    yield part(&[b"{\"payload\":", json.as_bytes(), b"}"]);
+                }
+                Item::Reply(Reply::Response(response)) => {
+                    match serde_json::to_string(&response) {
+                        Ok(json) => yield part(&[b"{\"payload\":", json.as_bytes(), b"}"]),
+                        Err(err) => {
+                            tracing::error!(error = %err, "cannot serialize a GraphQL response");
+                        }
+                    }
+                }
+                Item::KeepAlive => yield part(&[b"{}"]),
+                Item::Expired => {
+                    let error = api.refuse(code::UNAUTHENTICATED, "the token has expired; subscribe again with a fresh one");
+                    let fatal = serde_json::json!({ "payload": null, "errors": [error] });
+                    yield part(&[fatal.to_string().as_bytes()]);
+                    break;
+                }
+                Item::End { .. } => break,
+            }
+        }
+        yield CLOSE.to_vec();
+    }
+}
+
+/// One part: its headers, `body`'s pieces, and the delimiter after it.
+fn part(body: &[&[u8]]) -> Vec<u8> {
+    let length = body.iter().map(|piece| piece.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(PART_HEADERS.len() + length + DELIMITER.len());
+    out.extend_from_slice(PART_HEADERS);
+    for piece in body {
+        out.extend_from_slice(piece);
+    }
+    out.extend_from_slice(DELIMITER);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn the_accept_header_is_read_with_or_without_a_boundary() {
+        assert!(accepted(&accept(
+            "multipart/mixed;boundary=\"graphql\";subscriptionSpec=1.0,application/json"
+        )));
+        assert!(accepted(&accept(
+            "multipart/mixed;subscriptionSpec=\"1.0\", application/json"
+        )));
+        assert!(accepted(&accept(
+            "application/json, multipart/mixed; boundary=graphql; subscriptionSpec=1.0"
+        )));
+        // @defer's multipart (deferSpec) is not a subscription's.
+        assert!(!accepted(&accept(
+            "multipart/mixed;deferSpec=20220824,application/json"
+        )));
+        assert!(!accepted(&accept("application/json")));
+    }
+
+    #[test]
+    fn a_part_is_headers_body_and_the_next_delimiter() {
+        assert_eq!(
+            part(&[b"{}"]),
+            b"\r\nContent-Type: application/json\r\n\r\n{}\r\n--graphql".to_vec()
+        );
+    }
+}
