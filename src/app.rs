@@ -174,8 +174,10 @@ impl App {
         )
         .with_graceful_shutdown(async move {
             shutdown.await;
-            broker.close();
+            // The flag first: a stream that sees its subscription end then knows it ended
+            // for the shutdown (graphql-sse sends no `complete`, so clients come back).
             let _ = stop.send(true);
+            broker.close();
         })
         .await
         .context("serving HTTP")?;

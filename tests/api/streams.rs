@@ -7,12 +7,13 @@
 use std::io::Write as _;
 use std::time::Duration;
 
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use crate::both_backends;
 use crate::helpers::{Backend, TIMEOUT, TestServer, data, error_code, run_with};
 use crate::subscriptions::{MESSAGE_EVENTS, sql_insert};
-use crate::ws_client::{wait_for_subscribers, wait_for_subscribers_at_most};
+use crate::ws_client::{caught_up, wait_for_subscribers, wait_for_subscribers_at_most};
 
 const APOLLO_ACCEPT: &str =
     "multipart/mixed;boundary=\"graphql\";subscriptionSpec=1.0,application/json";
@@ -688,4 +689,195 @@ async fn the_per_user_subscription_cap_counts_event_streams() {
         },
     )
     .await;
+}
+
+both_backends! {
+    async fn a_stream_that_is_not_read_catches_up_from_the_log_with_every_change_once(server: TestServer) {
+        let (ada, ada_id) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "flood").await;
+        caught_up(&server).await;
+        let query = "subscription($c: ID!) { messageEvents(channelId: $c) { message { body } } }";
+        let mut stream = sse(&server, &ada, query, json!({ "c": channel }), None).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        let lagged = server.broker.stats.lagged.load(std::sync::atomic::Ordering::Relaxed);
+        // Nothing is read while 20,000 changes are written, far more than a topic buffers:
+        // the server stops pulling the stream's replies and the subscription falls behind.
+        let bulk = match server.backend {
+            Backend::Postgres => format!(
+                "INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {ada_id}, 'bulk ' || i FROM generate_series(1, 20000) AS i"
+            ),
+            Backend::Sqlite => format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
+                 INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {ada_id}, 'bulk ' || i FROM n"
+            ),
+        };
+        server.sql().await.execute_unprepared(&bulk).await.unwrap();
+        caught_up(&server).await;
+        for i in 1..=20_000 {
+            let event = stream.next_event().await;
+            assert_eq!(body_of(&event.json()), format!("bulk {i}"), "every change, in order, once");
+        }
+        assert!(
+            server.broker.stats.lagged.load(std::sync::atomic::Ordering::Relaxed) > lagged,
+            "it fell behind the topic's buffer and caught up from the log"
+        );
+    }
+}
+
+/// Starts the binary on a fresh SQLite file with every log line at TRACE, collected.
+async fn traced_binary(
+    dir: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let database_url = format!("sqlite://{}", dir.join("traced.db").display());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgraph"))
+        .args(["--listen", "127.0.0.1:0", "--database-url", &database_url])
+        .args(["--stream-keep-alive-secs", "1"])
+        .env("SYNCGRAPH_JWT_SECRET", "a-secret-for-the-traced-binary-test")
+        .env("RUST_LOG", "trace")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the binary");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(TIMEOUT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
+                return rest.split('/').next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("the binary exited before serving");
+    })
+    .await
+    .expect("the binary starts in time");
+    let collected = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut log = collected.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (child, addr, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr, log) = traced_binary(dir.path()).await;
+    let url = |path: &str| format!("http://{addr}{path}");
+    let client = streaming_client();
+    let graphql = |token: Option<&str>, query: &str, variables: Value| {
+        let mut request = client
+            .post(url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let signed_up = graphql(
+        None,
+        "mutation($i: SignUpInput!) { signUp(input: $i) { token } }",
+        json!({ "i": { "name": "Ada", "email": "ada@example.com", "password": "correct horse battery" } }),
+    )
+    .await;
+    let token = data(&signed_up, "signUp")["token"].as_str().unwrap().to_owned();
+    let created = graphql(
+        Some(&token),
+        "mutation { createChannel(input: { name: \"general\" }) { id } }",
+        json!({}),
+    )
+    .await;
+    let channel = data(&created, "createChannel")["id"].as_str().unwrap().to_owned();
+
+    // An EventSource-style GET with the token in its URL, and the other streams.
+    let mut get_url = reqwest::Url::parse(&url("/graphql/stream")).unwrap();
+    get_url
+        .query_pairs_mut()
+        .append_pair("query", MESSAGE_EVENTS)
+        .append_pair("variables", &json!({ "c": channel }).to_string())
+        .append_pair("access_token", &token);
+    let mut by_url = Stream::new(client.get(get_url).send().await.unwrap());
+    let multipart = client
+        .post(url("/graphql"))
+        .header("accept", APOLLO_ACCEPT)
+        .bearer_auth(&token)
+        .json(&json!({ "query": MESSAGE_EVENTS, "variables": { "c": channel } }))
+        .send()
+        .await
+        .unwrap();
+    let mut multipart = Stream::new(multipart);
+    let reservation = client.put(url("/graphql/stream")).send().await.unwrap().text().await.unwrap();
+    let single = client
+        .get(url(&format!("/graphql/stream?token={reservation}")))
+        .send()
+        .await
+        .unwrap();
+    let mut single = Stream::new(single);
+    let started = client
+        .post(url("/graphql/stream"))
+        .header("x-graphql-event-stream-token", &reservation)
+        .bearer_auth(&token)
+        .json(&json!({
+            "query": MESSAGE_EVENTS,
+            "variables": { "c": channel },
+            "extensions": { "operationId": "op" },
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    // Subscribed once each has heard a first event.
+    let post = "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"hi\" }) { id } }";
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut heard = [false; 3];
+    while heard != [true; 3] {
+        assert!(tokio::time::Instant::now() < deadline, "every stream hears a post: {heard:?}");
+        graphql(Some(&token), post, json!({ "c": channel })).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !heard[0] {
+            heard[0] = by_url.next_event().await.event.as_deref() == Some("next");
+        }
+        if !heard[1] {
+            heard[1] = multipart.next_part().await.is_some();
+        }
+        if !heard[2] {
+            heard[2] = single.next_event().await.json()["id"] == "op";
+        }
+    }
+
+    // SIGTERM: the streams end, with no `complete` for graphql-sse (its clients and
+    // `EventSource` come back), the closing delimiter for multipart; the process exits.
+    let pid = child.id().unwrap().to_string();
+    tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    let mut rest = Vec::new();
+    while let Some(event) = by_url.next_raw().await {
+        rest.push(event);
+    }
+    assert!(
+        rest.iter().all(|event| event.event.as_deref() != Some("complete")),
+        "no complete at shutdown: {rest:?}"
+    );
+    while multipart.next_part().await.is_some() {}
+    while let Some(event) = single.next_raw().await {
+        assert_ne!(event.event.as_deref(), Some("complete"), "{event:?}");
+    }
+    let status = tokio::time::timeout(TIMEOUT, child.wait()).await.expect("it exits").unwrap();
+    assert!(status.success(), "{status}");
+
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("shutting down"), "the log was collected");
+    let signature = token.rsplit('.').next().unwrap();
+    assert!(!log.contains(signature), "a token reached the log");
+    assert!(!log.contains(&reservation), "a stream token reached the log");
 }
