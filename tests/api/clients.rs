@@ -19,7 +19,7 @@ use tokio::process::Command;
 use crate::helpers::{Backend, TestServer, fresh_database, run};
 
 /// How many tests `browser.test.mjs` holds.
-const BROWSER_TESTS: usize = 5;
+const BROWSER_TESTS: usize = 6;
 
 /// The whole browser suite's deadline (it takes about 15 s here).
 const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -174,7 +174,11 @@ async fn typescript_example(server: TestServer) {
         "the TypeScript example failed:\n{report}"
     );
     assert!(
-        report.contains("a CONFLICT handled") && report.contains("persisted queries by hash"),
+        report.contains("a CONFLICT handled")
+            && report.contains(
+                "the same feed over multipart, graphql-sse distinct, graphql-sse single"
+            )
+            && report.contains("persisted queries by hash"),
         "the example ran to its end:\n{report}"
     );
     println!("{report}");

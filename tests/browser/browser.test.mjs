@@ -332,6 +332,86 @@ test('after a server restart the demo resumes from its cursor and loses nothing'
   });
 });
 
+// ---- EventSource -------------------------------------------------------------------------
+
+test("a browser's EventSource resumes across a server restart with nothing lost and nothing twice", async () => {
+  const signedUp = await graphql(null, 'mutation($input: SignUpInput!) { signUp(input: $input) { token } }', {
+    input: { name: 'Eve', email: email('eve'), password: 'correct horse battery' },
+  });
+  const token = signedUp.signUp.token;
+  const created = await graphql(token, 'mutation { createChannel(input: { name: "sse" }) { id } }');
+  const channelId = created.createChannel.id;
+  const postMessage = (base, body) =>
+    fetch(`${base}/graphql`, {
+      signal: AbortSignal.timeout(DEADLINE),
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${token}` },
+      body: JSON.stringify({
+        query: 'mutation($input: PostMessageInput!) { postMessage(input: $input) { id } }',
+        variables: { input: { channelId, body } },
+      }),
+    }).then(async (response) => assert.equal((await response.json()).errors, undefined));
+
+  await withPages('event-source', 1, async (page) => {
+    // EventSource sets no headers: the token rides in the URL, and the stream's requests
+    // are recorded to see the reconnect's Last-Event-ID.
+    const requests = [];
+    page.on('request', (request) => {
+      // allHeaders: the headers sent on the wire (Last-Event-ID is added by the network stack).
+      if (request.url().includes('/graphql/stream')) requests.push(request.allHeaders());
+    });
+    await page.goto(`${server.url}/healthz`);
+    const query = 'subscription($c: ID!) { messageEvents(channelId: $c) { cursor message { id version body } } }';
+    const source = new URL('/graphql/stream', server.url);
+    source.searchParams.set('query', query);
+    source.searchParams.set('variables', JSON.stringify({ c: channelId }));
+    source.searchParams.set('access_token', token);
+    await page.evaluate((url) => {
+      window.received = [];
+      window.opened = 0;
+      const events = new EventSource(url);
+      events.onopen = () => (window.opened += 1);
+      events.addEventListener('next', (event) => {
+        window.received.push({ id: event.lastEventId, payload: JSON.parse(event.data) });
+      });
+      events.addEventListener('complete', () => events.close());
+    }, source.toString());
+    const bodies = () =>
+      page.evaluate(() => window.received.map((event) => event.payload.data.messageEvents.message.body));
+    const until = async (what, predicate) => {
+      const started = Date.now();
+      while (!predicate(await bodies())) {
+        if (Date.now() - started > DEADLINE) assert.fail(`never received ${what}: ${JSON.stringify(await bodies())}`);
+        await page.waitForTimeout(50);
+      }
+    };
+    await page.waitForFunction(() => window.opened === 1);
+    await postMessage(server.url, 'before the restart');
+    await until('the first message', (got) => got.includes('before the restart'));
+    const lastId = await page.evaluate(() => window.received.at(-1).id);
+
+    // The page's server stops; another process on the same database takes a write; the
+    // page's server comes back on its address, and the EventSource reconnects by itself.
+    const listen = new URL(server.url).host;
+    await stopServer(server.child);
+    const other = await startServer();
+    await postMessage(other.url, 'while the server was down');
+    await stopServer(other.child);
+    server = await startServer(listen);
+    await until('the message written while it was away', (got) => got.includes('while the server was down'));
+    await postMessage(server.url, 'after the restart');
+    await until('the message after the restart', (got) => got.includes('after the restart'));
+
+    assert.deepEqual(await bodies(), ['before the restart', 'while the server was down', 'after the restart']);
+    const received = await page.evaluate(() => window.received);
+    for (const event of received) {
+      assert.equal(event.id, event.payload.data.messageEvents.cursor, 'each event id is its cursor');
+    }
+    const resumedWith = (await Promise.all(requests)).slice(1).map((headers) => headers['last-event-id']);
+    assert.ok(resumedWith.includes(lastId), `a reconnect sent Last-Event-ID ${lastId}: ${JSON.stringify(resumedWith)}`);
+  });
+});
+
 // ---- GraphiQL ---------------------------------------------------------------------------
 
 /** Sets a GraphiQL editor's text through its CodeMirror instance, as typing would. */

@@ -1,9 +1,11 @@
 // A walk through the typed client against a running syncgraph (SYNCGRAPH_URL, default
 // http://127.0.0.1:8000): sign up, take a snapshot and follow it live with graphql-ws and
 // with Apollo Client, post, edit with CONFLICT handling, resume after a dropped
-// connection without losing or repeating an event, and close cleanly. Exits non-zero on
+// connection without losing or repeating an event, close cleanly, follow the same feed over
+// HTTP (Apollo's multipart, graphql-sse in both modes), and use persisted queries. Exits non-zero on
 // anything unexpected, so it doubles as a check of the example (syncgraph's tests run it).
 import { apolloClient, editMessage, persistedQueryClient } from './apollo.js';
+import { followOverSse, multipartClient, sseClient } from './http-streams.js';
 import { connect, followMessages, type MessageEvent } from './live.js';
 import { ChannelSnapshot, CreateChannel, MessageEvents, PostMessage, SignUp } from './operations.js';
 
@@ -150,7 +152,60 @@ async function main(): Promise<void> {
   check(closed?.code === 1000 && closed.wasClean, `a client's close is answered: ${JSON.stringify(closed)}`);
   apolloSubscription.unsubscribe();
 
-  // 6. Persisted queries: the first time, the hash alone is refused and the link sends the
+  // 6. The same feed over HTTP, from the same snapshot cursor: Apollo Client's HttpLink
+  //    (multipart), and graphql-sse with a request per subscription and with one stream.
+  const over = {
+    multipart: new Inbox<MessageEvent>(),
+    'graphql-sse distinct': new Inbox<MessageEvent>(),
+    'graphql-sse single': new Inbox<MessageEvent>(),
+  };
+  const variables = { channelId, after: snapshot.data.feedCursor };
+  const multipart = multipartClient(url, token);
+  const multipartSubscription = multipart
+    .subscribe({ query: MessageEvents, variables })
+    .subscribe({
+      next: (result) => {
+        if (result.data) over.multipart.push(result.data.messageEvents);
+        else over.multipart.fail(result.error);
+      },
+      error: (error: unknown) => over.multipart.fail(error),
+    });
+  const distinct = sseClient(url, token, false);
+  const single = sseClient(url, token, true);
+  const stopDistinct = followOverSse(
+    distinct,
+    variables,
+    (event) => over['graphql-sse distinct'].push(event),
+    (error) => over['graphql-sse distinct'].fail(error),
+  );
+  const stopSingle = followOverSse(
+    single,
+    variables,
+    (event) => over['graphql-sse single'].push(event),
+    (error) => over['graphql-sse single'].fail(error),
+  );
+  const overHttp = await apollo.mutate({
+    mutation: PostMessage,
+    variables: { input: { channelId, body: 'over HTTP' } },
+  });
+  check(overHttp.data, 'postMessage answers');
+  const expectedOverHttp = [...keys, `${overHttp.data.postMessage.id}@v1`];
+  for (const [name, inbox] of Object.entries(over)) {
+    await inbox.until((items) => items.length >= expectedOverHttp.length, `the feed over ${name}`);
+    const got = inbox.items.map((event) => `${event.message.id}@v${event.message.version}`);
+    check(
+      JSON.stringify(got) === JSON.stringify(expectedOverHttp),
+      `${name} replays and follows the feed in order, once: ${got.join(', ')}`,
+    );
+  }
+  multipartSubscription.unsubscribe();
+  multipart.stop();
+  stopDistinct();
+  stopSingle();
+  distinct.dispose();
+  single.dispose();
+
+  // 7. Persisted queries: the first time, the hash alone is refused and the link sends the
   //    text; after that the hash alone works, over GET.
   const requests: string[] = [];
   const persisted = persistedQueryClient(url, token, requests);
@@ -172,6 +227,7 @@ async function main(): Promise<void> {
   anonymous.stop();
   console.log(`ok: ${events.items.length} events over graphql-ws (${keys.join(', ')}), ` +
     `${apolloEvents.items.length} over Apollo Client, ${reconnects} resume(s), a CONFLICT handled, ` +
+    `the same feed over ${Object.keys(over).join(', ')}, ` +
     `persisted queries by hash (${requests.join(', ')})`);
 }
 
