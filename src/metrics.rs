@@ -187,7 +187,7 @@ impl Collector for FeedCollector {
         Self::gauge(
             &mut encoder,
             "ws_connections",
-            "Open WebSocket connections",
+            "Open WebSocket connections and event streams",
             open as f64,
         )?;
         Self::gauge(
