@@ -5,7 +5,7 @@
 # core 1. Every scenario gets a fresh server (and database).
 #
 #   bench/run.sh [scenario ...]     scenarios: fanout saturation sustained memory mutations
-#                                   shapes topics (default: all of them)
+#                                   shapes topics sse (default: all of them)
 #   TARGETS="ceiling sqlite postgres" DURATION=10 bench/run.sh fanout
 #
 # Each run's JSON line is appended to bench/results/<target>.jsonl;
@@ -13,7 +13,7 @@
 # PostgreSQL runs use a fresh database `syncgraph_bench` on SYNCGRAPH_TEST_POSTGRES's server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenarios=("${@:-fanout saturation sustained memory mutations shapes topics}")
+scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse}")
 read -r -a scenarios <<< "${scenarios[*]}"
 read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
 duration="${DURATION:-10}"
@@ -154,6 +154,23 @@ for scenario in "${scenarios[@]}"; do
                 loadgen "$target" shapes 1 --connections 100 --subscriptions 10000 --shapes 1000 \
                     --subscription 'subscription($c: ID!) { s{shape}: messageEvents(channelId: $c) { cursor message { body } } }' \
                     --rate 0 --duration "$duration"
+                stop ;;
+            sse) # (a) and (b) over graphql-sse (a reserved stream per connection), and (b) gzip
+                if [ "$target" = ceiling ]; then
+                    echo "the ceiling server speaks WebSocket only"
+                    continue
+                fi
+                start "$target"
+                loadgen "$target" fanout-sse 1 --connections 100 --subscriptions 10000 \
+                    --rate 10 --duration "$duration" --transport sse
+                stop
+                start "$target"
+                loadgen "$target" saturation-sse 1 --connections 100 --subscriptions 10000 \
+                    --rate 0 --duration "$duration" --transport sse
+                stop
+                start "$target"
+                loadgen "$target" saturation-sse-gzip 1 --connections 100 --subscriptions 10000 \
+                    --rate 0 --duration "$duration" --transport sse --gzip
                 stop ;;
             topics) # (g) saturation with 10,000 subscriptions over 100 topics
                 start "$target"

@@ -175,9 +175,8 @@ async fn typescript_example(server: TestServer) {
     );
     assert!(
         report.contains("a CONFLICT handled")
-            && report.contains(
-                "the same feed over multipart, graphql-sse distinct, graphql-sse single"
-            )
+            && report
+                .contains("the same feed over multipart, graphql-sse distinct, graphql-sse single")
             && report.contains("persisted queries by hash"),
         "the example ran to its end:\n{report}"
     );

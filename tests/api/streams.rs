@@ -287,13 +287,8 @@ both_backends! {
         let (ada, _) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "general").await;
         // Published before the subscription opens, so it is behind its start.
-        let published = server.broker.published();
         server.post_message(&ada, &channel, "before").await;
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while server.broker.published() <= published {
-            assert!(tokio::time::Instant::now() < deadline, "the feed publishes the write");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        caught_up(&server).await;
         let query = "subscription($c: ID!) { messageEvents(channelId: $c) { cursor message { body } } }";
         let url = |token: &str| {
             let mut url = reqwest::Url::parse(&server.url("/graphql/stream")).unwrap();
@@ -739,7 +734,10 @@ async fn traced_binary(
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgraph"))
         .args(["--listen", "127.0.0.1:0", "--database-url", &database_url])
         .args(["--stream-keep-alive-secs", "1"])
-        .env("SYNCGRAPH_JWT_SECRET", "a-secret-for-the-traced-binary-test")
+        .env(
+            "SYNCGRAPH_JWT_SECRET",
+            "a-secret-for-the-traced-binary-test",
+        )
         .env("RUST_LOG", "trace")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::null())
@@ -791,14 +789,20 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
         json!({ "i": { "name": "Ada", "email": "ada@example.com", "password": "correct horse battery" } }),
     )
     .await;
-    let token = data(&signed_up, "signUp")["token"].as_str().unwrap().to_owned();
+    let token = data(&signed_up, "signUp")["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let created = graphql(
         Some(&token),
         "mutation { createChannel(input: { name: \"general\" }) { id } }",
         json!({}),
     )
     .await;
-    let channel = data(&created, "createChannel")["id"].as_str().unwrap().to_owned();
+    let channel = data(&created, "createChannel")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // An EventSource-style GET with the token in its URL, and the other streams.
     let mut get_url = reqwest::Url::parse(&url("/graphql/stream")).unwrap();
@@ -817,7 +821,14 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
         .await
         .unwrap();
     let mut multipart = Stream::new(multipart);
-    let reservation = client.put(url("/graphql/stream")).send().await.unwrap().text().await.unwrap();
+    let reservation = client
+        .put(url("/graphql/stream"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let single = client
         .get(url(&format!("/graphql/stream?token={reservation}")))
         .send()
@@ -842,7 +853,10 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     let mut heard = [false; 3];
     while heard != [true; 3] {
-        assert!(tokio::time::Instant::now() < deadline, "every stream hears a post: {heard:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every stream hears a post: {heard:?}"
+        );
         graphql(Some(&token), post, json!({ "c": channel })).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         if !heard[0] {
@@ -859,25 +873,36 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
     // SIGTERM: the streams end, with no `complete` for graphql-sse (its clients and
     // `EventSource` come back), the closing delimiter for multipart; the process exits.
     let pid = child.id().unwrap().to_string();
-    tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
     let mut rest = Vec::new();
     while let Some(event) = by_url.next_raw().await {
         rest.push(event);
     }
     assert!(
-        rest.iter().all(|event| event.event.as_deref() != Some("complete")),
+        rest.iter()
+            .all(|event| event.event.as_deref() != Some("complete")),
         "no complete at shutdown: {rest:?}"
     );
     while multipart.next_part().await.is_some() {}
     while let Some(event) = single.next_raw().await {
         assert_ne!(event.event.as_deref(), Some("complete"), "{event:?}");
     }
-    let status = tokio::time::timeout(TIMEOUT, child.wait()).await.expect("it exits").unwrap();
+    let status = tokio::time::timeout(TIMEOUT, child.wait())
+        .await
+        .expect("it exits")
+        .unwrap();
     assert!(status.success(), "{status}");
 
     let log = log.lock().unwrap().clone();
     assert!(log.contains("shutting down"), "the log was collected");
     let signature = token.rsplit('.').next().unwrap();
     assert!(!log.contains(signature), "a token reached the log");
-    assert!(!log.contains(&reservation), "a stream token reached the log");
+    assert!(
+        !log.contains(&reservation),
+        "a stream token reached the log"
+    );
 }

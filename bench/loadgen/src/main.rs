@@ -98,6 +98,20 @@ struct Args {
     /// A name for this run in the report.
     #[arg(long, default_value = "run")]
     label: String,
+    /// How subscriptions travel: `ws` (graphql-transport-ws), or `sse` (graphql-sse's single
+    /// connection mode: per connection one reserved event stream, its subscriptions posted
+    /// to it).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    transport: Transport,
+    /// Ask for gzip-encoded event streams (`--transport sse`).
+    #[arg(long)]
+    gzip: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Ws,
+    Sse,
 }
 
 /// What one subscription saw.
@@ -170,6 +184,19 @@ struct Shared {
     /// When the latest delivery arrived, in ns since the run's start.
     last_delivery_ns: AtomicU64,
     errors: AtomicU64,
+    /// Bytes the subscriptions' connections received (as on the wire: compressed when
+    /// gzip; a WebSocket frame's header counted) once the run is live.
+    wire_bytes: AtomicU64,
+    /// Count `wire_bytes` only from the first publish on (not the probes).
+    counting: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn received(&self, bytes: usize) {
+        if self.counting.load(Ordering::Relaxed) {
+            self.wire_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What a reader hands back when it stops.
@@ -233,40 +260,16 @@ async fn reader(
             Some(Ok(_)) => continue,
         };
         let text = text.as_str();
+        // A server frame's header: 2 bytes, 4 from 126 bytes of payload, 10 from 64 KiB.
+        let header = match text.len() {
+            0..126 => 2,
+            126..65_536 => 4,
+            _ => 10,
+        };
+        shared.received(text.len() + header);
         match string_field(text, "type") {
             Some("next") => {
-                let Some(index) = string_field(text, "id")
-                    .and_then(|id| id.strip_prefix('s'))
-                    .and_then(|n| n.parse::<usize>().ok())
-                else {
-                    continue;
-                };
-                let Some((topic, seq, sent)) = marker(text) else {
-                    continue;
-                };
-                let Some(sub) = subs.get_mut(index / connections) else {
-                    continue;
-                };
-                if topic != sub.topic {
-                    shared.misrouted.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if seq == 0 {
-                    if !sub.probed {
-                        sub.probed = true;
-                        shared.probes_seen.fetch_add(1, Ordering::Relaxed);
-                    }
-                    continue;
-                }
-                let arrived = now_ns();
-                let _ = latency.record((arrived.saturating_sub(sent) / 1_000).max(1));
-                if sub.record(seq) {
-                    shared.unique.fetch_add(1, Ordering::Relaxed);
-                }
-                shared.delivered.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .last_delivery_ns
-                    .fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                on_next(text, &mut subs, connections, &shared, started, &mut latency);
             }
             Some("ping") => {
                 let _ = ws.send(Message::text(r#"{"type":"pong"}"#)).await;
@@ -285,6 +288,157 @@ async fn reader(
         subs,
         closed_early,
     }
+}
+
+/// Records one `next` (a frame, or an event's data): its subscription by its id
+/// (`s<index>`), its marker's topic, number and send time.
+fn on_next(
+    text: &str,
+    subs: &mut [SubState],
+    connections: usize,
+    shared: &Shared,
+    started: Instant,
+    latency: &mut Histogram<u64>,
+) {
+    let Some(index) = string_field(text, "id")
+        .and_then(|id| id.strip_prefix('s'))
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let Some((topic, seq, sent)) = marker(text) else {
+        return;
+    };
+    let Some(sub) = subs.get_mut(index / connections) else {
+        return;
+    };
+    if topic != sub.topic {
+        shared.misrouted.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    if seq == 0 {
+        if !sub.probed {
+            sub.probed = true;
+            shared.probes_seen.fetch_add(1, Ordering::Relaxed);
+        }
+        return;
+    }
+    let arrived = now_ns();
+    let _ = latency.record((arrived.saturating_sub(sent) / 1_000).max(1));
+    if sub.record(seq) {
+        shared.unique.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.delivered.fetch_add(1, Ordering::Relaxed);
+    shared
+        .last_delivery_ns
+        .fetch_max(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+}
+
+/// Reads one reserved event stream (graphql-sse, single connection mode) until `stop`:
+/// records every event, as `reader` does for a WebSocket.
+async fn sse_reader(
+    mut response: reqwest::Response,
+    subs: Vec<SubState>,
+    connections: usize,
+    shared: Arc<Shared>,
+    started: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> ReaderResult {
+    let mut subs = subs;
+    let mut latency = histogram();
+    let mut closed_early = false;
+    let mut gzip = response
+        .headers()
+        .get("content-encoding")
+        .is_some_and(|value| value == "gzip")
+        .then(|| flate2::write::GzDecoder::new(Vec::new()));
+    let mut text: Vec<u8> = Vec::new();
+    loop {
+        let chunk = tokio::select! {
+            chunk = response.chunk() => chunk,
+            _ = stop.changed() => break,
+        };
+        let chunk = match chunk {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) | Err(_) => {
+                closed_early = !*stop.borrow();
+                break;
+            }
+        };
+        shared.received(chunk.len());
+        match &mut gzip {
+            Some(decoder) => {
+                use std::io::Write as _;
+                if decoder
+                    .write_all(&chunk)
+                    .and_then(|()| decoder.flush())
+                    .is_err()
+                {
+                    closed_early = true;
+                    break;
+                }
+                text.append(decoder.get_mut());
+            }
+            None => text.extend_from_slice(&chunk),
+        }
+        // Every whole event in the buffer.
+        let mut start = 0;
+        while let Some(end) = text[start..].windows(2).position(|w| w == b"\n\n") {
+            let event = &text[start..start + end];
+            start += end + 2;
+            let Ok(event) = std::str::from_utf8(event) else {
+                continue;
+            };
+            let mut name = "";
+            let mut data = "";
+            for line in event.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = value;
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = value;
+                }
+            }
+            match name {
+                "next" => on_next(data, &mut subs, connections, &shared, started, &mut latency),
+                "complete" if shared.errors.fetch_add(1, Ordering::Relaxed) < 3 => {
+                    eprintln!("loadgen: subscription ended by the server: {data}");
+                }
+                _ => {}
+            }
+        }
+        text.drain(..start);
+    }
+    ReaderResult {
+        latency,
+        subs,
+        closed_early,
+    }
+}
+
+/// Reserves and opens an event stream (graphql-sse's single connection mode): its token
+/// and the open response.
+async fn open_stream(
+    client: &reqwest::Client,
+    stream_url: &str,
+    gzip: bool,
+) -> anyhow::Result<(String, reqwest::Response)> {
+    let reserved = client.put(stream_url).send().await?;
+    if reserved.status() != reqwest::StatusCode::CREATED {
+        bail!("PUT {stream_url}: {}", reserved.status());
+    }
+    let token = reserved.text().await?;
+    let mut request = client
+        .get(stream_url)
+        .header("accept", "text/event-stream")
+        .header("x-graphql-event-stream-token", &token);
+    if gzip {
+        request = request.header("accept-encoding", "gzip");
+    }
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        bail!("GET {stream_url}: {}", response.status());
+    }
+    Ok((token, response))
 }
 
 /// Opens a graphql-transport-ws connection and waits for its ack.
@@ -483,54 +637,124 @@ async fn main() -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // Connect.
+    // Connect, then subscribe: subscription i on connection i mod C, topic i mod K.
     let rss_before = rss();
     let connect_started = Instant::now();
-    let mut sockets: Vec<Ws> = Vec::with_capacity(args.connections);
-    let mut pending = futures_util::stream::iter(0..args.connections)
-        .map(|_| connect(&ws_url, &init))
-        .buffered(args.connect_concurrency.max(1));
-    while let Some(ws) = pending.next().await {
-        sockets.push(ws.context("connecting")?);
-    }
-    drop(pending);
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    let rss_connected = rss();
-
-    // Subscribe: subscription i on connection i mod C, topic i mod K.
     let mut subs_per_topic = vec![0u64; topics.len()];
     let mut readers = Vec::with_capacity(args.connections);
-    for (conn, mut ws) in sockets.into_iter().enumerate() {
-        let mut subs = Vec::new();
-        let mut index = conn;
-        while index < args.subscriptions {
-            let topic = index % topics.len();
-            subs_per_topic[topic] += 1;
-            let vars = variables(&args.sub_vars, &topics[topic], "")?;
-            ws.feed(Message::text(
-                json!({
-                    "type": "subscribe",
-                    "id": format!("s{index}"),
-                    "payload": {
-                        "query": args.subscription.replace("{shape}", &(index % args.shapes.max(1)).to_string()),
-                        "variables": vars
+    let connect_secs;
+    let rss_connected;
+    let query_of = |index: usize| {
+        args.subscription
+            .replace("{shape}", &(index % args.shapes.max(1)).to_string())
+    };
+    match args.transport {
+        Transport::Ws => {
+            let mut sockets: Vec<Ws> = Vec::with_capacity(args.connections);
+            let mut pending = futures_util::stream::iter(0..args.connections)
+                .map(|_| connect(&ws_url, &init))
+                .buffered(args.connect_concurrency.max(1));
+            while let Some(ws) = pending.next().await {
+                sockets.push(ws.context("connecting")?);
+            }
+            drop(pending);
+            connect_secs = connect_started.elapsed().as_secs_f64();
+            rss_connected = rss();
+            for (conn, mut ws) in sockets.into_iter().enumerate() {
+                let mut subs = Vec::new();
+                let mut index = conn;
+                while index < args.subscriptions {
+                    let topic = index % topics.len();
+                    subs_per_topic[topic] += 1;
+                    let vars = variables(&args.sub_vars, &topics[topic], "")?;
+                    ws.feed(Message::text(
+                        json!({
+                            "type": "subscribe",
+                            "id": format!("s{index}"),
+                            "payload": { "query": query_of(index), "variables": vars }
+                        })
+                        .to_string(),
+                    ))
+                    .await?;
+                    subs.push(SubState::new(topic));
+                    index += args.connections;
+                }
+                ws.flush().await?;
+                readers.push(tokio::spawn(reader(
+                    ws,
+                    subs,
+                    args.connections,
+                    shared.clone(),
+                    started,
+                    stop_rx.clone(),
+                )));
+            }
+        }
+        Transport::Sse => {
+            // No overall timeout: the streams live as long as the run.
+            let streaming = reqwest::Client::builder()
+                .no_gzip()
+                .pool_max_idle_per_host(args.connect_concurrency.max(1))
+                .build()?;
+            let stream_url = format!("{}/stream", args.url);
+            let mut streams = Vec::with_capacity(args.connections);
+            let mut pending = futures_util::stream::iter(0..args.connections)
+                .map(|_| open_stream(&streaming, &stream_url, args.gzip))
+                .buffered(args.connect_concurrency.max(1));
+            while let Some(stream) = pending.next().await {
+                streams.push(stream.context("opening an event stream")?);
+            }
+            drop(pending);
+            connect_secs = connect_started.elapsed().as_secs_f64();
+            rss_connected = rss();
+            let mut posts = Vec::new();
+            for (conn, (token, response)) in streams.into_iter().enumerate() {
+                let mut subs = Vec::new();
+                let mut index = conn;
+                while index < args.subscriptions {
+                    let topic = index % topics.len();
+                    subs_per_topic[topic] += 1;
+                    let vars = variables(&args.sub_vars, &topics[topic], "")?;
+                    let body = json!({
+                        "query": query_of(index),
+                        "variables": vars,
+                        "extensions": { "operationId": format!("s{index}") },
+                    });
+                    posts.push((token.clone(), body));
+                    subs.push(SubState::new(topic));
+                    index += args.connections;
+                }
+                readers.push(tokio::spawn(sse_reader(
+                    response,
+                    subs,
+                    args.connections,
+                    shared.clone(),
+                    started,
+                    stop_rx.clone(),
+                )));
+            }
+            let mut started_ops = futures_util::stream::iter(posts)
+                .map(|(token, body)| {
+                    let mut request = client
+                        .post(&stream_url)
+                        .header("x-graphql-event-stream-token", token)
+                        .json(&body);
+                    if let Some(token) = &args.token {
+                        request = request.bearer_auth(token);
+                    }
+                    async move {
+                        let response = request.send().await?;
+                        if response.status() != reqwest::StatusCode::ACCEPTED {
+                            bail!("starting a subscription: {}", response.status());
+                        }
+                        Ok(())
                     }
                 })
-                .to_string(),
-            ))
-            .await?;
-            subs.push(SubState::new(topic));
-            index += args.connections;
+                .buffer_unordered(64);
+            while let Some(started) = started_ops.next().await {
+                started?;
+            }
         }
-        ws.flush().await?;
-        readers.push(tokio::spawn(reader(
-            ws,
-            subs,
-            args.connections,
-            shared.clone(),
-            started,
-            stop_rx.clone(),
-        )));
     }
 
     let publisher = Arc::new(Publisher {
@@ -607,6 +831,7 @@ async fn main() -> anyhow::Result<()> {
     let pid_text = pid.map(|p| p.to_string());
     let server_cpu_before = pid_text.as_deref().and_then(cpu_secs);
     let self_cpu_before = cpu_secs("self");
+    shared.counting.store(true, Ordering::Relaxed);
     let publish_started = Instant::now();
     let publish_started_ns = started.elapsed().as_nanos() as u64;
     if !args.idle {
@@ -760,6 +985,15 @@ async fn main() -> anyhow::Result<()> {
     report["server_cpu_percent"] = json!(server_cpu.map(|s| 100.0 * s / measured_secs));
     report["loadgen_cpu_percent"] = json!(self_cpu.map(|s| 100.0 * s / measured_secs));
     report["rss_end_kib"] = json!(rss_end);
+    report["transport"] = json!(format!("{:?}", args.transport).to_lowercase());
+    report["gzip"] = json!(args.gzip);
+    let wire_bytes = shared.wire_bytes.load(Ordering::Relaxed);
+    report["wire_bytes"] = json!(wire_bytes);
+    report["wire_bytes_per_delivery"] = json!(if delivered > 0 {
+        wire_bytes as f64 / delivered as f64
+    } else {
+        0.0
+    });
 
     println!("== {}", args.label);
     println!(
@@ -794,6 +1028,12 @@ async fn main() -> anyhow::Result<()> {
             "end-to-end latency {}; {:.0} deliveries/s",
             report["latency"],
             report["deliveries_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "on the wire: {:.1} bytes per delivery ({}{})",
+            report["wire_bytes_per_delivery"].as_f64().unwrap_or(0.0),
+            report["transport"].as_str().unwrap_or_default(),
+            if args.gzip { ", gzip" } else { "" }
         );
         println!(
             "CPU: server {:?} %, loadgen {:?} %",
