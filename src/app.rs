@@ -1,7 +1,7 @@
 //! `App`: connects, migrates, starts the change feed, binds the listener and serves until
 //! shutdown. Only `main` and tests use it; it is the only place that spawns long-lived tasks.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,7 +167,7 @@ impl App {
         tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/, the demo on http://{addr}/demo");
         let stop = self.stop.clone();
         let broker = self.broker.clone();
-        axum::serve(
+        let serving = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
@@ -178,9 +178,17 @@ impl App {
             // for the shutdown (graphql-sse sends no `complete`, so clients come back).
             let _ = stop.send(true);
             broker.close();
-        })
-        .await
-        .context("serving HTTP")?;
+        });
+        // Graceful, within bounds: a response that is never read (an event stream whose
+        // client stopped reading is not even polled) must not keep the process alive.
+        let mut stopping = self.stop.subscribe();
+        tokio::select! {
+            served = serving.into_future() => served.context("serving HTTP")?,
+            _ = async {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            } => tracing::warn!("some requests did not finish within 10 s of shutdown; stopping anyway"),
+        }
         let _ = self.stop.send(true);
         // WebSockets live in tasks of their own that axum does not wait for: wait until each
         // has completed its subscriptions, finished its operations and sent its 1012.

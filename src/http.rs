@@ -598,14 +598,46 @@ fn stream_refused(state: &HttpState, refusal: Refusal) -> Response {
             "an operation with this operationId is running on the stream",
         ),
         Refusal::Full => return too_many_connections(state),
+        Refusal::TooManyReservations => (
+            StatusCode::TOO_MANY_REQUESTS,
+            code::LIMIT_EXCEEDED,
+            "too many streams reserved and not opened; open or let them expire first",
+        ),
+        Refusal::TooManyOperations => (
+            StatusCode::TOO_MANY_REQUESTS,
+            code::LIMIT_EXCEEDED,
+            "too many operations on this stream",
+        ),
     };
     refused(state, status, code, message, false)
 }
 
-/// PUT /graphql/stream: reserves a stream (graphql-sse's single connection mode); 201 with
-/// its token as text.
-async fn stream_put(State(state): State<HttpState>) -> Response {
-    match state.reservations.reserve() {
+/// The user a reserved stream's request acts as; a 401 with a coded error without one.
+fn stream_owner(
+    state: &HttpState,
+    headers: &HeaderMap,
+    access_token: Option<&str>,
+) -> Result<i64, Box<Response>> {
+    match stream_viewer(state, headers, access_token).0 {
+        Viewer::User(id) => Ok(id),
+        _ => Err(Box::new(refused(
+            state,
+            StatusCode::UNAUTHORIZED,
+            code::UNAUTHENTICATED,
+            "a reserved stream needs a valid token (Authorization: Bearer <token>)",
+            false,
+        ))),
+    }
+}
+
+/// PUT /graphql/stream: reserves a stream (graphql-sse's single connection mode) for the
+/// signed-in user; 201 with its token as text.
+async fn stream_put(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let owner = match stream_owner(&state, &headers, None) {
+        Ok(owner) => owner,
+        Err(response) => return *response,
+    };
+    match state.reservations.reserve(owner) {
         Ok(token) => (
             StatusCode::CREATED,
             [(
@@ -646,11 +678,16 @@ async fn stream_get(
         )
         .await;
     };
+    let owner = match stream_owner(&state, &headers, url.access_token.as_deref()) {
+        Ok(owner) => owner,
+        Err(response) => return *response,
+    };
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         return too_many_connections(&state);
     };
     match state.reservations.open(
         &token,
+        owner,
         state.api.clone(),
         &state.streams,
         state.shutdown.clone(),
@@ -708,7 +745,11 @@ async fn start_on_stream(
             );
         }
     };
-    let claim = match state.reservations.claim(token, &operation_id) {
+    let owner = match stream_owner(state, headers, None) {
+        Ok(owner) => owner,
+        Err(response) => return *response,
+    };
+    let claim = match state.reservations.claim(token, owner, &operation_id) {
         Ok(claim) => claim,
         Err(refusal) => return stream_refused(state, refusal),
     };
@@ -756,10 +797,14 @@ async fn stream_delete(
     let Some(token) = stream_token(&headers, &url) else {
         return stream_refused(&state, Refusal::NotFound);
     };
+    let owner = match stream_owner(&state, &headers, None) {
+        Ok(owner) => owner,
+        Err(response) => return *response,
+    };
     let Some(operation_id) = url.operation_id.filter(|id| !id.is_empty()) else {
         return bad_request(&state, "say which operation to stop: `operationId`", false);
     };
-    match state.reservations.stop(&token, &operation_id) {
+    match state.reservations.stop(&token, owner, &operation_id) {
         Ok(()) => StatusCode::OK.into_response(),
         Err(refusal) => stream_refused(&state, refusal),
     }

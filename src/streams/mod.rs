@@ -27,6 +27,10 @@ use crate::graphql::{Api, Replies, Reply};
 
 pub use reservations::{Refusal, Reservations};
 
+/// A chunk of a response body takes what is ready, up to about this many bytes: one write
+/// (and one compressor flush) for a burst, as a WebSocket writes a socket's frames.
+pub(crate) const BATCH_BYTES: usize = 64 * 1024;
+
 /// Timing of the streaming transports.
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
@@ -42,8 +46,10 @@ pub(crate) enum Item {
     KeepAlive,
     /// The token the stream was opened with expired: it ends here.
     Expired,
-    /// The operation is over. `shutdown`: it ended because the server is shutting down
-    /// (every subscription ends then), so the client should come back, not stop.
+    /// The operation is over. `shutdown`: a subscription that the server's shutdown ended
+    /// (every subscription ends then), so the client should come back, not stop. A query or
+    /// mutation that finished during the shutdown is over for good: its client must not
+    /// send it again.
     End {
         shutdown: bool,
     },
@@ -95,6 +101,8 @@ pub(crate) fn items(
     });
     async_stream::stream! {
         let mut replies = std::pin::pin!(replies);
+        // A subscription that reached its live phase (only those end with the shutdown).
+        let mut following = matches!(first, Some(Reply::Following { .. }));
         if let Some(first) = first {
             yield Item::Reply(first);
         }
@@ -108,11 +116,12 @@ pub(crate) fn items(
             tokio::select! {
                 reply = replies.next() => match reply {
                     Some(reply) => {
+                        following |= matches!(reply, Reply::Following { .. });
                         ticks.reset();
                         yield Item::Reply(reply);
                     }
                     None => {
-                        let shutdown = *shutdown.borrow();
+                        let shutdown = following && *shutdown.borrow();
                         yield Item::End { shutdown };
                         break;
                     }

@@ -7,7 +7,7 @@
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 
 use super::{Item, StreamConfig};
 use crate::graphql::error::code;
@@ -101,44 +101,68 @@ fn frames(
         let _permit = permit;
         yield DELIMITER.to_vec();
         let mut items = std::pin::pin!(items);
-        while let Some(item) = items.next().await {
-            match item {
-                Item::Reply(Reply::Following { .. }) => {}
-                Item::Reply(Reply::Shared { json, .. }) => {
-                    yield part(&[b"{\"payload\":", json.as_bytes(), b"}"]);
-                }
-                Item::Reply(Reply::Response(response)) => {
-                    match serde_json::to_string(&response) {
-                        Ok(json) => yield part(&[b"{\"payload\":", json.as_bytes(), b"}"]),
-                        Err(err) => {
-                            tracing::error!(error = %err, "cannot serialize a GraphQL response");
-                        }
-                    }
-                }
-                Item::KeepAlive => yield part(&[b"{}"]),
-                Item::Expired => {
-                    let error = api.refuse(code::UNAUTHENTICATED, "the token has expired; subscribe again with a fresh one");
-                    let fatal = serde_json::json!({ "payload": null, "errors": [error] });
-                    yield part(&[fatal.to_string().as_bytes()]);
-                    break;
-                }
-                Item::End { .. } => break,
+        let mut end = false;
+        while !end {
+            let Some(item) = items.next().await else { break };
+            let mut out = Vec::new();
+            end = write(&api, &mut out, item);
+            // What is ready already (a burst, a catch-up) goes out as one chunk.
+            while !end && out.len() < super::BATCH_BYTES {
+                let Some(Some(item)) = items.next().now_or_never() else { break };
+                end = write(&api, &mut out, item);
+            }
+            if end {
+                out.extend_from_slice(CLOSE);
+            }
+            if !out.is_empty() {
+                yield out;
             }
         }
-        yield CLOSE.to_vec();
+        if !end {
+            yield CLOSE.to_vec();
+        }
     }
 }
 
-/// One part: its headers, `body`'s pieces, and the delimiter after it.
-fn part(body: &[&[u8]]) -> Vec<u8> {
-    let length = body.iter().map(|piece| piece.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(PART_HEADERS.len() + length + DELIMITER.len());
+/// Writes `item` into `out` as a part (or nothing); true when the body ends after it.
+fn write(api: &Api, out: &mut Vec<u8>, item: Item) -> bool {
+    match item {
+        Item::Reply(Reply::Following { .. }) => false,
+        Item::Reply(Reply::Shared { json, .. }) => {
+            part(out, &[b"{\"payload\":", json.as_bytes(), b"}"]);
+            false
+        }
+        Item::Reply(Reply::Response(response)) => {
+            match serde_json::to_string(&response) {
+                Ok(json) => part(out, &[b"{\"payload\":", json.as_bytes(), b"}"]),
+                Err(err) => tracing::error!(error = %err, "cannot serialize a GraphQL response"),
+            }
+            false
+        }
+        Item::KeepAlive => {
+            part(out, &[b"{}"]);
+            false
+        }
+        Item::Expired => {
+            let error = api.refuse(
+                code::UNAUTHENTICATED,
+                "the token has expired; subscribe again with a fresh one",
+            );
+            let fatal = serde_json::json!({ "payload": null, "errors": [error] });
+            part(out, &[fatal.to_string().as_bytes()]);
+            true
+        }
+        Item::End { .. } => true,
+    }
+}
+
+/// One part into `out`: its headers, `body`'s pieces, and the delimiter after it.
+fn part(out: &mut Vec<u8>, body: &[&[u8]]) {
     out.extend_from_slice(PART_HEADERS);
     for piece in body {
         out.extend_from_slice(piece);
     }
     out.extend_from_slice(DELIMITER);
-    out
 }
 
 #[cfg(test)]
@@ -171,8 +195,10 @@ mod tests {
 
     #[test]
     fn a_part_is_headers_body_and_the_next_delimiter() {
+        let mut out = Vec::new();
+        part(&mut out, &[b"{}"]);
         assert_eq!(
-            part(&[b"{}"]),
+            out,
             b"\r\nContent-Type: application/json\r\n\r\n{}\r\n--graphql".to_vec()
         );
     }

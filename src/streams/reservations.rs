@@ -2,9 +2,13 @@
 //! token), opens it (`GET` with the token), then posts operations with an `operationId` and
 //! may stop one (`DELETE ?operationId=`). Every operation's events go down the one stream.
 //!
-//! The token is the stream's capability: long and random, never logged. Each operation acts
-//! as the viewer of its own request. A reservation not opened within `UNOPENED_LIFETIME` is
-//! dropped; an opened one lives as long as its response, and its operations with it.
+//! A reservation belongs to the user who made it (reserving needs a valid token): only that
+//! user opens it, posts to it and stops its operations; to anyone else it does not exist. Its
+//! token, long and random, is never logged. Each operation acts as the viewer of its own
+//! request. A reservation not opened within `UNOPENED_LIFETIME` is dropped with the
+//! operations posted to it; an opened one lives as long as its response, and its operations
+//! with it. A user holds at most `UNOPENED_PER_USER` unopened reservations (open streams are
+//! counted by `--max-connections`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +17,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use futures_util::future::{AbortHandle, AbortRegistration, Abortable};
 use futures_util::stream::{BoxStream, SelectAll};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use password_hash::rand_core::{OsRng, RngCore};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio::time::Instant;
@@ -22,10 +26,13 @@ use super::{Item, StreamConfig, sse};
 use crate::graphql::Api;
 
 /// How long a reserved stream may wait to be opened.
-const UNOPENED_LIFETIME: Duration = Duration::from_secs(60);
+const UNOPENED_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Most reservations one user may hold unopened.
+pub const UNOPENED_PER_USER: usize = 16;
 
 /// One operation on its way to the stream: its id, its claim's generation, its items.
-type Incoming = (Arc<str>, u64, Abortable<BoxStream<'static, Item>>);
+type Incoming = (Arc<str>, u64, BoxStream<'static, Item>);
 
 /// The reserved and open streams of this process.
 pub struct Reservations {
@@ -37,6 +44,8 @@ pub struct Reservations {
 }
 
 struct Reservation {
+    /// The user who reserved it.
+    owner: i64,
     created: Instant,
     /// Taken by the `GET` that opens it.
     receiver: Option<mpsc::UnboundedReceiver<Incoming>>,
@@ -57,15 +66,22 @@ pub enum Refusal {
     AlreadyOpen,
     /// An operation with this id runs on it already.
     Duplicate,
-    /// Too many reservations, or operations on this one.
+    /// Too many reservations in all.
     Full,
+    /// The user holds too many unopened reservations.
+    TooManyReservations,
+    /// Too many operations on this stream.
+    TooManyOperations,
 }
 
-/// A claimed operation id: start the operation, then `send` it.
+/// A claimed operation id: start the operation, then `send` it. Dropped unsent (its request
+/// was cancelled while it started), it frees its id.
 pub struct Claim {
+    reservations: Arc<Reservations>,
+    token: String,
     id: Arc<str>,
     generation: u64,
-    registration: AbortRegistration,
+    registration: Option<AbortRegistration>,
     sender: mpsc::UnboundedSender<Incoming>,
     /// Past the stream's operation limit: send a refusal (LIMIT_EXCEEDED) as its items.
     pub over_limit: bool,
@@ -73,10 +89,37 @@ pub struct Claim {
 
 impl Claim {
     /// Hands the operation's items to its stream.
-    pub(crate) fn send(self, items: BoxStream<'static, Item>) {
-        let items = Abortable::new(items, self.registration);
+    pub(crate) fn send(mut self, items: BoxStream<'static, Item>) {
+        let Some(registration) = self.registration.take() else {
+            return;
+        };
+        let items = Abortable::new(items, registration);
+        // Stopped (DELETE, or its stream went away): a `complete` all the same, which the
+        // stream sends if it is still there.
+        let items = async_stream::stream! {
+            let mut items = items;
+            let mut ended = false;
+            while let Some(item) = items.next().await {
+                ended = matches!(item, Item::End { .. } | Item::Expired);
+                yield item;
+            }
+            if !ended {
+                yield Item::End { shutdown: false };
+            }
+        };
         // The stream ended meanwhile: the operation is dropped with its items.
-        let _ = self.sender.send((self.id, self.generation, items));
+        let _ = self
+            .sender
+            .send((self.id.clone(), self.generation, items.boxed()));
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.registration.is_some() {
+            self.reservations
+                .finished(&self.token, &self.id, self.generation);
+        }
     }
 }
 
@@ -93,14 +136,19 @@ impl Reservations {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves a stream: its token.
-    pub fn reserve(&self) -> Result<String, Refusal> {
+    /// Reserves a stream for `owner`: its token. It is dropped if not opened in time.
+    pub fn reserve(self: &Arc<Self>, owner: i64) -> Result<String, Refusal> {
         let mut streams = self.lock();
-        streams.retain(|_, reservation| {
-            reservation.receiver.is_none() || reservation.created.elapsed() < UNOPENED_LIFETIME
-        });
+        Self::sweep(&mut streams);
         if streams.len() >= self.max_streams {
             return Err(Refusal::Full);
+        }
+        let unopened = streams
+            .values()
+            .filter(|reservation| reservation.owner == owner && reservation.receiver.is_some())
+            .count();
+        if unopened >= UNOPENED_PER_USER {
+            return Err(Refusal::TooManyReservations);
         }
         let mut bytes = [0u8; 32];
         OsRng.fill_bytes(&mut bytes);
@@ -109,6 +157,7 @@ impl Reservations {
         streams.insert(
             token.clone(),
             Reservation {
+                owner,
                 created: Instant::now(),
                 receiver: Some(receiver),
                 sender,
@@ -116,19 +165,53 @@ impl Reservations {
                 generation: 0,
             },
         );
+        drop(streams);
+        // Dropped, with whatever was posted to it, if nobody opens it in time.
+        let reservations = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(UNOPENED_LIFETIME).await;
+            if let Some(reservations) = reservations.upgrade() {
+                Self::sweep(&mut reservations.lock());
+            }
+        });
         Ok(token)
     }
 
-    /// Claims `id` on the stream `token` for an operation about to start.
-    pub fn claim(&self, token: &str, id: &str) -> Result<Claim, Refusal> {
+    /// Drops the reservations not opened in time (their queued operations with them).
+    fn sweep(streams: &mut HashMap<String, Reservation>) {
+        streams.retain(|_, reservation| {
+            reservation.receiver.is_none() || reservation.created.elapsed() < UNOPENED_LIFETIME
+        });
+    }
+
+    /// `owner`'s reservation `token`, if it lives.
+    fn find<'a>(
+        streams: &'a mut HashMap<String, Reservation>,
+        token: &str,
+        owner: i64,
+    ) -> Result<&'a mut Reservation, Refusal> {
+        match streams.get_mut(token) {
+            Some(reservation)
+                if reservation.owner == owner
+                    && (reservation.receiver.is_none()
+                        || reservation.created.elapsed() < UNOPENED_LIFETIME) =>
+            {
+                Ok(reservation)
+            }
+            _ => Err(Refusal::NotFound),
+        }
+    }
+
+    /// Claims `id` on `owner`'s stream `token` for an operation about to start.
+    pub fn claim(self: &Arc<Self>, token: &str, owner: i64, id: &str) -> Result<Claim, Refusal> {
         let mut streams = self.lock();
-        let reservation = streams.get_mut(token).ok_or(Refusal::NotFound)?;
+        let reservation = Self::find(&mut streams, token, owner)?;
         if reservation.operations.contains_key(id) {
             return Err(Refusal::Duplicate);
         }
         let running = reservation.operations.len();
         if running >= 2 * self.max_operations {
-            return Err(Refusal::Full);
+            return Err(Refusal::TooManyOperations);
         }
         reservation.generation += 1;
         let id: Arc<str> = Arc::from(id);
@@ -137,18 +220,20 @@ impl Reservations {
             .operations
             .insert(id.clone(), (reservation.generation, abort));
         Ok(Claim {
+            reservations: self.clone(),
+            token: token.to_owned(),
             id,
             generation: reservation.generation,
-            registration,
+            registration: Some(registration),
             sender: reservation.sender.clone(),
             over_limit: running >= self.max_operations,
         })
     }
 
-    /// Stops the operation `id` of the stream `token` (nothing if it is not running).
-    pub fn stop(&self, token: &str, id: &str) -> Result<(), Refusal> {
+    /// Stops the operation `id` of `owner`'s stream `token` (nothing if it is not running).
+    pub fn stop(&self, token: &str, owner: i64, id: &str) -> Result<(), Refusal> {
         let mut streams = self.lock();
-        let reservation = streams.get_mut(token).ok_or(Refusal::NotFound)?;
+        let reservation = Self::find(&mut streams, token, owner)?;
         if let Some((_, abort)) = reservation.operations.remove(id) {
             abort.abort();
         }
@@ -174,6 +259,7 @@ impl Reservations {
     pub(crate) fn open(
         self: &Arc<Self>,
         token: &str,
+        owner: i64,
         api: Api,
         config: &StreamConfig,
         mut shutdown: watch::Receiver<bool>,
@@ -181,7 +267,7 @@ impl Reservations {
     ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, Refusal> {
         let mut receiver = {
             let mut streams = self.lock();
-            let reservation = streams.get_mut(token).ok_or(Refusal::NotFound)?;
+            let reservation = Self::find(&mut streams, token, owner)?;
             reservation.receiver.take().ok_or(Refusal::AlreadyOpen)?
         };
         let opened = Opened {
@@ -211,8 +297,16 @@ impl Reservations {
                     }
                     Some((id, generation, item)) = operations.next(), if !operations.is_empty() => {
                         let mut out = Vec::new();
-                        if sse::frame(&api, &mut out, Some(&id), item, false) {
-                            opened.reservations.finished(&opened.token, &id, generation);
+                        let mut next = Some((id, generation, item));
+                        // What every operation has ready goes out as one chunk (one write,
+                        // one compressor flush), as a socket's frames do.
+                        while let Some((id, generation, item)) = next.take() {
+                            if sse::frame(&api, &mut out, Some(&id), item, false) {
+                                opened.reservations.finished(&opened.token, &id, generation);
+                            }
+                            if out.len() < super::BATCH_BYTES {
+                                next = operations.next().now_or_never().flatten();
+                            }
                         }
                         ticks.reset();
                         if !out.is_empty() {
@@ -255,35 +349,79 @@ impl Drop for Opened {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_reservation_holds_each_operation_id_once_and_counts_them() {
-        let reservations = Reservations::new(2, 1);
-        let token = reservations.reserve().unwrap();
+    #[tokio::test]
+    async fn a_reservation_is_its_owners_and_holds_each_operation_id_once() {
+        let reservations = Arc::new(Reservations::new(100, 1));
+        let token = reservations.reserve(7).unwrap();
         assert_eq!(token.len(), 43, "32 random bytes");
         assert_eq!(
-            reservations.claim("nope", "a").err(),
+            reservations.claim("nope", 7, "a").err(),
             Some(Refusal::NotFound)
         );
-        let first = reservations.claim(&token, "a").unwrap();
+        // Someone else's reservation does not exist for them.
+        assert_eq!(
+            reservations.claim(&token, 8, "a").err(),
+            Some(Refusal::NotFound)
+        );
+        assert_eq!(reservations.stop(&token, 8, "a"), Err(Refusal::NotFound));
+        let first = reservations.claim(&token, 7, "a").unwrap();
         assert!(!first.over_limit);
         assert_eq!(
-            reservations.claim(&token, "a").err(),
+            reservations.claim(&token, 7, "a").err(),
             Some(Refusal::Duplicate)
         );
         // Past the limit: a refusal to send; past twice the limit: refused outright.
-        assert!(reservations.claim(&token, "b").unwrap().over_limit);
-        assert_eq!(reservations.claim(&token, "c").err(), Some(Refusal::Full));
-        // Stopped, or ended, an id is free again; a stale generation frees nothing.
-        reservations.stop(&token, "a").unwrap();
-        let again = reservations.claim(&token, "a").unwrap();
+        let second = reservations.claim(&token, 7, "b").unwrap();
+        assert!(second.over_limit);
+        assert_eq!(
+            reservations.claim(&token, 7, "c").err(),
+            Some(Refusal::TooManyOperations)
+        );
+        // Stopped, ended or dropped unsent, an id is free again; a stale generation frees
+        // nothing.
+        reservations.stop(&token, 7, "a").unwrap();
+        drop(second);
+        let again = reservations.claim(&token, 7, "a").unwrap();
+        assert!(!again.over_limit, "b was freed when its claim was dropped");
         reservations.finished(&token, "a", again.generation - 1);
         assert_eq!(
-            reservations.claim(&token, "a").err(),
+            reservations.claim(&token, 7, "a").err(),
             Some(Refusal::Duplicate)
         );
         reservations.finished(&token, "a", again.generation);
-        assert!(reservations.claim(&token, "a").is_ok());
-        reservations.reserve().unwrap();
-        assert_eq!(reservations.reserve().err(), Some(Refusal::Full));
+        let sent = reservations.claim(&token, 7, "a").unwrap();
+        sent.send(futures_util::stream::empty().boxed());
+        assert_eq!(
+            reservations.claim(&token, 7, "a").err(),
+            Some(Refusal::Duplicate),
+            "a sent claim keeps its id until its operation ends"
+        );
+        drop(first);
+        drop(again);
+    }
+
+    #[tokio::test]
+    async fn a_user_holds_a_few_unopened_reservations_and_they_expire() {
+        let reservations = Arc::new(Reservations::new(1_000, 1));
+        for _ in 0..UNOPENED_PER_USER {
+            reservations.reserve(1).unwrap();
+        }
+        assert_eq!(
+            reservations.reserve(1).err(),
+            Some(Refusal::TooManyReservations)
+        );
+        let other = reservations.reserve(2).unwrap();
+        let claim = reservations.claim(&other, 2, "a").unwrap();
+        claim.send(futures_util::stream::pending().boxed());
+        // Never opened in time: gone, with what was posted to it.
+        for reservation in reservations.lock().values_mut() {
+            reservation.created = Instant::now() - UNOPENED_LIFETIME;
+        }
+        assert_eq!(
+            reservations.claim(&other, 2, "b").err(),
+            Some(Refusal::NotFound)
+        );
+        assert!(reservations.reserve(1).is_ok());
+        assert_eq!(reservations.lock().len(), 1, "the expired ones were swept");
     }
 }

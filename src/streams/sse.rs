@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::{Item, Started, StreamConfig};
@@ -110,14 +110,18 @@ pub(crate) fn stream(
         let _permit = permit;
         yield COMMENT.to_vec();
         let mut items = items;
-        while let Some(item) = items.next().await {
+        let mut end = false;
+        while !end {
+            let Some(item) = items.next().await else { break };
             let mut out = Vec::new();
-            let end = frame(&api, &mut out, None, item, mark_start);
+            end = frame(&api, &mut out, None, item, mark_start);
+            // What is ready already (a burst, a catch-up) goes out as one chunk.
+            while !end && out.len() < super::BATCH_BYTES {
+                let Some(Some(item)) = items.next().now_or_never() else { break };
+                end = frame(&api, &mut out, None, item, mark_start);
+            }
             if !out.is_empty() {
                 yield out;
-            }
-            if end {
-                break;
             }
         }
     };

@@ -211,7 +211,8 @@ pub async fn serve(
                 connection.ping();
             }
             _ = shutdown.changed() => {
-                // The hub is closed: each operation sends `complete` as its stream ends.
+                // The hub closes right after this flag is raised: each operation sends
+                // `complete` as its stream ends.
                 let _ = tokio::time::timeout(Duration::from_secs(1), connection.operations.drain()).await;
                 // After the operations' `complete` messages, in order; bounded in time.
                 let close = Outgoing::Close(close::SERVICE_RESTART, "Server restarting".to_owned());

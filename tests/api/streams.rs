@@ -114,25 +114,34 @@ impl Stream {
         }
     }
 
-    /// The next `next` or `complete` event, passing over comments and ids alone.
+    /// The next `next` or `complete` event, passing over comments and ids alone, within
+    /// `TIMEOUT` (keep-alives do not count as arriving).
     pub async fn next_event(&mut self) -> SseEvent {
-        loop {
-            let event = self.next_raw().await.expect("the stream goes on");
-            if event.event.is_some() {
-                return event;
+        tokio::time::timeout(TIMEOUT, async {
+            loop {
+                let event = self.next_raw().await.expect("the stream goes on");
+                if event.event.is_some() {
+                    return event;
+                }
             }
-        }
+        })
+        .await
+        .expect("an event arrives in time")
     }
 
     /// The next multipart part's JSON, passing over heartbeats; `None` after the closing
     /// delimiter.
     pub async fn next_part(&mut self) -> Option<Value> {
-        loop {
-            let part = self.next_raw_part().await?;
-            if part != json!({}) {
-                return Some(part);
+        tokio::time::timeout(TIMEOUT, async {
+            loop {
+                let part = self.next_raw_part().await?;
+                if part != json!({}) {
+                    return Some(part);
+                }
             }
-        }
+        })
+        .await
+        .expect("a part arrives in time")
     }
 
     /// The next multipart part's JSON (heartbeats too); `None` after the closing delimiter,
@@ -349,21 +358,26 @@ both_backends! {
         let channel = server.create_channel(&ada, "general").await;
         let client = streaming_client();
         let stream_url = server.url("/graphql/stream");
-        let reserved = client.put(&stream_url).send().await.unwrap();
+        let (bob, _) = server.sign_up("Bob").await;
+        // Reserving needs a token; the reservation is then its user's alone.
+        assert_eq!(client.put(&stream_url).send().await.unwrap().status(), 401);
+        let reserved = client.put(&stream_url).bearer_auth(&ada).send().await.unwrap();
         assert_eq!(reserved.status(), 201);
         assert!(reserved.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
         let token = reserved.text().await.unwrap();
-        let open = || {
+        let open = |as_whom: &str| {
             client
                 .get(&stream_url)
                 .header("accept", "text/event-stream")
                 .header("x-graphql-event-stream-token", &token)
+                .bearer_auth(as_whom)
                 .send()
         };
-        let response = open().await.unwrap();
+        assert_eq!(open(&bob).await.unwrap().status(), 404, "not Bob's to open");
+        let response = open(&ada).await.unwrap();
         assert_eq!(response.status(), 200);
         let mut stream = Stream::new(response);
-        assert_eq!(open().await.unwrap().status(), 409, "one stream per reservation");
+        assert_eq!(open(&ada).await.unwrap().status(), 409, "one stream per reservation");
         let post = |id: &str, query: &str, variables: Value| {
             let mut body = json!({ "query": query, "variables": variables });
             if !id.is_empty() {
@@ -393,17 +407,31 @@ both_backends! {
         }
         ids.sort();
         assert_eq!(ids, ["a", "b"]);
-        let stop = client
-            .delete(format!("{stream_url}?operationId=a"))
-            .header("x-graphql-event-stream-token", &token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(stop.status(), 200);
+        let stop = |as_whom: &str| {
+            client
+                .delete(format!("{stream_url}?operationId=a"))
+                .header("x-graphql-event-stream-token", &token)
+                .bearer_auth(as_whom)
+                .send()
+        };
+        assert_eq!(stop(&bob).await.unwrap().status(), 404, "not Bob's to stop");
+        assert_eq!(stop(&ada).await.unwrap().status(), 200);
+        let event = stream.next_event().await;
+        assert_eq!((event.event.as_deref(), event.json()), (Some("complete"), json!({ "id": "a" })));
         wait_for_subscribers_at_most(&server, &channel, 1).await;
         server.post_message(&ada, &channel, "b only").await;
         let event = stream.next_event().await;
         assert_eq!(event.json()["id"], "b", "a was stopped: {event:?}");
+        // Nor may Bob post to it.
+        let bobs = client
+            .post(&stream_url)
+            .header("x-graphql-event-stream-token", &token)
+            .bearer_auth(&bob)
+            .json(&json!({ "query": "{ me { name } }", "extensions": { "operationId": "x" } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bobs.status(), 404);
         // A query: its result, then its `complete`, on the same stream.
         assert_eq!(post("q", "{ me { name } }", json!({})).await.unwrap().status(), 202);
         let event = stream.next_event().await;
@@ -424,6 +452,7 @@ both_backends! {
         let unknown = client
             .get(&stream_url)
             .header("x-graphql-event-stream-token", "made-up")
+            .bearer_auth(&ada)
             .send()
             .await
             .unwrap();
@@ -640,9 +669,12 @@ async fn streams_are_capped_per_user_and_in_all_and_end_when_their_token_expires
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_user_subscription_cap_counts_event_streams() {
+    fn two_per_user(config: &mut syncgraph::config::Config) {
+        config.limits.max_subscriptions_per_user = 2;
+    }
     run_with(
         Backend::Sqlite,
-        short_tokens_and_few_streams,
+        two_per_user,
         |server: TestServer| async move {
             let (ada, _) = server.sign_up("Ada").await;
             let channel = server.create_channel(&ada, "general").await;
@@ -651,6 +683,7 @@ async fn the_per_user_subscription_cap_counts_event_streams() {
             let stream_url = server.url("/graphql/stream");
             let token = client
                 .put(&stream_url)
+                .bearer_auth(&ada)
                 .send()
                 .await
                 .unwrap()
@@ -659,6 +692,7 @@ async fn the_per_user_subscription_cap_counts_event_streams() {
                 .unwrap();
             let response = client
                 .get(format!("{stream_url}?token={token}"))
+                .bearer_auth(&ada)
                 .send()
                 .await
                 .unwrap();
@@ -694,28 +728,48 @@ both_backends! {
         let query = "subscription($c: ID!) { messageEvents(channelId: $c) { message { body } } }";
         let mut stream = sse(&server, &ada, query, json!({ "c": channel }), None).await;
         wait_for_subscribers(&server.broker, &channel, 1).await;
-        let lagged = server.broker.stats.lagged.load(std::sync::atomic::Ordering::Relaxed);
-        // Nothing is read while 20,000 changes are written, far more than a topic buffers:
-        // the server stops pulling the stream's replies and the subscription falls behind.
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &server.broker.stats;
+        let (lagged, delivered) = (stats.lagged.load(Relaxed), stats.delivered.load(Relaxed));
+        // Nothing is read while 20,000 changes of 2 KB each are written: 40 MB, far more than
+        // the sockets' buffers and the topic's. The server must stop pulling the stream's
+        // replies (the count of replies made stalls well short) and catch up from the log.
         let bulk = match server.backend {
             Backend::Postgres => format!(
                 "INSERT INTO messages (channel_id, author_id, body) \
-                 SELECT {channel}, {ada_id}, 'bulk ' || i FROM generate_series(1, 20000) AS i"
+                 SELECT {channel}, {ada_id}, 'bulk ' || i || ' ' || repeat('0', 2000) \
+                 FROM generate_series(1, 20000) AS i"
             ),
             Backend::Sqlite => format!(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) \
                  INSERT INTO messages (channel_id, author_id, body) \
-                 SELECT {channel}, {ada_id}, 'bulk ' || i FROM n"
+                 SELECT {channel}, {ada_id}, 'bulk ' || i || ' ' || hex(zeroblob(1000)) FROM n"
             ),
         };
         server.sql().await.execute_unprepared(&bulk).await.unwrap();
         caught_up(&server).await;
+        // Stalled: no more replies made over a quiet half second.
+        let mut made = stats.delivered.load(Relaxed) - delivered;
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = stats.delivered.load(Relaxed) - delivered;
+            if now == made {
+                break;
+            }
+            made = now;
+            assert!(tokio::time::Instant::now() < deadline, "the replies stall");
+        }
+        assert!(made < 10_000, "the server stopped pulling at {made} of 20,000 replies");
         for i in 1..=20_000 {
             let event = stream.next_event().await;
-            assert_eq!(body_of(&event.json()), format!("bulk {i}"), "every change, in order, once");
+            let payload = event.json();
+            let body = body_of(&payload);
+            assert_eq!(body.split(' ').next(), Some("bulk"), "{body:.20}");
+            assert_eq!(body.split(' ').nth(1), Some(i.to_string().as_str()), "every change, in order, once");
         }
         assert!(
-            server.broker.stats.lagged.load(std::sync::atomic::Ordering::Relaxed) > lagged,
+            stats.lagged.load(Relaxed) > lagged,
             "it fell behind the topic's buffer and caught up from the log"
         );
     }
@@ -728,6 +782,7 @@ async fn traced_binary(
     tokio::process::Child,
     std::net::SocketAddr,
     std::sync::Arc<std::sync::Mutex<String>>,
+    tokio::task::JoinHandle<()>,
 ) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let database_url = format!("sqlite://{}", dir.join("traced.db").display());
@@ -758,20 +813,20 @@ async fn traced_binary(
     .await
     .expect("the binary starts in time");
     let collected = log.clone();
-    tokio::spawn(async move {
+    let collector = tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             let mut log = collected.lock().unwrap();
             log.push_str(&line);
             log.push('\n');
         }
     });
-    (child, addr, log)
+    (child, addr, log, collector)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_come_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr, log) = traced_binary(dir.path()).await;
+    let (mut child, addr, log, collector) = traced_binary(dir.path()).await;
     let url = |path: &str| format!("http://{addr}{path}");
     let client = streaming_client();
     let graphql = |token: Option<&str>, query: &str, variables: Value| {
@@ -823,6 +878,7 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
     let mut multipart = Stream::new(multipart);
     let reservation = client
         .put(url("/graphql/stream"))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap()
@@ -830,7 +886,9 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
         .await
         .unwrap();
     let single = client
-        .get(url(&format!("/graphql/stream?token={reservation}")))
+        .get(url(&format!(
+            "/graphql/stream?token={reservation}&access_token={token}"
+        )))
         .send()
         .await
         .unwrap();
@@ -896,6 +954,11 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
         .expect("it exits")
         .unwrap();
     assert!(status.success(), "{status}");
+    // Every line, up to the pipe's end.
+    tokio::time::timeout(TIMEOUT, collector)
+        .await
+        .expect("the log ends")
+        .unwrap();
 
     let log = log.lock().unwrap().clone();
     assert!(log.contains("shutting down"), "the log was collected");

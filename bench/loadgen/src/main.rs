@@ -365,7 +365,9 @@ async fn sse_reader(
                 break;
             }
         };
-        shared.received(chunk.len());
+        // As on the wire: a chunk of a chunked body is framed by its size in hex and two
+        // CRLFs (reqwest hands the body over chunk by chunk, at most one chunk at a time).
+        shared.received(chunk.len() + format!("{:x}", chunk.len()).len() + 4);
         match &mut gzip {
             Some(decoder) => {
                 use std::io::Write as _;
@@ -420,15 +422,19 @@ async fn sse_reader(
 async fn open_stream(
     client: &reqwest::Client,
     stream_url: &str,
+    bearer: Option<&str>,
     gzip: bool,
 ) -> anyhow::Result<(String, reqwest::Response)> {
-    let reserved = client.put(stream_url).send().await?;
+    let authorize = |request: reqwest::RequestBuilder| match bearer {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let reserved = authorize(client.put(stream_url)).send().await?;
     if reserved.status() != reqwest::StatusCode::CREATED {
         bail!("PUT {stream_url}: {}", reserved.status());
     }
     let token = reserved.text().await?;
-    let mut request = client
-        .get(stream_url)
+    let mut request = authorize(client.get(stream_url))
         .header("accept", "text/event-stream")
         .header("x-graphql-event-stream-token", &token);
     if gzip {
@@ -699,7 +705,7 @@ async fn main() -> anyhow::Result<()> {
             let stream_url = format!("{}/stream", args.url);
             let mut streams = Vec::with_capacity(args.connections);
             let mut pending = futures_util::stream::iter(0..args.connections)
-                .map(|_| open_stream(&streaming, &stream_url, args.gzip))
+                .map(|_| open_stream(&streaming, &stream_url, args.token.as_deref(), args.gzip))
                 .buffered(args.connect_concurrency.max(1));
             while let Some(stream) = pending.next().await {
                 streams.push(stream.context("opening an event stream")?);

@@ -3,7 +3,8 @@
 //   `/graphql` with no option at all (Apollo Kotlin and iOS do the same);
 // - the `graphql-sse` client on `/graphql/stream`, in its distinct connections mode (a
 //   request per subscription) and its single connection mode (one stream for all).
-// Both resume from a cursor with `after`, as graphql-ws does.
+// Both resume from a cursor with `after`, as graphql-ws does (the graphql-sse client's own
+// retries re-send the original request; a browser's EventSource resumes by Last-Event-ID).
 import { ApolloClient, HttpLink, InMemoryCache } from '@apollo/client';
 import { print } from 'graphql';
 import { createClient, type Client } from 'graphql-sse';
