@@ -706,7 +706,8 @@ async fn main() -> anyhow::Result<()> {
             let mut streams = Vec::with_capacity(args.connections);
             let mut pending = futures_util::stream::iter(0..args.connections)
                 .map(|_| open_stream(&streaming, &stream_url, args.token.as_deref(), args.gzip))
-                .buffered(args.connect_concurrency.max(1));
+                // A user may hold 16 reservations not yet opened (the server's limit).
+                .buffered(args.connect_concurrency.clamp(1, 8));
             while let Some(stream) = pending.next().await {
                 streams.push(stream.context("opening an event stream")?);
             }
