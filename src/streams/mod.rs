@@ -106,10 +106,7 @@ pub(crate) fn items(
         if let Some(first) = first {
             yield Item::Reply(first);
         }
-        // Without keep-alives, a period that never comes.
-        let period = keep_alive.unwrap_or(Duration::from_secs(365 * 24 * 3600));
-        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = KeepAlive::new(keep_alive);
         let expiry = tokio::time::sleep_until(expires_at.unwrap_or_else(Instant::now));
         let mut expiry = std::pin::pin!(expiry);
         loop {
@@ -117,7 +114,7 @@ pub(crate) fn items(
                 reply = replies.next() => match reply {
                     Some(reply) => {
                         following |= matches!(reply, Reply::Following { .. });
-                        ticks.reset();
+                        ticks.sent();
                         yield Item::Reply(reply);
                     }
                     None => {
@@ -126,13 +123,46 @@ pub(crate) fn items(
                         break;
                     }
                 },
-                _ = ticks.tick(), if keep_alive.is_some() => yield Item::KeepAlive,
+                due = ticks.tick(), if keep_alive.is_some() => if due {
+                    yield Item::KeepAlive;
+                },
                 _ = &mut expiry, if expires_at.is_some() => {
                     yield Item::Expired;
                     break;
                 }
             }
         }
+    }
+}
+
+/// When an idle stream needs a keep-alive, without touching a timer per event (resetting
+/// one takes the timer driver's lock, per subscription and event): it ticks every half
+/// period, and a tick with nothing sent since the one before is due. So an idle stream
+/// never goes a whole period without a byte.
+pub(crate) struct KeepAlive {
+    ticks: tokio::time::Interval,
+    sent: bool,
+}
+
+impl KeepAlive {
+    /// Every `period` (if given; else never).
+    pub(crate) fn new(period: Option<Duration>) -> Self {
+        // Without keep-alives, a period that never comes.
+        let half = period.map_or(Duration::from_secs(365 * 24 * 3600), |period| period / 2);
+        let mut ticks = tokio::time::interval_at(Instant::now() + half, half);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { ticks, sent: false }
+    }
+
+    /// Something was sent.
+    pub(crate) fn sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// Waits for the next tick; true when a keep-alive is due.
+    pub(crate) async fn tick(&mut self) -> bool {
+        self.ticks.tick().await;
+        !std::mem::take(&mut self.sent)
     }
 }
 

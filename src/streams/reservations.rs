@@ -281,8 +281,7 @@ impl Reservations {
             yield sse::COMMENT.to_vec();
             let mut operations: SelectAll<BoxStream<'static, (Arc<str>, u64, Item)>> =
                 SelectAll::new();
-            let mut ticks = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks = super::KeepAlive::new(Some(keep_alive));
             loop {
                 if *shutdown.borrow() && operations.is_empty() {
                     break;
@@ -308,12 +307,14 @@ impl Reservations {
                                 next = operations.next().now_or_never().flatten();
                             }
                         }
-                        ticks.reset();
                         if !out.is_empty() {
+                            ticks.sent();
                             yield out;
                         }
                     }
-                    _ = ticks.tick() => yield sse::COMMENT.to_vec(),
+                    due = ticks.tick() => if due {
+                        yield sse::COMMENT.to_vec();
+                    },
                     // Woken to look at the flag again (above); a closed sender means the
                     // server is going away too.
                     changed = shutdown.changed() => {
