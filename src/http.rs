@@ -305,11 +305,7 @@ fn refused_stream(state: &HttpState, response: async_graphql::Response) -> Respo
 
 /// True when the client takes a JSON answer (or says nothing about what it takes).
 fn accepts_json(headers: &HeaderMap) -> bool {
-    let mut accept = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
+    let mut accept = streams::header_entries(headers, header::ACCEPT)
         .map(|media| media.split(';').next().unwrap_or_default().trim())
         .peekable();
     if accept.peek().is_none() {
@@ -554,6 +550,14 @@ fn url_request(query: &str) -> Result<(async_graphql::Request, UrlParams), ()> {
     Ok((request, url))
 }
 
+/// A URL's parameters besides the operation (none when its query string is unreadable: the
+/// request is refused then by what reads the operation).
+fn url_params(uri: &axum::http::Uri) -> UrlParams {
+    url_request(uri.query().unwrap_or_default())
+        .map(|(_, url)| url)
+        .unwrap_or_default()
+}
+
 /// The type of the operation the request would run (`None` when its document has errors
 /// or does not say which).
 fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType> {
@@ -659,10 +663,7 @@ async fn stream_get(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    let url = match url_request(uri.query().unwrap_or_default()) {
-        Ok((_, url)) => url,
-        Err(()) => UrlParams::default(),
-    };
+    let url = url_params(&uri);
     let Some(token) = stream_token(&headers, &url) else {
         let mut headers = headers;
         // An event stream whatever the client says it accepts: that is this path's answer.
@@ -707,10 +708,7 @@ async fn stream_post(
     uri: axum::http::Uri,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let url = match url_request(uri.query().unwrap_or_default()) {
-        Ok((_, url)) => url,
-        Err(()) => UrlParams::default(),
-    };
+    let url = url_params(&uri);
     let request = match read_json_request(&state, &headers, body, false) {
         Ok(request) => request.data(ClientAddr(client.ip())),
         Err(response) => return *response,
@@ -790,10 +788,7 @@ async fn stream_delete(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    let url = match url_request(uri.query().unwrap_or_default()) {
-        Ok((_, url)) => url,
-        Err(()) => UrlParams::default(),
-    };
+    let url = url_params(&uri);
     let Some(token) = stream_token(&headers, &url) else {
         return stream_refused(&state, Refusal::NotFound);
     };

@@ -186,25 +186,33 @@ pub(crate) fn authorization(headers: &HeaderMap, access_token: Option<&str>) -> 
     }
 }
 
-/// True when the client accepts a gzip-encoded response (`Accept-Encoding`, q above 0).
-pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
+/// The comma-separated entries of every `name` header (`Accept`, `Accept-Encoding`), each
+/// with its parameters: `text/event-stream;q=0.9`.
+pub(crate) fn header_entries<'a>(
+    headers: &'a HeaderMap,
+    name: header::HeaderName,
+) -> impl Iterator<Item = &'a str> + 'a {
     headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
+        .get_all(name)
+        .into_iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .any(|coding| {
-            let mut parts = coding.split(';');
-            let name = parts.next().unwrap_or_default().trim();
-            let refused = parts.any(|param| {
-                param
-                    .trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
-            });
-            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
-        })
+}
+
+/// True when the client accepts a gzip-encoded response (`Accept-Encoding`, q above 0).
+pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    header_entries(headers, header::ACCEPT_ENCODING).any(|coding| {
+        let mut parts = coding.split(';');
+        let name = parts.next().unwrap_or_default().trim();
+        let refused = parts.any(|param| {
+            param
+                .trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+    })
 }
 
 /// A response body of `chunks`, gzip-encoded when `gzip` (the caller then sets

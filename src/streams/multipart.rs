@@ -26,22 +26,17 @@ const CLOSE: &[u8] = b"--\r\n";
 /// True when the client asked for multipart subscriptions (`Accept` names `multipart/mixed`
 /// with `subscriptionSpec`; a `boundary` parameter, quoted or not, may be there too).
 pub fn accepted(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|media| {
-            let mut params = media.split(';');
-            let name = params.next().unwrap_or_default().trim();
-            name.eq_ignore_ascii_case("multipart/mixed")
-                && params.any(|param| {
-                    param
-                        .trim()
-                        .to_ascii_lowercase()
-                        .starts_with("subscriptionspec")
-                })
-        })
+    super::header_entries(headers, header::ACCEPT).any(|media| {
+        let mut params = media.split(';');
+        let name = params.next().unwrap_or_default().trim();
+        name.eq_ignore_ascii_case("multipart/mixed")
+            && params.any(|param| {
+                param
+                    .trim()
+                    .to_ascii_lowercase()
+                    .starts_with("subscriptionspec")
+            })
+    })
 }
 
 /// How a multipart response runs.

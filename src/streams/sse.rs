@@ -41,19 +41,14 @@ pub(crate) const COMMENT: &[u8] = b":\n\n";
 
 /// True when the client accepts an event stream.
 pub fn accepted(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|media| {
-            media
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .eq_ignore_ascii_case("text/event-stream")
-        })
+    super::header_entries(headers, header::ACCEPT).any(|media| {
+        media
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .eq_ignore_ascii_case("text/event-stream")
+    })
 }
 
 /// What a streaming request brings besides its operation.
