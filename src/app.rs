@@ -167,6 +167,9 @@ impl App {
         tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/, the demo on http://{addr}/demo");
         let stop = self.stop.clone();
         let broker = self.broker.clone();
+        // When the shutdown began: requests, streams and sockets get 10 s from then, in all.
+        let began = Arc::new(std::sync::OnceLock::new());
+        let began_at = began.clone();
         let serving = axum::serve(
             self.listener,
             self.router
@@ -174,6 +177,7 @@ impl App {
         )
         .with_graceful_shutdown(async move {
             shutdown.await;
+            let _ = began_at.set(tokio::time::Instant::now());
             // The flag first: a stream that sees its subscription end then knows it ended
             // for the shutdown (graphql-sse sends no `complete`, so clients come back).
             let _ = stop.send(true);
@@ -192,13 +196,20 @@ impl App {
         let _ = self.stop.send(true);
         // WebSockets live in tasks of their own that axum does not wait for: wait until each
         // has completed its subscriptions, finished its operations and sent its 1012.
-        let closed = tokio::time::timeout(
-            Duration::from_secs(10),
+        let deadline = began
+            .get()
+            .copied()
+            .unwrap_or_else(tokio::time::Instant::now)
+            + Duration::from_secs(10);
+        let closed = tokio::time::timeout_at(
+            deadline,
             self.connections.acquire_many(self.max_connections),
         )
         .await;
         if !matches!(closed, Ok(Ok(_))) {
-            tracing::warn!("some WebSockets did not close within 10 s of shutdown");
+            tracing::warn!(
+                "some WebSockets or event streams did not close within 10 s of shutdown"
+            );
         }
         // Every request and socket has ended: the group writer ends, and what committed is
         // announced one last time.

@@ -751,7 +751,6 @@ async fn start_on_stream(
         Ok(claim) => claim,
         Err(refusal) => return stream_refused(state, refusal),
     };
-    let accepted = StatusCode::ACCEPTED.into_response();
     if claim.over_limit {
         let error = state.api.refuse(
             code::LIMIT_EXCEEDED,
@@ -760,16 +759,20 @@ async fn start_on_stream(
                 state.ws.max_operations
             ),
         );
-        claim.send(sse::refused(Box::new(
-            async_graphql::Response::from_errors(vec![error]),
-        )));
-        return accepted;
+        return sent(
+            state,
+            claim.send(sse::refused(Box::new(
+                async_graphql::Response::from_errors(vec![error]),
+            ))),
+        );
     }
     if let Err(err) = state.api.resolve_persisted(&mut request) {
-        claim.send(sse::refused(Box::new(
-            async_graphql::Response::from_errors(vec![err]),
-        )));
-        return accepted;
+        return sent(
+            state,
+            claim.send(sse::refused(Box::new(
+                async_graphql::Response::from_errors(vec![err]),
+            ))),
+        );
     }
     let (viewer, expires_at) = stream_viewer(state, headers, None);
     let items = match streams::start(&state.api, request, viewer).await {
@@ -778,8 +781,22 @@ async fn start_on_stream(
             streams::items(first, replies, None, expires_at, state.shutdown.clone()).boxed()
         }
     };
-    claim.send(items);
-    accepted
+    sent(state, claim.send(items))
+}
+
+/// 202 for an operation its stream took; 404 when the stream has gone (it ended, or the
+/// server is shutting down).
+fn sent(state: &HttpState, accepted: bool) -> Response {
+    if accepted {
+        return StatusCode::ACCEPTED.into_response();
+    }
+    refused(
+        state,
+        StatusCode::NOT_FOUND,
+        code::NOT_FOUND,
+        "the stream has ended; reserve a new one",
+        false,
+    )
 }
 
 /// DELETE /graphql/stream?operationId=: stops an operation of a reserved stream.

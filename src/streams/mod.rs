@@ -159,10 +159,17 @@ impl KeepAlive {
         self.sent = true;
     }
 
-    /// Waits for the next tick; true when a keep-alive is due.
+    /// Waits for the next tick; true when a keep-alive is due (and counts it as sent, so
+    /// an idle stream gets one every period, not every half).
     pub(crate) async fn tick(&mut self) -> bool {
         self.ticks.tick().await;
-        !std::mem::take(&mut self.sent)
+        self.on_tick()
+    }
+
+    fn on_tick(&mut self) -> bool {
+        let due = !std::mem::take(&mut self.sent);
+        self.sent = due;
+        due
     }
 }
 
@@ -242,4 +249,27 @@ pub(crate) fn body(
         }
     };
     axum::body::Body::from_stream(encoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_idle_stream_gets_a_keep_alive_every_other_half_period_and_a_busy_one_none() {
+        let mut keep_alive = KeepAlive::new(Some(Duration::from_secs(10)));
+        // Idle: ticks every 5 s, a keep-alive every 10 s.
+        let idle: Vec<bool> = (0..4).map(|_| keep_alive.on_tick()).collect();
+        assert_eq!(idle, [true, false, true, false]);
+        // An event between two ticks: the next tick passes, the one after is due (at most a
+        // period after the event).
+        keep_alive.sent();
+        assert!(!keep_alive.on_tick());
+        assert!(keep_alive.on_tick());
+        // Events all along: none due.
+        for _ in 0..3 {
+            keep_alive.sent();
+            assert!(!keep_alive.on_tick());
+        }
+    }
 }

@@ -88,10 +88,11 @@ pub struct Claim {
 }
 
 impl Claim {
-    /// Hands the operation's items to its stream.
-    pub(crate) fn send(mut self, items: BoxStream<'static, Item>) {
+    /// Hands the operation's items to its stream; false when the stream has gone (it ended,
+    /// or takes no more operations because the server is shutting down).
+    pub(crate) fn send(mut self, items: BoxStream<'static, Item>) -> bool {
         let Some(registration) = self.registration.take() else {
-            return;
+            return false;
         };
         let items = Abortable::new(items, registration);
         // Stopped (DELETE, or its stream went away): a `complete` all the same, which the
@@ -108,9 +109,9 @@ impl Claim {
             }
         };
         // The stream ended meanwhile: the operation is dropped with its items.
-        let _ = self
-            .sender
-            .send((self.id.clone(), self.generation, items.boxed()));
+        self.sender
+            .send((self.id.clone(), self.generation, items.boxed()))
+            .is_ok()
     }
 }
 
@@ -283,8 +284,20 @@ impl Reservations {
                 SelectAll::new();
             let mut ticks = super::KeepAlive::new(Some(keep_alive));
             loop {
-                if *shutdown.borrow() && operations.is_empty() {
-                    break;
+                if *shutdown.borrow() {
+                    // No more operations; those already posted (and answered 202) still
+                    // run to their end, `complete` included.
+                    receiver.close();
+                    while let Ok((id, generation, items)) = receiver.try_recv() {
+                        operations.push(
+                            items
+                                .map(move |item| (id.clone(), generation, item))
+                                .boxed(),
+                        );
+                    }
+                    if operations.is_empty() {
+                        break;
+                    }
                 }
                 tokio::select! {
                     Some((id, generation, items)) = receiver.recv() => {
