@@ -173,9 +173,26 @@ impl KeepAlive {
     }
 }
 
+/// A 200 streaming `chunks` as `content_type` (gzip-encoded when `gzip`; see `body`).
+pub(crate) fn respond(
+    chunks: impl Stream<Item = Vec<u8>> + Send + 'static,
+    content_type: &'static str,
+    gzip: bool,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let mut response = (axum::http::StatusCode::OK, body(chunks, gzip)).into_response();
+    stream_headers(response.headers_mut(), content_type);
+    if gzip {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
+}
+
 /// The response headers every event stream carries: no caching or transformation by a
 /// proxy, and no buffering by nginx, so that events are flushed as they happen.
-pub(crate) fn stream_headers(headers: &mut HeaderMap, content_type: &'static str) {
+fn stream_headers(headers: &mut HeaderMap, content_type: &'static str) {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(
         header::CACHE_CONTROL,

@@ -5,8 +5,8 @@
 //! a heartbeat, `{"payload": null, "errors": [...]}` for a fatal transport error (an expired
 //! token), and the closing `--graphql--` at the end. Lines end with CRLF.
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
 use futures_util::{FutureExt, Stream, StreamExt};
 
 use super::{Item, StreamConfig};
@@ -71,18 +71,7 @@ pub(crate) fn respond(
         expires_at,
         shutdown,
     );
-    let mut response = (
-        StatusCode::OK,
-        super::body(frames(api, items, permit), gzip),
-    )
-        .into_response();
-    super::stream_headers(response.headers_mut(), CONTENT_TYPE);
-    if gzip {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    response
+    super::respond(frames(api, items, permit), CONTENT_TYPE, gzip)
 }
 
 /// The body's bytes for `items`: the first delimiter, then one part per reply or heartbeat,
@@ -163,6 +152,7 @@ fn part(out: &mut Vec<u8>, body: &[&[u8]]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn accept(value: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();

@@ -21,8 +21,8 @@
 
 use std::sync::Arc;
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
@@ -139,14 +139,7 @@ pub(crate) fn respond(
     frames: impl Stream<Item = Vec<u8>> + Send + 'static,
     gzip: bool,
 ) -> Response {
-    let mut response = (StatusCode::OK, super::body(frames, gzip)).into_response();
-    super::stream_headers(response.headers_mut(), CONTENT_TYPE);
-    if gzip {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    response
+    super::respond(frames, CONTENT_TYPE, gzip)
 }
 
 /// Writes `item` as events into `out`: of the operation `id` in single connection mode
@@ -245,6 +238,7 @@ fn quoted(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     #[test]
     fn events_are_framed_as_graphql_sse_writes_them() {
