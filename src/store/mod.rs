@@ -7,8 +7,9 @@ pub mod message;
 mod posts;
 pub mod user;
 pub mod writer;
+pub mod writes;
 
-pub use writer::{GroupWriter, Writes};
+pub use writes::{GroupWriter, Writes};
 
 use sea_orm::sea_query::{Expr, SimpleExpr};
 use sea_orm::{DatabaseBackend, DbErr, SqlErr};

@@ -16,7 +16,7 @@
 //! had its own transaction.
 //!
 //! PostgreSQL has no such writer: its writes run on the pool, concurrently, and its posts go
-//! to a batcher (`store::posts`).
+//! to a batcher (`store::posts`). Which way a write goes is `store::writes`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,15 +28,15 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::StoreError;
-use super::posts::{Batcher, Post};
+use super::posts::Post;
 
 /// Most jobs committed together.
 pub const MAX_GROUP: usize = 256;
 
 /// Jobs waiting for the writer.
-const QUEUE: usize = 1024;
+pub(super) const QUEUE: usize = 1024;
 
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(super) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a job leaves once it has run: how to answer its client once the group's commit has
 /// succeeded (`true`) or failed.
@@ -45,7 +45,7 @@ type Answer = Box<dyn FnOnce(bool) + Send>;
 /// A job that has run: its answer, and whether the group's transaction is still sound (its
 /// savepoint was released or rolled back). A job that could not close its savepoint (the
 /// database rolled the whole transaction back: SQLITE_FULL, IOERR, NOMEM) leaves it unsound.
-struct Ran {
+pub(super) struct Ran {
     answer: Answer,
     sound: bool,
 }
@@ -55,128 +55,31 @@ type Job = Box<dyn for<'a> FnOnce(&'a DatabaseTransaction) -> BoxFuture<'a, Ran>
 
 /// What the SQLite writer is sent: a job, or a post (`Writes::post_message`), which it
 /// inserts together with the posts next to it in its group (`posts::insert_rows`).
-enum Work {
+pub(super) enum Work {
     Job(Job),
     Post(Post),
 }
 
-/// Sends writes to the group-committing writer (SQLite), or runs them on the pool.
-#[derive(Clone)]
-pub struct Writes(Route);
-
-#[derive(Clone)]
-enum Route {
-    /// PostgreSQL: each write runs on the pool, as it comes; posts go to the batcher
-    /// (`store::posts`).
-    Pool {
-        db: DatabaseConnection,
-        posts: mpsc::Sender<Post>,
-    },
-    /// SQLite: each write is a job of the writer.
-    Grouped(mpsc::Sender<Work>),
-}
-
-/// The writer's side: runs until told to stop. On SQLite, the group-committing writer; on
-/// PostgreSQL, the posts' batcher.
-pub struct GroupWriter(Runner);
-
-enum Runner {
-    Sqlite {
-        db: DatabaseConnection,
-        jobs: mpsc::Receiver<Work>,
-    },
-    Posts(Batcher),
-}
-
-impl Writes {
-    /// How `db`'s writes run: grouped on SQLite, on the pool otherwise (posts batched).
-    /// Run the returned `GroupWriter`.
-    pub fn new(db: &DatabaseConnection) -> (Writes, GroupWriter) {
-        if db.get_database_backend() != sea_orm::DatabaseBackend::Sqlite {
-            let (posts, batcher) = super::posts::queue(db);
-            return (
-                Writes(Route::Pool {
-                    db: db.clone(),
-                    posts,
-                }),
-                GroupWriter(Runner::Posts(batcher)),
-            );
-        }
-        let (sender, jobs) = mpsc::channel(QUEUE);
-        (
-            Writes(Route::Grouped(sender)),
-            GroupWriter(Runner::Sqlite {
-                db: db.clone(),
-                jobs,
-            }),
-        )
-    }
-
-    /// Posts a message (`message::create`), inserted by one statement together with the
-    /// posts that arrive with it (`store::posts`): on SQLite in the writer's group, on
-    /// PostgreSQL by the batcher. Answered once committed.
-    pub async fn post_message(
-        &self,
-        channel_id: i64,
-        author_id: i64,
-        body: String,
-    ) -> Result<entities::message::Model, StoreError> {
-        if body.contains('\0') {
-            // JSON, which carries a batch's rows, cannot hold it faithfully (SQLite's JSON
-            // functions cut the text there; PostgreSQL refuses it anyway): posted alone.
-            return self
-                .run(move |db| {
-                    Box::pin(async move {
-                        super::message::create(&db, channel_id, author_id, &body).await
-                    })
-                })
-                .await;
-        }
-        let (reply, answer) = oneshot::channel();
-        let post = Post {
-            channel_id,
-            author_id,
-            body,
-            reply,
-        };
-        let sent = match &self.0 {
-            Route::Pool { posts, .. } => posts.send(post).await.is_ok(),
-            Route::Grouped(sender) => sender.send(Work::Post(post)).await.is_ok(),
-        };
-        if !sent {
-            return Err(writer_gone());
-        }
-        answer.await.map_err(|_| writer_gone())?
-    }
-
-    /// Runs `write` and answers with what it returned, once it has committed.
-    pub async fn run<T, W>(&self, write: W) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        W: for<'a> FnOnce(DatabaseExecutor<'a>) -> BoxFuture<'a, Result<T, StoreError>>
-            + Send
-            + 'static,
-    {
-        let sender = match &self.0 {
-            Route::Pool { db, .. } => return write(DatabaseExecutor::Connection(db)).await,
-            Route::Grouped(sender) => sender,
-        };
-        let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
-        let job: Job = Box::new(move |group: &DatabaseTransaction| {
-            Box::pin(async move {
-                let (result, sound) = in_savepoint(group, write).await;
-                Ran {
-                    answer: answer_with(reply, result),
-                    sound,
-                }
-            })
-        });
-        sender
-            .send(Work::Job(job))
-            .await
-            .map_err(|_| writer_gone())?;
-        answer.await.map_err(|_| writer_gone())?
-    }
+/// A job for the writer that runs `write` in a savepoint of its group, and the receiver of
+/// its answer (sent once the group has committed).
+pub(super) fn job<T, W>(write: W) -> (Work, oneshot::Receiver<Result<T, StoreError>>)
+where
+    T: Send + 'static,
+    W: for<'a> FnOnce(DatabaseExecutor<'a>) -> BoxFuture<'a, Result<T, StoreError>>
+        + Send
+        + 'static,
+{
+    let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
+    let job: Job = Box::new(move |group: &DatabaseTransaction| {
+        Box::pin(async move {
+            let (result, sound) = in_savepoint(group, write).await;
+            Ran {
+                answer: answer_with(reply, result),
+                sound,
+            }
+        })
+    });
+    (Work::Job(job), answer)
 }
 
 /// Answers with `result` once the group has committed, or with an error if it did not.
@@ -297,25 +200,15 @@ where
     }
 }
 
-impl GroupWriter {
-    /// Runs until `stop` turns true, then the writes already queued, and ends.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
-        match self.0 {
-            Runner::Sqlite { db, jobs } => SqliteWriter { db, jobs }.run(stop).await,
-            Runner::Posts(batcher) => batcher.run(stop).await,
-        }
-    }
-}
-
 /// SQLite's group-committing writer.
-struct SqliteWriter {
-    db: DatabaseConnection,
-    jobs: mpsc::Receiver<Work>,
+pub(super) struct SqliteWriter {
+    pub(super) db: DatabaseConnection,
+    pub(super) jobs: mpsc::Receiver<Work>,
 }
 
 impl SqliteWriter {
     /// Runs groups until `stop` turns true, then the jobs already queued, and ends.
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    pub(super) async fn run(mut self, mut stop: watch::Receiver<bool>) {
         // Jobs of a group that was cut short, to run first in the next.
         let mut carried: Vec<Work> = Vec::new();
         loop {
@@ -412,7 +305,7 @@ fn group_failed() -> StoreError {
     StoreError::Db(DbErr::Custom("the group of writes could not commit".into()))
 }
 
-fn writer_gone() -> StoreError {
+pub(super) fn writer_gone() -> StoreError {
     StoreError::Db(DbErr::Custom(
         "the write was not run (the writer stopped, or could not begin)".into(),
     ))
@@ -421,6 +314,8 @@ fn writer_gone() -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Writes;
+    use crate::store::writes::Route;
     use sea_orm::ConnectionTrait;
 
     /// Inserts a message with `body`, then fails when `fail` (after the insert ran).
