@@ -6,7 +6,7 @@
 //! - `db`: opening the SeaORM connection (SQLite file or PostgreSQL) with the pool settings
 //!   each backend needs, and the statement counter.
 //! - `store`: SeaORM reads and writes, one module per aggregate, returning `StoreError`.
-//! - `graphql`: the schema (`AppSchema`, `build_schema`), its resolvers, input validation and
+//! - `graphql`: the schema (`AppSchema`, `sdl`), its resolvers, input validation and
 //!   the single mapping from domain errors to GraphQL errors.
 //! - `pubsub`: the hub: a bounded broadcast per topic (channel) of `ChangeEvent`s.
 //! - `live`: the delivery engine: one subscription's stream from a cursor (replay, live,

@@ -216,6 +216,12 @@ impl Collector for FeedCollector {
         )?;
         Self::counter(
             &mut encoder,
+            "live_query_executions",
+            "Live query executions, once per cohort and change that touched what it read",
+            stats.live_executions.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            &mut encoder,
             "log_replays",
             "Pages of the change log read to replay or catch up a subscriber",
             stats.log_replays.load(Ordering::Relaxed),

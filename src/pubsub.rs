@@ -18,6 +18,10 @@ pub const TOPIC_CAPACITY: usize = 1024;
 /// (and its memo) instead of each re-reading the log.
 pub const RECENT_CAPACITY: usize = 2048;
 
+/// How many events the feed of every topic (`Broker::subscribe_all`, the live queries'
+/// engine) buffers before its receiver lags.
+pub const ALL_CAPACITY: usize = 4096;
+
 /// What happened to a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -118,6 +122,10 @@ pub struct Broker {
     closed: std::sync::atomic::AtomicBool,
     streaming: std::sync::atomic::AtomicUsize,
     recent: Mutex<Recent>,
+    /// Every published event, whatever its topic, for the one receiver that needs them all
+    /// (live queries; see `subscribe_all`).
+    /// Taken by `close`, which ends the receivers.
+    all: Mutex<Option<broadcast::Sender<Arc<ChangeEvent>>>>,
     /// Counters for `/metrics`.
     pub stats: FeedStats,
 }
@@ -132,6 +140,9 @@ pub struct FeedStats {
     /// Subscription events rendered (once per event and subscription shape, shared by
     /// every subscription of that shape).
     pub renders: std::sync::atomic::AtomicU64,
+    /// Live query executions (first ones included), once per cohort and change that
+    /// touched what it read.
+    pub live_executions: std::sync::atomic::AtomicU64,
     /// Pages of the log read to replay or catch up (the broker's memory did not cover).
     pub log_replays: std::sync::atomic::AtomicU64,
     /// Times a subscriber fell behind its topic's buffer and had to catch up.
@@ -215,6 +226,7 @@ impl Broker {
                 after: published,
                 events: std::collections::VecDeque::with_capacity(RECENT_CAPACITY),
             }),
+            all: Mutex::new(Some(broadcast::channel(ALL_CAPACITY).0)),
             stats: FeedStats::default(),
         }
     }
@@ -246,6 +258,16 @@ impl Broker {
         }
     }
 
+    /// A receiver of every topic's future events, in the feed's order (the same promise as
+    /// `subscribe`: subscribe first, then read `published()`). Lags past `ALL_CAPACITY`.
+    pub fn subscribe_all(&self) -> broadcast::Receiver<Arc<ChangeEvent>> {
+        match &*self.all.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(all) => all.subscribe(),
+            // After shutdown: a receiver whose sender is already gone, so it ends at once.
+            None => broadcast::channel(1).1,
+        }
+    }
+
     /// The position through which every change has been decided and handed to the topics:
     /// the log up to here can be read without gaps.
     pub fn published(&self) -> i64 {
@@ -270,6 +292,14 @@ impl Broker {
         }
         self.published.fetch_max(through, Ordering::AcqRel);
         FeedStats::add(&self.stats.published, events.len() as u64);
+        if let Some(all) = &*self.all.lock().unwrap_or_else(|e| e.into_inner())
+            && all.receiver_count() > 0
+        {
+            for event in &events {
+                // Only fails without a receiver, and then the event is nobody's to miss.
+                let _ = all.send(event.clone());
+            }
+        }
         let mut topics = self.topics();
         for event in events {
             let Some(topic) = event.scope else { continue };
@@ -299,6 +329,23 @@ impl Broker {
         )
     }
 
+    /// Every topic's events with `after < position <= through`, from memory, when the
+    /// broker still holds every event after `after`; `None` when it does not.
+    pub fn recent_all(&self, after: i64, through: i64) -> Option<Vec<Arc<ChangeEvent>>> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if after < recent.after {
+            return None;
+        }
+        Some(
+            recent
+                .events
+                .iter()
+                .filter(|e| e.position > after && e.position <= through)
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// How many receivers `topic` has (tests wait on it before writing).
     pub fn receiver_count(&self, topic: i64) -> usize {
         self.topics()
@@ -321,6 +368,7 @@ impl Broker {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.topics().clear();
+        self.all.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 

@@ -23,6 +23,29 @@ pub(crate) fn db<'a>(ctx: &Context<'a>) -> AppResult<&'a DatabaseConnection> {
         .map_err(|_| missing("DatabaseConnection"))
 }
 
+/// Where a request reads, and what it records of its reads: the pool and nothing for every
+/// request (the schema's default), a snapshot and a recorder for a live query's execution.
+#[derive(Clone)]
+pub(crate) struct Reading {
+    pub reader: crate::store::Reader,
+    pub reads: crate::store::Reads,
+}
+
+impl Reading {
+    /// The pool, recording nothing.
+    pub(crate) fn pool(db: DatabaseConnection) -> Self {
+        Self {
+            reader: crate::store::Reader::Pool(db),
+            reads: crate::store::Reads::default(),
+        }
+    }
+}
+
+/// Where this request reads (see `Reading`).
+pub(crate) fn reading<'a>(ctx: &Context<'a>) -> AppResult<&'a Reading> {
+    ctx.data::<Reading>().map_err(|_| missing("Reading"))
+}
+
 /// This process's token keys.
 pub(crate) fn jwt_keys<'a>(ctx: &Context<'a>) -> AppResult<&'a JwtKeys> {
     ctx.data::<JwtKeys>().map_err(|_| missing("JwtKeys"))

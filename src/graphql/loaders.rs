@@ -3,16 +3,15 @@
 
 use std::collections::HashMap;
 
-use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
-use entities::{document, user};
-use sea_orm::DatabaseConnection;
-
+use super::context::Reading;
 use super::error::AppError;
 use crate::store;
+use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
+use entities::{document, user};
 
 /// Loads relations through `store` in batches; one per request (its cache lives as long).
 pub struct StoreLoader {
-    db: DatabaseConnection,
+    reading: Reading,
 }
 
 /// The per-request loader handed to resolvers. Its cache lives as long as the request, so a
@@ -20,9 +19,13 @@ pub struct StoreLoader {
 /// the scheduler interleaves the fields) and each item's `load_one` then hits the cache.
 pub type Loaders = DataLoader<StoreLoader, HashMapCache>;
 
-/// A fresh loader (and so a fresh cache) for one request.
-pub fn loaders(db: DatabaseConnection) -> Loaders {
-    DataLoader::with_cache(StoreLoader { db }, tokio::spawn, HashMapCache::default())
+/// A fresh loader (and so a fresh cache) for one request, reading where it reads.
+pub(crate) fn loaders(reading: Reading) -> Loaders {
+    DataLoader::with_cache(
+        StoreLoader { reading },
+        tokio::spawn,
+        HashMapCache::default(),
+    )
 }
 
 /// Key: a user by id.
@@ -43,7 +46,7 @@ impl Loader<UserId> for StoreLoader {
 
     async fn load(&self, keys: &[UserId]) -> Result<HashMap<UserId, user::Model>, AppError> {
         let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
-        let users = store::user::find_many(&self.db, &ids).await?;
+        let users = store::user::find_many(&self.reading.reader, &ids).await?;
         Ok(users.into_iter().map(|(id, u)| (UserId(id), u)).collect())
     }
 }
@@ -57,7 +60,8 @@ impl Loader<MembersOf> for StoreLoader {
         keys: &[MembersOf],
     ) -> Result<HashMap<MembersOf, Vec<user::Model>>, AppError> {
         let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
-        let members = store::channel::members_of(&self.db, &ids).await?;
+        let members =
+            store::channel::members_of(&self.reading.reader, &ids, &self.reading.reads).await?;
         Ok(members
             .into_iter()
             .map(|(id, m)| (MembersOf(id), m))
@@ -74,7 +78,8 @@ impl Loader<DocumentsOf> for StoreLoader {
         keys: &[DocumentsOf],
     ) -> Result<HashMap<DocumentsOf, Vec<document::Model>>, AppError> {
         let ids: Vec<i64> = keys.iter().map(|k| k.0).collect();
-        let documents = store::channel::documents_of(&self.db, &ids).await?;
+        let documents =
+            store::channel::documents_of(&self.reading.reader, &ids, &self.reading.reads).await?;
         Ok(documents
             .into_iter()
             .map(|(id, d)| (DocumentsOf(id), d))

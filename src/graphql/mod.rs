@@ -1,4 +1,4 @@
-//! The GraphQL schema: `AppSchema`, `build_schema`, and per-request execution (`Api`). Runs
+//! The GraphQL schema: `AppSchema`, `sdl`, and per-request execution (`Api`). Runs
 //! without a socket: tests call `execute` directly. Its rooms: `replies` (an operation's
 //! replies, the live phase of a subscription), `context` (what resolvers take from a
 //! request), `committed` (how a mutation writes), `shared` (subscription shapes, render
@@ -13,6 +13,7 @@ pub mod error;
 pub mod input;
 mod introspection;
 pub mod limits;
+mod live_query;
 pub mod loaders;
 pub mod mutation;
 mod persisted;
@@ -34,9 +35,12 @@ use crate::changes::{Announcer, Doorbell};
 use crate::live::SubscriptionQuota;
 use crate::pubsub::{Broker, FeedStats};
 pub(crate) use committed::Committed;
-pub(crate) use context::{db, jwt_keys, live, loaders, missing, viewer, viewer_id};
+pub(crate) use context::{
+    Reading, db, jwt_keys, live, loaders, missing, reading, viewer, viewer_id,
+};
 use error::ErrorCounts;
 use limits::{AuthLimiter, PageLimit};
+pub(crate) use live_query::LiveKey;
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
 pub use replies::Replies;
@@ -83,27 +87,32 @@ pub struct SchemaLimits {
     pub auth_attempts_per_minute: u32,
     /// Largest `first`/`last` of a page, 1 to `input::PAGE_SIZE_MAX`.
     pub max_page_size: i32,
+    /// Largest result of a live query, in bytes of JSON.
+    pub live_max_result_bytes: usize,
 }
 
 /// Builds the schema over a database connection (and how writes run on it), this process's
-/// token keys and the feed.
-pub fn build_schema(
+/// token keys, the feed and the subscription quota it shares with live queries.
+fn build_schema(
     db: DatabaseConnection,
     writes: crate::store::Writes,
     keys: JwtKeys,
     live: Live,
     limits: &SchemaLimits,
+    quota: Arc<SubscriptionQuota>,
 ) -> AppSchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .data(Reading::pool(db.clone()))
         .data(db)
         .data(writes)
         .data(keys)
         .data(live)
-        .data(SubscriptionQuota::new(limits.max_subscriptions_per_user))
+        .data(quota)
         .data(AuthLimiter::new(limits.auth_attempts_per_minute))
         .data(PageLimit(
             limits.max_page_size.clamp(1, input::PAGE_SIZE_MAX),
         ))
+        .directive(live_query::LiveDirective)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
         .extension(complexity::FullComplexity {
@@ -122,6 +131,7 @@ pub fn build_schema(
 /// The schema's SDL, as committed in `schema.graphql`.
 pub fn sdl() -> String {
     Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .directive(live_query::LiveDirective)
         .finish()
         .sdl()
 }
@@ -141,6 +151,10 @@ pub struct ApiParts {
     documents: documents::ParsedDocuments,
     shapes: Arc<shared::Shapes>,
     subscription_starts: Arc<tokio::sync::Semaphore>,
+    /// The live queries' engine, started with the first live query.
+    live_queries: std::sync::OnceLock<live_query::LiveQueries>,
+    live_max_result_bytes: usize,
+    quota: Arc<SubscriptionQuota>,
 }
 
 impl std::ops::Deref for Api {
@@ -190,15 +204,19 @@ impl Api {
         live: Live,
         limits: &SchemaLimits,
     ) -> Self {
+        let quota = SubscriptionQuota::new(limits.max_subscriptions_per_user);
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
             persisted: persisted::PersistedQueries::default(),
             documents: documents::ParsedDocuments::default(),
             broker: live.broker.clone(),
             subscription_starts: live.subscription_starts.clone(),
-            schema: build_schema(db.clone(), writes, keys, live, limits),
+            schema: build_schema(db.clone(), writes, keys, live, limits, quota.clone()),
+            quota,
             db,
             shapes: Arc::default(),
+            live_queries: std::sync::OnceLock::new(),
+            live_max_result_bytes: limits.live_max_result_bytes,
         }))
     }
 
@@ -225,7 +243,7 @@ impl Api {
         request
             .data(mark)
             .data(viewer)
-            .data(loaders::loaders(self.db.clone()))
+            .data(loaders::loaders(Reading::pool(self.db.clone())))
     }
 
     /// Runs one request as `viewer` with fresh loaders, and makes sure every error carries
@@ -237,8 +255,12 @@ impl Api {
     ) -> async_graphql::Response {
         let span = operation_span(&request, viewer);
         let started = std::time::Instant::now();
-        let request = self.prepare(request, viewer);
-        let mut response = self.schema.execute(request).instrument(span.clone()).await;
+        let mut request = self.prepare(request, viewer);
+        // A `@live` query sent as a plain request is answered once, like any query.
+        let mut response = match live_query::options(&mut request) {
+            Err(err) => async_graphql::Response::from_errors(vec![err]),
+            Ok(_) => self.schema.execute(request).instrument(span.clone()).await,
+        };
         self.finish(&mut response);
         tracing::debug!(
             parent: &span,
@@ -319,8 +341,16 @@ impl Api {
             responses: 0,
             errors: 0,
         };
+        let mut request = self.prepare(request, viewer);
+        match live_query::options(&mut request) {
+            Ok(None) => {}
+            Ok(Some(options)) => {
+                return self.live_replies(&request, viewer, options, permit, finished);
+            }
+            Err(err) => return self.refused(err, finished),
+        }
         let handover = Arc::new(shared::Handover::default());
-        let request = self.prepare(request, viewer).data(handover.clone());
+        let request = request.data(handover.clone());
         let api = self.clone();
         // The start runs in a task of its own, so that it makes progress (and gives its
         // permit back) however the transport drives the replies: a WebSocket whose client
@@ -357,8 +387,98 @@ impl Api {
             start_task: Some(AbortOnDrop(task)),
             handover: Some(handover),
             live: None,
+            live_query: None,
             finished,
         }
+    }
+
+    /// Replies that are one response with `err`, refused before anything ran.
+    fn refused(&self, err: async_graphql::ServerError, finished: Finished) -> Replies {
+        let (responses, start) = mpsc::channel(1);
+        let _ = responses.try_send(async_graphql::Response::from_errors(vec![err]));
+        Replies {
+            api: self.clone(),
+            start: Some(start),
+            start_task: None,
+            handover: None,
+            live: None,
+            live_query: None,
+            finished,
+        }
+    }
+
+    /// A live query's replies: a member of its cohort (see `live::queries`), holding one of
+    /// the viewer's subscription slots and, until its first payload, the start permit.
+    fn live_replies(
+        &self,
+        request: &async_graphql::Request,
+        viewer: Viewer,
+        options: live_query::LiveOptions,
+        permit: StartPermit,
+        finished: Finished,
+    ) -> Replies {
+        let slot = match viewer {
+            Viewer::User(id) => match self.quota.acquire(id) {
+                Some(slot) => Some(slot),
+                None => {
+                    // Counted when the replies hand it out, like every refusal.
+                    let err = error::coded(
+                        error::code::LIMIT_EXCEEDED,
+                        format!(
+                            "at most {} open subscriptions and live queries per user",
+                            self.quota.max()
+                        ),
+                        None,
+                    );
+                    return self.refused(err, finished);
+                }
+            },
+            _ => None,
+        };
+        let member = self
+            .live_queries()
+            .join(live_query::LiveKey::new(request, viewer), options.throttle);
+        Replies {
+            api: self.clone(),
+            start: None,
+            start_task: None,
+            handover: None,
+            live: None,
+            live_query: Some(Box::new(replies::LiveReplies {
+                member,
+                permit: Some(permit),
+                _slot: slot,
+            })),
+            finished,
+        }
+    }
+
+    /// The live queries' engine, made (and its matching of the feed started) by the first
+    /// live query. Its executions hold a pooled connection each; at most half the pool's
+    /// connections run them at once, so requests keep the other half.
+    fn live_queries(&self) -> &live_query::LiveQueries {
+        self.live_queries.get_or_init(|| {
+            // Subscribed before any execution takes its cursor (see `live::queries`).
+            let events = self.broker.subscribe_all();
+            let parts = Arc::downgrade(&self.0);
+            let engine = live_query::LiveQueries::new(
+                self.broker.clone(),
+                Box::new(move |key| {
+                    let parts = parts.upgrade();
+                    Box::pin(async move {
+                        match parts {
+                            Some(parts) => Api(parts).execute_live(key).await,
+                            // The server is gone; nobody reads the stream.
+                            None => crate::live::queries::Outcome::Final(Arc::default()),
+                        }
+                    })
+                }),
+                self.subscription_starts.available_permits().div_ceil(2),
+                Reply::cursor,
+            );
+            tokio::spawn(engine.clone().run(events));
+            engine
+        })
     }
 
     /// A permit to start an operation (see `Live::subscription_starts`). Transports take it
@@ -386,7 +506,7 @@ impl Api {
         let mut request = async_graphql::Request::new(shape.query.clone())
             .variables(shape.variables.clone())
             .data(one)
-            .data(loaders::loaders(self.db.clone()));
+            .data(loaders::loaders(Reading::pool(self.db.clone())));
         request.operation_name = shape.operation_name.clone();
         self.documents.attach(&mut request);
         let Some(mut response) = self.schema.execute_stream(request).next().await else {

@@ -9,7 +9,7 @@ use super::loaders::{DocumentsOf, MembersOf};
 use super::types::{
     Channel, ChannelConnection, ChannelEdge, Document, PageInfo, User, page_complexity,
 };
-use super::{FeedMark, db, loaders, missing, viewer, viewer_id};
+use super::{FeedMark, loaders, missing, reading, viewer, viewer_id};
 use crate::auth::Viewer;
 use crate::store;
 
@@ -26,7 +26,9 @@ impl QueryRoot {
             Viewer::Anonymous => Ok(None),
             _ => {
                 let id = viewer_id(ctx)?;
-                Ok(store::user::find_by_id(db(ctx)?, id).await?.map(User))
+                Ok(store::user::find_by_id(&reading(ctx)?.reader, id)
+                    .await?
+                    .map(User))
             }
         }
     }
@@ -64,7 +66,10 @@ impl QueryRoot {
             None,
             None,
         )?;
-        let page = store::channel::page_for_member(db(ctx)?, viewer, request).await?;
+        let reading = reading(ctx)?;
+        let page =
+            store::channel::page_for_member(&reading.reader, viewer, request, &reading.reads)
+                .await?;
         // Load the page's members and documents as one batch each when they are selected.
         let node = ctx.look_ahead().field("edges").field("node");
         let ids = || page.items.iter().map(|c| c.id);
@@ -97,9 +102,12 @@ impl QueryRoot {
     ) -> AppResult<Option<Channel>> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("id", &id)?;
-        Ok(store::channel::find_for_member(db(ctx)?, id, viewer)
-            .await?
-            .map(Channel))
+        let reading = reading(ctx)?;
+        Ok(
+            store::channel::find_for_member(&reading.reader, id, viewer, &reading.reads)
+                .await?
+                .map(Channel),
+        )
     }
 
     /// A document by id; null when it does not exist or the viewer is not a member of its
@@ -111,8 +119,11 @@ impl QueryRoot {
     ) -> AppResult<Option<Document>> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("id", &id)?;
-        Ok(store::document::find_for_member(db(ctx)?, viewer, id)
-            .await?
-            .map(Document))
+        let reading = reading(ctx)?;
+        Ok(
+            store::document::find_for_member(&reading.reader, viewer, id, &reading.reads)
+                .await?
+                .map(Document),
+        )
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use super::{Api, Reply, shared};
+use crate::live::queries::Payload;
 use crate::pubsub::FeedStats;
 
 /// Aborts a task when dropped.
@@ -34,12 +35,42 @@ pub struct Replies {
     pub(super) handover: Option<Arc<shared::Handover>>,
     /// A handed-over subscription: what it follows and how it renders.
     pub(super) live: Option<(crate::live::Follower, Arc<shared::Shape>)>,
+    /// A live query: its cohort membership.
+    pub(super) live_query: Option<Box<LiveReplies>>,
     pub(super) finished: Finished,
+}
+
+/// A live query's part of its replies.
+pub(super) struct LiveReplies {
+    pub(super) member: crate::live::queries::Member<super::LiveKey, super::live_query::Refusal>,
+    /// Released with the first payload.
+    pub(super) permit: Option<super::StartPermit>,
+    pub(super) _slot: Option<crate::live::QuotaSlot>,
 }
 
 impl Replies {
     /// The next reply, or `None` when the operation is over.
     pub async fn next(&mut self) -> Option<Reply> {
+        if let Some(live) = &mut self.live_query {
+            let payload = live.member.next().await;
+            live.permit = None;
+            return match payload? {
+                Payload::Json { text, .. } => {
+                    self.finished.count(0);
+                    FeedStats::add(&self.api.broker.stats.delivered, 1);
+                    Some(Reply::Shared {
+                        json: text.into(),
+                        position: None,
+                    })
+                }
+                Payload::Final(errors) => {
+                    self.finished.count(errors.len());
+                    Some(Reply::Response(Box::new(
+                        async_graphql::Response::from_errors(errors.to_vec()),
+                    )))
+                }
+            };
+        }
         if let Some(start) = &mut self.start {
             if let Some(mut response) = start.recv().await {
                 self.api.finish(&mut response);

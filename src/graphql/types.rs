@@ -12,7 +12,7 @@ use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::limits::page_limit;
 use super::loaders::{DocumentsOf, MembersOf, UserId};
-use super::{db, loaders};
+use super::{db, loaders, reading};
 use crate::pubsub::ChangeEvent;
 use crate::store;
 
@@ -91,7 +91,9 @@ impl Channel {
             last,
             before.as_deref(),
         )?;
-        let page = store::message::page(db(ctx)?, self.0.id, request).await?;
+        let reading = reading(ctx)?;
+        let page =
+            store::message::page(&reading.reader, self.0.id, request, &reading.reads).await?;
         // Load the page's authors as one batch when they are selected; `Message.author` then
         // reads them from the request's loader cache.
         if ctx

@@ -5,6 +5,8 @@
 //!   recent events, else the log), then live events, catching up through the log when it
 //!   falls behind the topic's buffer; revocation on membership loss; the end of the followed
 //!   row or channel.
+//! - `queries`: live queries: cohorts of identical queries, each executed again only when a
+//!   change touches what it read, its results diffed into shared patches.
 //! - `quota`: each user's open subscriptions in this process, against a maximum.
 //!
 //! A resolver opens a subscription (`Opening::new`, which subscribes before reading how far
@@ -13,6 +15,7 @@
 //! event for a client is the caller's business.
 
 pub mod follow;
+pub mod queries;
 pub mod quota;
 
 pub use follow::{Filter, Follower, LiveError, Next, Opening};

@@ -8,6 +8,7 @@ use sea_orm::{
     QuerySelect, RelationTrait, Set, TransactionSession, TransactionTrait,
 };
 
+use super::reads::{ReadKey, Reads, Table};
 use super::{Page, PageRequest, StoreError, paginate};
 
 /// Creates a channel and makes `creator` its first member, atomically.
@@ -89,7 +90,15 @@ pub async fn find_for_member(
     db: &impl ConnectionTrait,
     channel_id: i64,
     user_id: i64,
+    reads: &Reads,
 ) -> Result<Option<channel::Model>, StoreError> {
+    reads.record_all([
+        ReadKey::Row(Table::Channels, channel_id),
+        ReadKey::Membership {
+            channel: channel_id,
+            user: user_id,
+        },
+    ]);
     Ok(channel::Entity::find_by_id(channel_id)
         .join(JoinType::InnerJoin, channel::Relation::ChannelMember.def())
         .filter(channel_member::Column::UserId.eq(user_id))
@@ -102,11 +111,19 @@ pub async fn page_for_member(
     db: &impl ConnectionTrait,
     user_id: i64,
     request: PageRequest,
+    reads: &Reads,
 ) -> Result<Page<channel::Model>, StoreError> {
     let select = channel::Entity::find()
         .join(JoinType::InnerJoin, channel::Relation::ChannelMember.def())
         .filter(channel_member::Column::UserId.eq(user_id));
-    paginate(db, select, channel::Column::Id, request).await
+    let page = paginate(db, select, channel::Column::Id, request).await?;
+    reads.record(ReadKey::MembershipsOf(user_id));
+    reads.record_all(
+        page.items
+            .iter()
+            .map(|c| ReadKey::Row(Table::Channels, c.id)),
+    );
+    Ok(page)
 }
 
 /// Adds `user_id` to `channel_id` on behalf of `caller`, who must be a member. Adding an
@@ -167,7 +184,13 @@ pub async fn remove_member(
 pub async fn members_of(
     db: &impl ConnectionTrait,
     channel_ids: &[i64],
+    reads: &Reads,
 ) -> Result<HashMap<i64, Vec<user::Model>>, StoreError> {
+    reads.record_all(
+        channel_ids
+            .iter()
+            .map(|id| ReadKey::Scope(Table::ChannelMembers, *id)),
+    );
     let rows = channel_member::Entity::find()
         .filter(channel_member::Column::ChannelId.is_in(channel_ids.iter().copied()))
         .order_by_asc(channel_member::Column::CreatedAt)
@@ -189,7 +212,13 @@ pub async fn members_of(
 pub async fn documents_of(
     db: &impl ConnectionTrait,
     channel_ids: &[i64],
+    reads: &Reads,
 ) -> Result<HashMap<i64, Vec<document::Model>>, StoreError> {
+    reads.record_all(
+        channel_ids
+            .iter()
+            .map(|id| ReadKey::Scope(Table::Documents, *id)),
+    );
     let rows = document::Entity::find()
         .filter(document::Column::ChannelId.is_in(channel_ids.iter().copied()))
         .order_by_asc(document::Column::Id)

@@ -6,6 +6,7 @@ use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set};
 
 use super::message::channels_of;
+use super::reads::{ReadKey, Reads, Table};
 use super::{StoreError, channel};
 
 /// Creates a document in a channel `viewer` belongs to.
@@ -48,7 +49,12 @@ pub async fn find_for_member(
     db: &impl ConnectionTrait,
     viewer: i64,
     id: i64,
+    reads: &Reads,
 ) -> Result<Option<document::Model>, StoreError> {
+    reads.record_all([
+        ReadKey::Row(Table::Documents, id),
+        ReadKey::MembershipsOf(viewer),
+    ]);
     Ok(document::Entity::find_by_id(id)
         .filter(document::Column::ChannelId.in_subquery(channels_of(viewer)))
         .one(db)

@@ -8,6 +8,7 @@ use entities::{channel_member, message};
 use sea_orm::sea_query::{Expr, ExprTrait, Query, SelectStatement};
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter};
 
+use super::reads::{ReadKey, Reads, Table};
 use super::{Page, PageRequest, StoreError, channel, paginate};
 
 /// The ids of the channels `user_id` belongs to, as a subquery.
@@ -100,7 +101,9 @@ pub async fn page(
     db: &impl ConnectionTrait,
     channel_id: i64,
     request: PageRequest,
+    reads: &Reads,
 ) -> Result<Page<message::Model>, StoreError> {
+    reads.record(ReadKey::Scope(Table::Messages, channel_id));
     let select = message::Entity::find().filter(message::Column::ChannelId.eq(channel_id));
     paginate(db, select, message::Column::Id, request).await
 }

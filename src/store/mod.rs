@@ -5,10 +5,12 @@ pub mod channel;
 pub mod document;
 pub mod message;
 mod posts;
+pub mod reads;
 pub mod user;
 pub mod writer;
 pub mod writes;
 
+pub use reads::{ReadKey, Reader, Reads};
 pub use writes::{GroupWriter, Writes};
 
 use sea_orm::sea_query::{Expr, SimpleExpr};

@@ -18,6 +18,7 @@ mod faults;
 mod feed;
 mod http;
 mod limits;
+mod live_queries;
 mod messages;
 mod observability;
 mod process;
