@@ -177,7 +177,8 @@ async fn typescript_example(server: TestServer) {
         report.contains("a CONFLICT handled")
             && report
                 .contains("the same feed over multipart, graphql-sse distinct, graphql-sse single")
-            && report.contains("persisted queries by hash"),
+            && report.contains("persisted queries by hash")
+            && report.contains("a live query rebuilt from"),
         "the example ran to its end:\n{report}"
     );
     println!("{report}");

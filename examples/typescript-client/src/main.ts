@@ -2,12 +2,25 @@
 // http://127.0.0.1:8000): sign up, take a snapshot and follow it live with graphql-ws and
 // with Apollo Client, post, edit with CONFLICT handling, resume after a dropped
 // connection without losing or repeating an event, close cleanly, follow the same feed over
-// HTTP (Apollo's multipart, graphql-sse in both modes), and use persisted queries. Exits non-zero on
+// HTTP (Apollo's multipart, graphql-sse in both modes), use persisted queries, and keep a
+// `@live` query's result current from its patches. Exits non-zero on
 // anything unexpected, so it doubles as a check of the example (syncgraph's tests run it).
 import { apolloClient, editMessage, persistedQueryClient } from './apollo.js';
 import { followOverSse, multipartClient, sseClient } from './http-streams.js';
+import { isDeepStrictEqual } from 'node:util';
+
+import type { LiveInboxQuery } from './gql/graphql.js';
 import { connect, followMessages, type MessageEvent } from './live.js';
-import { ChannelSnapshot, CreateChannel, MessageEvents, PostMessage, SignUp } from './operations.js';
+import { freshResult, liveQuery } from './live-query.js';
+import {
+  AddChannelMember,
+  ChannelSnapshot,
+  CreateChannel,
+  LiveInbox,
+  MessageEvents,
+  PostMessage,
+  SignUp,
+} from './operations.js';
 
 const url = (process.env['SYNCGRAPH_URL'] ?? 'http://127.0.0.1:8000').replace(/\/$/, '');
 /** Every wait has a deadline, so a missing event fails instead of hanging. */
@@ -36,7 +49,10 @@ class Inbox<T> {
   async until(done: (items: readonly T[]) => boolean, what: string): Promise<void> {
     const deadline = Date.now() + TIMEOUT_MS;
     while (!done(this.items)) {
-      if (this.failure) throw new Error(`${what}: ${JSON.stringify(this.failure)}`);
+      if (this.failure) {
+        const reason = this.failure instanceof Error ? this.failure.message : JSON.stringify(this.failure);
+        throw new Error(`${what}: ${reason}`);
+      }
       const left = deadline - Date.now();
       if (left <= 0) throw new Error(`timed out waiting for ${what}`);
       await new Promise<void>((resolve) => {
@@ -223,12 +239,48 @@ async function main(): Promise<void> {
     `persisted queries go by hash: ${requests.join(', ')}`,
   );
   persisted.stop();
+
+  // 8. A live query: the channel list as `{data, revision: 1}` then patches, rebuilt by
+  //    applyLiveQueryJSONPatch. After each write (a new channel, a new member) the rebuilt
+  //    result equals a fresh execution of the same query.
+  const liveClient = connect(`${url}/graphql`, token);
+  const results = new Inbox<LiveInboxQuery>();
+  const cursors: string[] = [];
+  void (async () => {
+    for await (const result of liveQuery(liveClient, LiveInbox, {})) {
+      if (result.cursor) cursors.push(result.cursor);
+      results.push(result.data);
+    }
+  })().catch((error: unknown) => results.fail(error));
+  const converges = async (what: string): Promise<void> => {
+    const fresh = await freshResult(url, token, LiveInbox);
+    await results.until((items) => isDeepStrictEqual(items.at(-1), fresh), what);
+  };
+  await converges('the first live result');
+  await apollo.mutate({ mutation: CreateChannel, variables: { name: 'live' } });
+  await converges('a new channel in the live list');
+  const bob = await anonymous.mutate({
+    mutation: SignUp,
+    variables: {
+      input: { name: 'Bob', email: `bob-${Date.now()}@example.com`, password: 'correct horse battery' },
+    },
+  });
+  check(bob.data, 'signUp answers');
+  await apollo.mutate({
+    mutation: AddChannelMember,
+    variables: { input: { channelId, userId: bob.data.signUp.user.id } },
+  });
+  await converges('a new member in the live list');
+  check(cursors.length === results.items.length, 'every live payload carries its cursor');
+  await liveClient.dispose();
+
   apollo.stop();
   anonymous.stop();
   console.log(`ok: ${events.items.length} events over graphql-ws (${keys.join(', ')}), ` +
     `${apolloEvents.items.length} over Apollo Client, ${reconnects} resume(s), a CONFLICT handled, ` +
     `the same feed over ${Object.keys(over).join(', ')}, ` +
-    `persisted queries by hash (${requests.join(', ')})`);
+    `persisted queries by hash (${requests.join(', ')}), ` +
+    `a live query rebuilt from ${results.items.length} payloads`);
 }
 
 main().then(

@@ -81,3 +81,28 @@ export const EditMessage = graphql(`
     }
   }
 `);
+
+export const AddChannelMember = graphql(`
+  mutation AddChannelMember($input: AddChannelMemberInput!) {
+    addChannelMember(input: $input) {
+      id
+    }
+  }
+`);
+
+/** The viewer's channels and their members, kept current by the server (`@live`). */
+export const LiveInbox = graphql(`
+  query LiveInbox @live {
+    channels(first: 50) {
+      edges {
+        node {
+          id
+          name
+          members {
+            name
+          }
+        }
+      }
+    }
+  }
+`);
