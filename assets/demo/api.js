@@ -1,5 +1,7 @@
-// The demo's whole client side of the API: GraphQL over HTTP, and live feeds over the
-// graphql-transport-ws protocol that resume from their last cursor after any disconnect.
+// The demo's whole client side of the API: GraphQL over HTTP, live feeds over the
+// graphql-transport-ws protocol that resume from their last cursor after any disconnect, and
+// live queries (`@live`) kept current from the server's patches.
+import { applyPatch } from '/assets/vendor/fast-json-patch-3.1.2/core.mjs';
 import { createClient } from '/assets/vendor/graphql-ws-6.4.2/client.js';
 
 const httpUrl = new URL('/graphql', window.location.href).href;
@@ -102,6 +104,72 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
           return;
         }
         if (error?.code) console.warn(`feed connection closed: ${error.code} ${error.reason ?? ''}`);
+        if (FATAL_CLOSE_CODES.has(error?.code)) {
+          stopped = true;
+          onError(
+            new ApiError([
+              {
+                message: error.reason || 'The connection was refused.',
+                extensions: { code: `CLOSE_${error.code}`, closeCode: error.code },
+              },
+            ]),
+          );
+          return;
+        }
+      }
+      if (stopped) return;
+      onRetry?.(delay);
+      await sleep(delay);
+      delay = Math.min(delay * 2, 4000);
+    }
+  })();
+  return {
+    stop() {
+      stopped = true;
+      iterator?.return?.();
+    },
+  };
+}
+
+/**
+ * Runs a `@live` query until stopped: `onResult` gets the whole result first and again after
+ * every committed change that alters it. The server sends `{data, revision: 1}`, then
+ * `{patch, revision}` (RFC 6902), applied here in order; a skipped revision cannot happen on
+ * one stream, and is treated like a lost connection. After a disconnect the query simply
+ * starts again (its first payload is the whole current result). GraphQL errors end it
+ * through `onError`.
+ */
+export function live({ client, query, variables = {}, onResult, onError, onRetry }) {
+  let stopped = false;
+  let iterator = null;
+  (async () => {
+    let delay = 250;
+    while (!stopped) {
+      let data = null;
+      let revision = 0;
+      try {
+        iterator = client.iterate({ query, variables });
+        for await (const result of iterator) {
+          if (result.errors?.length) throw new ApiError(result.errors);
+          if (result.revision === 1) data = result.data;
+          else if (result.revision === revision + 1 && data) {
+            data = applyPatch(data, result.patch, true, false).newDocument;
+          } else throw new Error(`live query: revision ${result.revision} after ${revision}`);
+          revision = result.revision;
+          delay = 250;
+          try {
+            onResult(data);
+          } catch (error) {
+            console.error('showing a live result failed', error);
+          }
+        }
+      } catch (error) {
+        if (stopped) return;
+        if (error instanceof ApiError || Array.isArray(error)) {
+          stopped = true;
+          onError(error instanceof ApiError ? error : new ApiError(error));
+          return;
+        }
         if (FATAL_CLOSE_CODES.has(error?.code)) {
           stopped = true;
           onError(

@@ -1,8 +1,9 @@
 // The demo: sign in, pick a channel, chat live, and edit a shared document with
-// optimistic concurrency. Everything shown comes from one snapshot query plus the live feed
+// optimistic concurrency. The channel list, a channel's members and its documents are live
+// queries (`@live`): they change on screen when anyone's change alters them. Everything shown comes from one snapshot query plus the live feed
 // that starts at that snapshot's `feedCursor`, so nothing committed after the snapshot is
 // missed; events are applied by `version`, so one seen twice changes nothing.
-import { ApiError, connect, follow, request } from '/assets/demo/api.js';
+import { ApiError, connect, follow, live, request } from '/assets/demo/api.js';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'syncgraph.demo.token';
@@ -15,6 +16,9 @@ const state = {
   client: null,
   channelId: null,
   channelFeed: null,
+  /** The live channel list, and the open channel's live members and documents. */
+  channelList: null,
+  channelParts: null,
   /** id -> message, and the li showing it. */
   messages: new Map(),
   items: new Map(),
@@ -38,12 +42,13 @@ const state = {
 // ---- status and errors ----------------------------------------------------------------
 
 /**
- * Shows the feed's state. The WebSocket is opened only while a channel's feed runs (the
- * client is lazy), so a closed socket with no feed to run is not "offline": signed in, the
- * page is "ready".
+ * Shows the feeds' state. Signed in, the live channel list keeps the WebSocket open; the
+ * client is lazy, so before that starts a closed socket is not "offline": the page is
+ * "ready".
  */
 function setStatus(status) {
-  const idle = status === 'offline' && state.token && !state.channelFeed && !state.documentFeed;
+  const idle =
+    status === 'offline' && state.token && !state.channelList && !state.channelFeed && !state.documentFeed;
   const shown = idle ? 'ready' : status;
   const labels = { live: 'live', ready: 'ready', offline: 'offline', reconnecting: 'reconnecting…' };
   $('status').textContent = labels[shown] ?? shown;
@@ -108,6 +113,8 @@ function startSession(token, user) {
 
 function signOut(message) {
   closeChannel();
+  state.channelList?.stop();
+  state.channelList = null;
   state.client?.dispose();
   Object.assign(state, { token: null, user: null, client: null });
   sessionStorage.removeItem(TOKEN_KEY);
@@ -133,33 +140,55 @@ async function resumeSession() {
 
 // ---- channels ---------------------------------------------------------------------------
 
-async function loadChannels() {
-  try {
-    const data = await request(state.token, '{ channels(first: 100) { edges { node { id name } } } }');
-    const list = $('channels');
-    list.replaceChildren(
-      ...data.channels.edges.map(({ node }) => {
-        const button = document.createElement('button');
-        button.type = 'button';
-        button.textContent = `# ${node.name}`;
-        button.dataset.channel = node.id;
-        button.className = node.id === state.channelId ? 'selected' : '';
-        button.addEventListener('click', () => openChannel(node.id));
-        const item = document.createElement('li');
-        item.append(button);
-        return item;
-      }),
-    );
-  } catch (error) {
-    showError('channel-error', error);
-  }
+/** Shows the viewer's channels, kept current by a live query (a channel the viewer is
+ *  added to appears, one they leave goes). Resolves once the list is first shown. */
+function loadChannels() {
+  state.channelList?.stop();
+  return new Promise((resolve) => {
+    state.channelList = live({
+      client: state.client,
+      query: 'query Channels @live { channels(first: 100) { edges { node { id name } } } }',
+      onResult: (data) => {
+        showChannels(data.channels.edges.map(({ node }) => node));
+        resolve();
+      },
+      onError: (error) => {
+        showError('channel-error', error);
+        resolve();
+      },
+      onRetry: () => setStatus('reconnecting'),
+    });
+  });
+}
+
+function showChannels(channels) {
+  $('channels').replaceChildren(
+    ...channels.map((node) => {
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.textContent = `# ${node.name}`;
+      button.dataset.channel = node.id;
+      button.className = node.id === state.channelId ? 'selected' : '';
+      button.addEventListener('click', () => openChannel(node.id));
+      const item = document.createElement('li');
+      item.append(button);
+      return item;
+    }),
+  );
 }
 
 function closeChannel() {
   state.openings += 1; // a reply to an opening still in flight is dropped
   state.channelFeed?.stop();
+  state.channelParts?.stop();
   state.documentFeed?.stop();
-  Object.assign(state, { channelId: null, channelFeed: null, documentFeed: null, documentId: null });
+  Object.assign(state, {
+    channelId: null,
+    channelFeed: null,
+    channelParts: null,
+    documentFeed: null,
+    documentId: null,
+  });
   state.messages.clear();
   state.items.clear();
   state.removed.clear();
@@ -235,6 +264,24 @@ async function openChannel(id) {
     onError: feedError,
     onRetry: () => setStatus('reconnecting'),
   });
+  // Members and documents, live: someone added, a document created by another member.
+  state.channelParts = live({
+    client: state.client,
+    query: 'query Parts($id: ID!) @live { channel(id: $id) { members { id name } documents { id title } } }',
+    variables: { id },
+    onResult: (parts) => {
+      if (state.channelId !== id) return; // another channel opened since
+      if (!parts.channel) return; // no longer a member: the message feed says FORBIDDEN
+      showMembers(parts.channel.members);
+      const documents = new Map(
+        parts.channel.documents.map((d) => [d.id, { ...state.documents.get(d.id), ...d }]),
+      );
+      state.documents = documents;
+      showDocumentList();
+    },
+    onError: feedError,
+    onRetry: () => setStatus('reconnecting'),
+  });
 }
 
 function feedError(error) {
@@ -262,7 +309,7 @@ async function createChannel(event) {
       { input: { name: form.elements.name.value } },
     );
     form.reset();
-    await loadChannels();
+    // The live channel list shows it as soon as its membership is committed.
     openChannel(data.createChannel.id);
   } catch (error) {
     showError('channel-error', error);
@@ -560,7 +607,6 @@ async function createDocument(event) {
 
 $('auth').addEventListener('submit', authenticate);
 $('sign-out').addEventListener('click', () => signOut());
-$('refresh-channels').addEventListener('click', loadChannels);
 $('new-channel').addEventListener('submit', createChannel);
 $('add-member').addEventListener('submit', addMember);
 $('post').addEventListener('submit', postMessage);
@@ -576,5 +622,4 @@ $('document').addEventListener('submit', (event) => {
 });
 $('load-theirs').addEventListener('click', loadTheirs);
 $('overwrite').addEventListener('click', () => saveDocument(state.conflictVersion));
-window.addEventListener('focus', () => state.token && loadChannels());
 resumeSession();

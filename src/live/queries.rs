@@ -796,7 +796,10 @@ mod tests {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while names.runs.load(Ordering::SeqCst) < 2 {
-            assert!(std::time::Instant::now() < deadline, "it runs again in time");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "it runs again in time"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -19,7 +19,7 @@ use tokio::process::Command;
 use crate::helpers::{Backend, TestServer, fresh_database, run};
 
 /// How many tests `browser.test.mjs` holds.
-const BROWSER_TESTS: usize = 6;
+const BROWSER_TESTS: usize = 7;
 
 /// The whole browser suite's deadline (it takes about 15 s here).
 const SUITE_TIMEOUT: Duration = Duration::from_secs(300);

@@ -186,15 +186,16 @@ async function signUp(page, name) {
 async function twoUsersInAChannel(a, b, channel) {
   await signUp(a, 'Ada');
   const bob = await signUp(b, 'Bob');
-  // Signed in with no channel open, no feed runs: the badge says so, not "offline".
-  for (const page of [a, b]) await page.locator('#status.ready', { hasText: 'ready' }).waitFor();
+  // Signed in, the channel list is a live query: the badge says so.
+  for (const page of [a, b]) await page.locator('#status.live', { hasText: 'live' }).waitFor();
   await a.getByLabel('New channel name').fill(channel);
   await a.getByRole('button', { name: 'Create', exact: true }).first().click();
   await a.locator('#channel-name').filter({ hasText: channel }).waitFor();
   await a.getByLabel('User id to add').fill(bob);
   await a.getByRole('button', { name: 'Add member' }).click();
   await a.locator('#members').filter({ hasText: `Bob (${bob})` }).waitFor();
-  await b.getByTitle('Reload the list').click();
+  // Bob's channel list is live: the channel appears without his doing anything.
+  await b.locator('#channels button', { hasText: channel }).waitFor();
   await b.locator('#channels button', { hasText: channel }).click();
   await b.locator('#channel-name').filter({ hasText: channel }).waitFor();
   for (const page of [a, b]) await page.locator('#status.live').waitFor();
@@ -226,6 +227,33 @@ test('two users on /demo: what one posts, the other sees within a second', async
     await a.getByRole('button', { name: 'Save' }).first().click();
     await message(b, 'hello from Ada, edited').waitFor();
     assert.equal(await b.locator('#messages li').count(), 2);
+  });
+});
+
+test("the demo's lists are live: a channel, a member and a document appear without a click", async () => {
+  await withPages('demo-live-lists', 2, async (a, b) => {
+    await signUp(a, 'Ada');
+    const bob = await signUp(b, 'Bob');
+    await a.getByLabel('New channel name').fill('lists');
+    await a.getByRole('button', { name: 'Create', exact: true }).first().click();
+    await a.locator('#channel-name').filter({ hasText: 'lists' }).waitFor();
+    assert.equal(await b.locator('#channels button', { hasText: 'lists' }).count(), 0);
+    // Ada adds Bob through the API, not the page: Bob's list and Ada's member list change
+    // by themselves.
+    const token = await a.evaluate(() => sessionStorage.getItem('syncgraph.demo.token'));
+    const channelId = new URL(a.url()).hash.match(/channel=(\d+)/)[1];
+    await graphql(token, 'mutation($input: AddChannelMemberInput!) { addChannelMember(input: $input) { id } }', {
+      input: { channelId, userId: bob },
+    });
+    await b.locator('#channels button', { hasText: 'lists' }).waitFor();
+    await a.locator('#members').filter({ hasText: `Bob (${bob})` }).waitFor();
+    // Bob opens it; a document Ada creates appears in his list.
+    await b.locator('#channels button', { hasText: 'lists' }).click();
+    await b.locator('#channel-name').filter({ hasText: 'lists' }).waitFor();
+    await graphql(token, 'mutation($input: CreateDocumentInput!) { createDocument(input: $input) { id } }', {
+      input: { channelId, title: 'Agenda', body: '' },
+    });
+    await b.locator('#document-list option', { hasText: 'Agenda' }).waitFor({ state: 'attached' });
   });
 });
 
