@@ -5,7 +5,7 @@
 # core 1. Every scenario gets a fresh server (and database).
 #
 #   bench/run.sh [scenario ...]     scenarios: fanout saturation sustained memory mutations
-#                                   shapes topics sse (default: all of them)
+#                                   shapes topics sse live (default: all of them)
 #   TARGETS="ceiling sqlite postgres" DURATION=10 bench/run.sh fanout
 #
 # Each run's JSON line is appended to bench/results/<target>.jsonl;
@@ -13,7 +13,7 @@
 # PostgreSQL runs use a fresh database `syncgraph_bench` on SYNCGRAPH_TEST_POSTGRES's server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse}")
+scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse live}")
 read -r -a scenarios <<< "${scenarios[*]}"
 read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
 duration="${DURATION:-10}"
@@ -171,6 +171,25 @@ for scenario in "${scenarios[@]}"; do
                 start "$target"
                 loadgen "$target" saturation-sse-gzip 1 --connections 100 --subscriptions 10000 \
                     --rate 0 --duration "$duration" --transport sse --gzip
+                stop ;;
+            live) # (h) 10,000 live queries of one shape, one change at a time; (i) 1,000
+                  # distinct live queries over 1,000 channels, changes at 100/s; their memory
+                if [ "$target" = ceiling ]; then
+                    echo "the ceiling server has no live queries"
+                    continue
+                fi
+                live_query='query($c: ID!) @live { channel(id: $c) { messages(last: 1) { edges { node { body } } } } }'
+                start "$target"
+                loadgen "$target" live-fanout 1 --connections 100 --subscriptions 10000 \
+                    --subscription "$live_query" --live --rate 10 --duration "$duration"
+                stop
+                start "$target"
+                loadgen "$target" live-distinct 1000 --connections 100 --subscriptions 1000 \
+                    --subscription "$live_query" --live --rate 100 --publishers 8 --duration "$duration"
+                stop
+                start "$target"
+                loadgen "$target" idle-live-queries 1000 --connections 100 --subscriptions 10000 \
+                    --subscription "$live_query" --live --idle
                 stop ;;
             topics) # (g) saturation with 10,000 subscriptions over 100 topics
                 start "$target"

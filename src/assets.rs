@@ -50,7 +50,14 @@ pub fn serve(path: &str, headers: &HeaderMap) -> Response {
         )
             .into_response();
     }
-    let content_type = HeaderValue::from_str(file.metadata.mimetype())
+    // An ES module file (`.mjs`) is JavaScript like `.js` (RFC 9239's type for both);
+    // the guess from its extension says application/javascript.
+    let mimetype = if path.ends_with(".mjs") {
+        "text/javascript"
+    } else {
+        file.metadata.mimetype()
+    };
+    let content_type = HeaderValue::from_str(mimetype)
         .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
     (
         [

@@ -112,7 +112,7 @@ both_backends! {
             let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
             let text = response.text().await.unwrap();
             let expected = match path.rsplit('.').next() {
-                Some("js") => "text/javascript",
+                Some("js" | "mjs") => "text/javascript",
                 Some("css") => "text/css",
                 _ => "text/html",
             };

@@ -106,6 +106,13 @@ struct Args {
     /// Ask for gzip-encoded event streams (`--transport sse`).
     #[arg(long)]
     gzip: bool,
+    /// The subscriptions are `@live` queries (of the topic's newest message, say): a payload
+    /// reflects its topic's newest change, and changes that land while the query re-runs
+    /// fold into one payload. So a number never seen is `folded`, not lost; what must arrive
+    /// is each topic's last number (`lost` counts subscriptions that end without it), with
+    /// no duplicate and nothing out of order. The drain ends after 1 s without a delivery.
+    #[arg(long)]
+    live: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -164,6 +171,18 @@ fn set_bit(bits: &mut Vec<u64>, n: u64) -> bool {
     !was
 }
 
+/// The highest bit set, if any.
+fn highest_bit(bits: &[u64]) -> Option<u64> {
+    let (word, value) = bits.iter().enumerate().rev().find(|(_, w)| **w != 0)?;
+    Some(word as u64 * 64 + 63 - u64::from(value.leading_zeros()))
+}
+
+/// Whether bit `n` is set.
+fn has_bit(bits: &[u64], n: u64) -> bool {
+    bits.get((n / 64) as usize)
+        .is_some_and(|word| word & (1 << (n % 64)) != 0)
+}
+
 /// Bits set in `a` and not in `b`.
 fn count_missing(a: &[u64], b: &[u64]) -> u64 {
     a.iter()
@@ -189,6 +208,8 @@ struct Shared {
     wire_bytes: AtomicU64,
     /// Count `wire_bytes` only from the first publish on (not the probes).
     counting: std::sync::atomic::AtomicBool,
+    /// `--live`: a payload's newest marker is its last one (patches apply in order).
+    live: bool,
 }
 
 impl Shared {
@@ -227,7 +248,16 @@ fn string_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 
 /// The `(topic, seq, sent ns)` marker of a published body.
 fn marker(text: &str) -> Option<(usize, u64, u64)> {
-    let start = text.find("~lg~")? + 4;
+    marker_at(text, text.find("~lg~")?)
+}
+
+/// The last marker of `text` (a live query's joined patches hold the newest last).
+fn last_marker(text: &str) -> Option<(usize, u64, u64)> {
+    marker_at(text, text.rfind("~lg~")?)
+}
+
+fn marker_at(text: &str, at: usize) -> Option<(usize, u64, u64)> {
+    let start = at + 4;
     let mut parts = text[start..].splitn(4, '~');
     let topic = parts.next()?.parse().ok()?;
     let seq = parts.next()?.parse().ok()?;
@@ -306,7 +336,12 @@ fn on_next(
     else {
         return;
     };
-    let Some((topic, seq, sent)) = marker(text) else {
+    let found = if shared.live {
+        last_marker(text)
+    } else {
+        marker(text)
+    };
+    let Some((topic, seq, sent)) = found else {
         return;
     };
     let Some(sub) = subs.get_mut(index / connections) else {
@@ -640,7 +675,10 @@ async fn main() -> anyhow::Result<()> {
     let pid = args.pid;
     let rss = || pid.and_then(rss_kib);
     let started = Instant::now();
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        live: args.live,
+        ..Shared::default()
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Connect, then subscribe: subscription i on connection i mod C, topic i mod K.
@@ -921,6 +959,15 @@ async fn main() -> anyhow::Result<()> {
         .sum();
     let drain_until = Instant::now() + Duration::from_secs_f64(args.drain);
     while shared.unique.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        if args.live {
+            let last = shared.last_delivery_ns.load(Ordering::Relaxed);
+            let quiet_ns = (started.elapsed().as_nanos() as u64).saturating_sub(last);
+            if quiet_ns > 1_000_000_000
+                && started.elapsed().as_nanos() as u64 > publish_started_ns + 1_000_000_000
+            {
+                break;
+            }
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let server_cpu = match (server_cpu_before, pid_text.as_deref().and_then(cpu_secs)) {
@@ -939,6 +986,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut unique, mut lost, mut duplicates, mut out_of_order, mut closed_early) =
         (0u64, 0u64, 0u64, 0u64, 0usize);
     let mut unacknowledged = 0u64;
+    let mut folded = 0u64;
     for reader in readers {
         let result = reader.await?;
         latency.add(&result.latency)?;
@@ -947,7 +995,17 @@ async fn main() -> anyhow::Result<()> {
             unique += sub.unique;
             // Lost: acknowledged numbers never seen. Numbers seen whose publish was not
             // acknowledged (a timeout after the commit) are counted apart, not as credit.
-            lost += count_missing(&acked[sub.topic], &sub.seen);
+            if args.live {
+                // Only the topic's last acknowledged number must arrive.
+                let missing = count_missing(&acked[sub.topic], &sub.seen);
+                let last = highest_bit(&acked[sub.topic]);
+                if last.is_some_and(|last| !has_bit(&sub.seen, last)) {
+                    lost += 1;
+                }
+                folded += missing;
+            } else {
+                lost += count_missing(&acked[sub.topic], &sub.seen);
+            }
             let mut seen = sub.seen.clone();
             if let Some(first) = seen.first_mut() {
                 *first &= !1; // the probe, seq 0
@@ -975,6 +1033,8 @@ async fn main() -> anyhow::Result<()> {
     report["delivered"] = json!(delivered);
     report["unique"] = json!(unique);
     report["lost"] = json!(lost);
+    report["live"] = json!(args.live);
+    report["folded"] = json!(folded);
     report["misrouted"] = json!(shared.misrouted.load(Ordering::Relaxed));
     report["arrived_unacknowledged"] = json!(unacknowledged);
     report["requested_rate"] = json!(args.rate);
@@ -1028,8 +1088,16 @@ async fn main() -> anyhow::Result<()> {
             report["mutation_latency"]
         );
         println!(
-            "delivered {delivered} / expected {expected}: lost {lost}, duplicates {duplicates}, out of order {out_of_order}, misrouted {}, arrived unacknowledged {unacknowledged}, subscription errors {}, closed early {closed_early}",
-            report["misrouted"], report["subscription_errors"]
+            "delivered {delivered} / expected {expected}{}: lost {lost}, duplicates {duplicates}, out of order {out_of_order}, misrouted {}, arrived unacknowledged {unacknowledged}, subscription errors {}, closed early {closed_early}",
+            if args.live {
+                format!(
+                    " ({folded} folded into later payloads; lost = subscriptions without their topic's last change)"
+                )
+            } else {
+                String::new()
+            },
+            report["misrouted"],
+            report["subscription_errors"]
         );
         println!(
             "end-to-end latency {}; {:.0} deliveries/s",
