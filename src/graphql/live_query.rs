@@ -22,6 +22,10 @@ use crate::store::{Reader, Reads};
 /// The directive's name, as clients write it.
 const LIVE: &str = "live";
 
+/// The longest `throttle` (a minute): a live query updates at least that often when its
+/// data changes.
+pub const MAX_THROTTLE_MS: i64 = 60_000;
+
 /// What ends a live query's stream before or instead of a result: its errors.
 pub type Refusal = Arc<Vec<ServerError>>;
 
@@ -90,7 +94,7 @@ impl CustomDirectiveFactory for LiveDirective {
             MetaInputValue {
                 name: "throttle".to_owned(),
                 description: Some(
-                    "At least this many milliseconds between two updates; the last state wins."
+                    "At least this many milliseconds between two updates (0 to 60000); the last state wins."
                         .to_owned(),
                 ),
                 ty: "Int".to_owned(),
@@ -157,7 +161,7 @@ pub(super) fn options(
     request: &mut async_graphql::Request,
 ) -> Result<Option<LiveOptions>, ServerError> {
     let name = request.operation_name.clone();
-    let variables = request.variables.clone();
+    let mut variables = request.variables.clone();
     let Ok(document) = request.parsed_query() else {
         return Ok(None);
     };
@@ -179,6 +183,15 @@ pub(super) fn options(
             Some(live.pos),
         ));
     }
+    // A variable the request leaves out takes its definition's default.
+    for definition in &operation.node.variable_definitions {
+        let name = &definition.node.name.node;
+        if !variables.contains_key(name)
+            && let Some(default) = &definition.node.default_value
+        {
+            variables.insert(name.clone(), default.node.clone());
+        }
+    }
     let mut throttle = Duration::ZERO;
     if let Some(value) = live.node.get_argument("throttle") {
         let value = value
@@ -189,11 +202,15 @@ pub(super) fn options(
         match value {
             async_graphql::Value::Null => {}
             async_graphql::Value::Number(n) => match n.as_i64() {
-                Some(ms) if ms >= 0 => throttle = Duration::from_millis(ms as u64),
+                Some(ms) if (0..=MAX_THROTTLE_MS).contains(&ms) => {
+                    throttle = Duration::from_millis(ms as u64)
+                }
                 _ => {
                     return Err(error::coded(
                         code::BAD_USER_INPUT,
-                        "@live(throttle:) is a number of milliseconds, 0 or more",
+                        format!(
+                            "@live(throttle:) is a number of milliseconds, 0 to {MAX_THROTTLE_MS}"
+                        ),
                         Some(value_pos(live)),
                     ));
                 }
@@ -222,11 +239,8 @@ impl Api {
         let reader = match Reader::snapshot(&self.db).await {
             Ok(reader) => reader,
             Err(err) => {
-                tracing::error!(error = %err, "a live query could not open its read transaction");
-                return Outcome::Final(Arc::new(vec![self.refuse(
-                    code::INTERNAL_SERVER_ERROR,
-                    "the live query could not be executed; try again",
-                )]));
+                tracing::warn!(error = %err, "a live query could not open its read transaction; it runs again shortly");
+                return Outcome::Retry;
             }
         };
         let reads = Reads::recording();
@@ -248,8 +262,21 @@ impl Api {
         let mut response = self.schema.execute(request).await;
         reader.finish().await;
         self.finish(&mut response);
-        if error::is_request_error(&response) {
+        if error::is_request_error(&response) || response.data == async_graphql::Value::Null {
+            // Nothing to keep current (it never ran, or a non-null root failed, as for a
+            // viewer without a token): the errors end it.
             return Outcome::Final(Arc::new(response.errors));
+        }
+        let internal = |err: &ServerError| {
+            err.extensions
+                .as_ref()
+                .and_then(|e| e.get("code"))
+                .is_some_and(|c| *c == async_graphql::Value::from(code::INTERNAL_SERVER_ERROR))
+        };
+        if response.errors.iter().any(internal) {
+            // A failed read (the database) is not the result: keep the last one, try again.
+            tracing::warn!("a live query's execution failed; it runs again shortly");
+            return Outcome::Retry;
         }
         let data = serde_json::to_value(&response.data).unwrap_or_default();
         let size = serde_json::to_vec(&data).map_or(0, |bytes| bytes.len());

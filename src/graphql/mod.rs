@@ -128,6 +128,12 @@ fn build_schema(
     }
 }
 
+/// True when `request` is a `@live` query (one that can run: a refused `@live` is not), which
+/// a streaming transport streams and plain HTTP answers once.
+pub fn is_live_query(request: &mut async_graphql::Request) -> bool {
+    matches!(live_query::options(request), Ok(Some(_)))
+}
+
 /// The schema's SDL, as committed in `schema.graphql`.
 pub fn sdl() -> String {
     Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
@@ -155,6 +161,8 @@ pub struct ApiParts {
     live_queries: std::sync::OnceLock<live_query::LiveQueries>,
     live_max_result_bytes: usize,
     quota: Arc<SubscriptionQuota>,
+    /// The pool's connections (the start permits' number, read before any is taken).
+    pool_connections: usize,
 }
 
 impl std::ops::Deref for Api {
@@ -210,6 +218,7 @@ impl Api {
             persisted: persisted::PersistedQueries::default(),
             documents: documents::ParsedDocuments::default(),
             broker: live.broker.clone(),
+            pool_connections: live.subscription_starts.available_permits(),
             subscription_starts: live.subscription_starts.clone(),
             schema: build_schema(db.clone(), writes, keys, live, limits, quota.clone()),
             quota,
@@ -473,7 +482,7 @@ impl Api {
                         }
                     })
                 }),
-                self.subscription_starts.available_permits().div_ceil(2),
+                self.pool_connections.div_ceil(2),
                 Reply::cursor,
             );
             tokio::spawn(engine.clone().run(events));

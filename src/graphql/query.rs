@@ -2,7 +2,7 @@
 
 use async_graphql::{Context, ID, Object};
 
-use super::error::AppResult;
+use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::limits::page_limit;
 use super::loaders::{DocumentsOf, MembersOf};
@@ -39,6 +39,13 @@ impl QueryRoot {
     /// delivered; a change already in it may be delivered too (apply events by `version`).
     async fn feed_cursor(&self, ctx: &Context<'_>) -> AppResult<String> {
         viewer_id(ctx)?;
+        if reading(ctx)?.reads.is_recording() {
+            // It would change with every run; a live query's payloads carry the cursor.
+            return Err(AppError::bad_input(
+                "feedCursor",
+                "a @live query has its cursor in each payload's extensions.cursor; select feedCursor without @live",
+            ));
+        }
         // Only `Api` attaches the mark; reading the position here instead would be unsound,
         // as sibling fields may already have read.
         let mark = ctx.data::<FeedMark>().map_err(|_| missing("FeedMark"))?;

@@ -289,7 +289,9 @@ async fn dispatch(
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return response;
     }
-    let subscription = operation_type(&mut request) == Some(OperationType::Subscription);
+    // A subscription, or a live query: what a streaming client gets as a stream.
+    let subscription = operation_type(&mut request) == Some(OperationType::Subscription)
+        || crate::graphql::is_live_query(&mut request);
     if event_stream_only || (subscription && sse::accepted(headers)) {
         let access_token = url.and_then(|url| url.access_token.as_deref());
         return event_stream(state, request, headers, access_token, url.is_some()).await;

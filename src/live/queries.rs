@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,7 +49,16 @@ pub enum Outcome<F> {
     /// The cohort ends with this (a request that cannot run, a result over the size cap):
     /// each member gets it, then its stream ends.
     Final(F),
+    /// The execution failed for a passing reason (the database): nothing is published, and
+    /// the cohort runs again after `RETRY_AFTER`.
+    Retry,
 }
+
+/// How long a cohort waits before running again after `Outcome::Retry`.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Bytes of recent patches a cohort keeps at most (besides the newest).
+const PATCH_HISTORY_BYTES: usize = 64 * 1024;
 
 /// Executes a cohort's key (see `Outcome`).
 pub type Execute<K, F> = Box<dyn Fn(K) -> BoxFuture<'static, Outcome<F>> + Send + Sync>;
@@ -84,6 +93,10 @@ struct Inner<K, F> {
     runs: Arc<Semaphore>,
     encode_cursor: fn(i64) -> String,
     executions: AtomicU64,
+    /// Cohort runners alive (executing, or waiting to).
+    runners: AtomicUsize,
+    /// Raised when the feed ends (shutdown): every member's stream ends.
+    closed: watch::Sender<bool>,
 }
 
 struct Registry<K, F> {
@@ -103,6 +116,8 @@ struct Cohort<K, F> {
     throttle: Duration,
     state: Mutex<CohortState>,
     snapshots: watch::Sender<Option<Arc<Snapshot<F>>>>,
+    /// Wakes a runner that waits (throttle, retry) when the cohort ends.
+    ended: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -124,6 +139,8 @@ struct Snapshot<F> {
 enum Body<F> {
     Result {
         data: Arc<Value>,
+        /// `data` as JSON text, made once for every member that needs the whole result.
+        text: Arc<str>,
         errors: Option<Arc<str>>,
         cursor: i64,
         /// The operations (a JSON array's inside) of the last patches, each with the `seq`
@@ -161,6 +178,8 @@ where
                 runs: Arc::new(Semaphore::new(concurrency.max(1))),
                 encode_cursor,
                 executions: AtomicU64::new(0),
+                runners: AtomicUsize::new(0),
+                closed: watch::Sender::new(false),
             }),
         }
     }
@@ -178,7 +197,10 @@ where
                     );
                     self.inner.touch_all();
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.inner.closed.send_replace(true);
+                    return;
+                }
             }
         }
     }
@@ -192,7 +214,7 @@ where
                 state.members += 1;
                 drop(state);
                 let updates = cohort.snapshots.subscribe();
-                return Member::new(self.inner.clone(), cohort, updates);
+                return Member::new(&self.inner, cohort, updates);
             }
         }
         let id = registry.next_id;
@@ -206,12 +228,13 @@ where
                 ..CohortState::default()
             }),
             snapshots: watch::Sender::new(None),
+            ended: tokio::sync::Notify::new(),
         });
         registry.cohorts.insert(key, cohort.clone());
         registry.by_id.insert(id, cohort.clone());
         self.inner.schedule(&cohort);
         let updates = cohort.snapshots.subscribe();
-        Member::new(self.inner.clone(), cohort, updates)
+        Member::new(&self.inner, cohort, updates)
     }
 
     /// Executions run so far (first ones included).
@@ -222,6 +245,11 @@ where
     /// Cohorts alive.
     pub fn cohorts(&self) -> usize {
         self.inner.lock().cohorts.len()
+    }
+
+    /// Cohort runners alive (executing or waiting to: throttle, retry).
+    pub fn runners(&self) -> usize {
+        self.inner.runners.load(Ordering::Relaxed)
     }
 }
 
@@ -268,16 +296,34 @@ where
         state.dirty = true;
         if !state.running && !state.ended {
             state.running = true;
-            tokio::spawn(self.clone().execute_while_dirty(cohort.clone()));
+            self.runners.fetch_add(1, Ordering::Relaxed);
+            let engine = self.clone();
+            let cohort = cohort.clone();
+            tokio::spawn(async move {
+                engine.clone().execute_while_dirty(cohort).await;
+                engine.runners.fetch_sub(1, Ordering::Relaxed);
+            });
         }
     }
 
     /// A cohort's runner: executes while something asked for it, one at a time.
     async fn execute_while_dirty(self: Arc<Self>, cohort: Arc<Cohort<K, F>>) {
+        let mut retry_at: Option<Instant> = None;
         loop {
-            let not_before = cohort.state().last_start.map(|at| at + cohort.throttle);
+            let throttled = cohort.state().last_start.map(|at| at + cohort.throttle);
+            let not_before = match (throttled, retry_at.take()) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
             if let Some(at) = not_before {
-                tokio::time::sleep_until(at).await;
+                // A cohort that ends meanwhile (its last member left) stops the wait.
+                let ended = cohort.ended.notified();
+                if !cohort.state().ended {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = ended => {}
+                    }
+                }
             }
             let permit = self.runs.clone().acquire_owned().await;
             {
@@ -298,6 +344,10 @@ where
                     cohort.state().running = false;
                     cohort.publish_final(last);
                     return;
+                }
+                Outcome::Retry => {
+                    cohort.state().dirty = true;
+                    retry_at = Some(Instant::now() + RETRY_AFTER);
                 }
                 Outcome::Result {
                     data,
@@ -354,10 +404,16 @@ where
         }
     }
 
-    /// Forgets `cohort` (its last member left, or it ended).
+    /// Forgets `cohort` (it ended).
     fn end(&self, cohort: &Cohort<K, F>) {
         let mut registry = self.lock();
         cohort.state().ended = true;
+        Self::forget(&mut registry, cohort);
+    }
+
+    /// Removes `cohort` from the registry and the index (under the registry's lock, which
+    /// `join` holds too: a joiner either finds the cohort alive or not at all).
+    fn forget(registry: &mut Registry<K, F>, cohort: &Cohort<K, F>) {
         if registry
             .cohorts
             .get(&cohort.key)
@@ -374,6 +430,7 @@ where
                 }
             }
         }
+        cohort.ended.notify_waiters();
     }
 }
 
@@ -386,6 +443,9 @@ impl<K, F> Cohort<K, F> {
     /// nothing when neither the data nor the errors changed.
     fn publish(&self, data: Value, errors: Option<String>, cursor: i64) {
         let errors: Option<Arc<str>> = errors.map(Into::into);
+        let text: Arc<str> = serde_json::to_string(&data)
+            .unwrap_or_else(|_| "null".to_owned())
+            .into();
         let previous = self.snapshots.borrow().clone();
         let (seq, patches) = match previous.as_deref() {
             Some(Snapshot {
@@ -408,10 +468,17 @@ impl<K, F> Cohort<K, F> {
                     .and_then(|t| t.strip_suffix(']'))
                     .unwrap_or_default();
                 let mut patches = patches.clone();
-                if patches.len() == PATCH_HISTORY {
-                    patches.pop_front();
-                }
                 patches.push_back((seq + 1, operations.into()));
+                // At most PATCH_HISTORY patches, and past the newest at most
+                // PATCH_HISTORY_BYTES of them: one further behind gets the whole result.
+                let mut bytes: usize = patches.iter().map(|(_, p)| p.len()).sum();
+                while patches.len() > PATCH_HISTORY
+                    || (patches.len() > 1 && bytes > PATCH_HISTORY_BYTES + operations.len())
+                {
+                    if let Some((_, oldest)) = patches.pop_front() {
+                        bytes -= oldest.len();
+                    }
+                }
                 (seq + 1, patches)
             }
             _ => (1, VecDeque::new()),
@@ -420,6 +487,7 @@ impl<K, F> Cohort<K, F> {
             seq,
             body: Body::Result {
                 data: Arc::new(data),
+                text,
                 errors,
                 cursor,
                 patches,
@@ -446,6 +514,8 @@ where
     engine: Arc<Inner<K, F>>,
     cohort: Arc<Cohort<K, F>>,
     updates: watch::Receiver<Option<Arc<Snapshot<F>>>>,
+    /// The engine's end (shutdown), which ends this stream.
+    closed: watch::Receiver<bool>,
     /// The cohort's `seq` this member sent last.
     sent: Option<u64>,
     /// This stream's own counter, one per payload.
@@ -459,12 +529,13 @@ where
     F: Clone + Send + Sync + 'static,
 {
     fn new(
-        engine: Arc<Inner<K, F>>,
+        engine: &Arc<Inner<K, F>>,
         cohort: Arc<Cohort<K, F>>,
         updates: watch::Receiver<Option<Arc<Snapshot<F>>>>,
     ) -> Self {
         Self {
-            engine,
+            closed: engine.closed.subscribe(),
+            engine: engine.clone(),
             cohort,
             updates,
             sent: None,
@@ -480,14 +551,21 @@ where
             return None;
         }
         loop {
+            if *self.closed.borrow() {
+                self.done = true;
+                return None;
+            }
             let snapshot = self.updates.borrow_and_update().clone();
             if let Some(snapshot) = snapshot
                 && Some(snapshot.seq) != self.sent
             {
                 return Some(self.payload(&snapshot));
             }
-            if self.updates.changed().await.is_err() {
-                return None;
+            tokio::select! {
+                changed = self.updates.changed() => if changed.is_err() {
+                    return None;
+                },
+                _ = self.closed.changed() => {}
             }
         }
     }
@@ -501,17 +579,18 @@ where
                 Payload::Final(last.clone())
             }
             Body::Result {
-                data,
+                text: whole,
                 errors,
                 cursor,
                 patches,
+                ..
             } => {
                 self.revision += 1;
                 let mut text = String::with_capacity(128);
                 match behind {
                     None => {
                         text.push_str("{\"data\":");
-                        text.push_str(&serde_json::to_string(&**data).unwrap_or_default());
+                        text.push_str(whole);
                     }
                     Some(sent) => {
                         text.push_str("{\"patch\":[");
@@ -532,7 +611,7 @@ where
                         } else {
                             // Too far behind for the kept patches: replace the whole result.
                             text.push_str("{\"op\":\"replace\",\"path\":\"\",\"value\":");
-                            text.push_str(&serde_json::to_string(&**data).unwrap_or_default());
+                            text.push_str(whole);
                             text.push('}');
                         }
                         text.push(']');
@@ -565,13 +644,19 @@ where
     F: Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
+        // Under the registry's lock, as `join`: a joiner cannot find the cohort between its
+        // last member leaving and its removal.
+        let mut registry = self.engine.lock();
         let last = {
             let mut state = self.cohort.state();
             state.members = state.members.saturating_sub(1);
+            if state.members == 0 {
+                state.ended = true;
+            }
             state.members == 0
         };
         if last {
-            self.engine.end(&self.cohort);
+            Inner::forget(&mut registry, &self.cohort);
         }
     }
 }
@@ -607,6 +692,9 @@ mod tests {
                     names.runs.fetch_add(1, Ordering::SeqCst);
                     if channel < 0 {
                         return Outcome::Final("refused");
+                    }
+                    if channel == 0 && names.runs.load(Ordering::SeqCst) == 1 {
+                        return Outcome::Retry;
                     }
                     let name = names.rows.lock().unwrap().get(&channel).cloned();
                     Outcome::Result {
@@ -756,6 +844,105 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(250));
         assert_eq!(patch["patch"][0]["value"], "d");
         assert_eq!(names.runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_member_far_behind_gets_the_patches_joined_or_the_whole_result() {
+        let broker = Arc::new(Broker::new(0));
+        let names = Arc::new(Names::default());
+        names.rows.lock().unwrap().insert(1, "v0".into());
+        let (live, _) = start(&broker, &names);
+        let mut fast = live.join(1, Duration::ZERO);
+        let mut slow = live.join(1, Duration::ZERO);
+        let mut slow_result = next_json(&mut slow).await["data"].clone();
+        let mut fast_result = next_json(&mut fast).await["data"].clone();
+        for round in [3, PATCH_HISTORY + 2] {
+            for n in 0..round {
+                rename(&broker, &names, 1, &format!("r{round}-{n}"));
+                // The fast member reads each state, so every one is published.
+                let patch = next_json(&mut fast).await;
+                let patch: json_patch::Patch =
+                    serde_json::from_value(patch["patch"].clone()).unwrap();
+                json_patch::patch(&mut fast_result, &patch).unwrap();
+            }
+            let caught_up = next_json(&mut slow).await;
+            let operations = caught_up["patch"].as_array().unwrap().clone();
+            if round <= PATCH_HISTORY {
+                assert_eq!(operations.len(), round, "{caught_up}");
+            } else {
+                assert_eq!(operations.len(), 1, "{caught_up}");
+                assert_eq!(operations[0]["path"], "", "the whole result: {caught_up}");
+            }
+            let patch: json_patch::Patch =
+                serde_json::from_value(caught_up["patch"].clone()).unwrap();
+            json_patch::patch(&mut slow_result, &patch).unwrap();
+            assert_eq!(slow_result, fast_result);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_throttled_runner_ends_with_its_cohort() {
+        let broker = Arc::new(Broker::new(0));
+        let names = Arc::new(Names::default());
+        names.rows.lock().unwrap().insert(1, "one".into());
+        let (live, _) = start(&broker, &names);
+        let mut member = live.join(1, Duration::from_secs(60));
+        next_json(&mut member).await;
+        rename(&broker, &names, 1, "two");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while live.runners() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a runner waits out the throttle"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(member);
+        while live.runners() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the runner ends with its cohort"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(live.cohorts(), 0);
+        // A new member of the same key gets a new cohort, and it runs.
+        let mut again = live.join(1, Duration::ZERO);
+        assert_eq!(
+            next_json(&mut again).await["data"]["channel"]["name"],
+            "two"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_execution_is_retried_not_published() {
+        let broker = Arc::new(Broker::new(0));
+        let names = Arc::new(Names::default());
+        names.rows.lock().unwrap().insert(0, "zero".into());
+        let (live, _) = start(&broker, &names);
+        let started = std::time::Instant::now();
+        let mut member = live.join(0, Duration::ZERO);
+        let first = next_json(&mut member).await;
+        assert_eq!(first["revision"], 1);
+        assert_eq!(first["data"]["channel"]["name"], "zero");
+        assert!(
+            started.elapsed() >= RETRY_AFTER / 2,
+            "it waited before trying again"
+        );
+        assert_eq!(names.runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn members_end_when_the_feed_closes() {
+        let broker = Arc::new(Broker::new(0));
+        let names = Arc::new(Names::default());
+        names.rows.lock().unwrap().insert(1, "one".into());
+        let (live, _) = start(&broker, &names);
+        let mut member = live.join(1, Duration::ZERO);
+        next_json(&mut member).await;
+        broker.close();
+        let ended = tokio::time::timeout(Duration::from_secs(5), member.next()).await;
+        assert!(matches!(ended, Ok(None)), "the stream ends at shutdown");
     }
 
     #[tokio::test]

@@ -108,6 +108,11 @@ impl Reads {
         }
     }
 
+    /// Whether this records (a live query's execution).
+    pub fn is_recording(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// What was recorded so far.
     pub fn keys(&self) -> HashSet<ReadKey> {
         match &self.0 {

@@ -156,7 +156,11 @@ both_backends! {
         let watched = server.create_channel(&ada, "watched").await;
         let other = server.create_channel(&ada, "other").await;
         let variables = json!({ "id": watched });
+        // Every change so far is published (else one after the first run's cursor could
+        // run it again), and that first run is over.
+        caught_up(&server).await;
         let mut room = LiveStream::open(&server, &ada, ROOM, variables.clone()).await;
+        room.quiet().await;
         let before = executions(&server);
 
         server.post_message(&ada, &other, "elsewhere").await;
@@ -246,12 +250,20 @@ both_backends! {
             .graphql_as(&ada, "query($t: Int) @live(throttle: $t) { me { name } }", json!({ "t": -5 }))
             .await;
         assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
+        // A throttle past a minute, or a negative one from a variable's default.
+        for (query, variables) in [
+            ("query @live(throttle: 60001) { me { name } }", json!({})),
+            ("query($t: Int = -5) @live(throttle: $t) { me { name } }", json!({})),
+        ] {
+            let response = server.graphql_as(&ada, query, variables).await;
+            assert_eq!(error_code(&response), "BAD_USER_INPUT", "{query}: {response}");
+        }
         // A plain HTTP request is answered once, like any query.
         let once = server.graphql_as(&ada, "query @live { me { name } }", json!({})).await;
         assert_eq!(once, json!({ "data": { "me": { "name": "Ada" } } }));
     }
 
-    async fn live_queries_work_over_the_legacy_protocol_and_sse(server: TestServer) {
+    async fn live_queries_work_over_the_legacy_protocol_sse_and_multipart(server: TestServer) {
         let (ada, _) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "both").await;
         let variables = json!({ "id": channel });
@@ -268,13 +280,41 @@ both_backends! {
         assert_eq!(first["type"], "data", "{first}");
         assert_eq!(first["payload"]["revision"], 1);
 
+        // graphql-sse on /graphql/stream; /graphql streams a live query to an SSE client too.
         let mut stream = sse(&server, &ada, ROOM, variables.clone(), None).await;
+        let on_graphql = crate::streams::streaming_client()
+            .post(server.url("/graphql"))
+            .header("accept", "text/event-stream")
+            .bearer_auth(&ada)
+            .json(&json!({ "query": ROOM, "variables": variables }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(on_graphql.headers()["content-type"], "text/event-stream; charset=utf-8");
+        let mut on_graphql = crate::streams::Stream::new(on_graphql);
+        let event = on_graphql.next_event().await;
+        assert_eq!(serde_json::from_str::<Value>(event.data.as_deref().unwrap()).unwrap()["revision"], 1);
         let event = stream.next_event().await;
         let first_sse: Value = serde_json::from_str(event.data.as_deref().unwrap()).unwrap();
         assert_eq!(first_sse["revision"], 1, "{first_sse}");
         assert_eq!(first_sse["data"], first["payload"]["data"]);
 
+        let multipart = crate::streams::streaming_client()
+            .post(server.url("/graphql"))
+            .header("accept", crate::streams::APOLLO_ACCEPT)
+            .bearer_auth(&ada)
+            .json(&json!({ "query": ROOM, "variables": variables }))
+            .send()
+            .await
+            .unwrap();
+        let mut multipart = crate::streams::Stream::new(multipart);
+        let first_part = multipart.next_part().await.unwrap();
+        assert_eq!(first_part["payload"]["revision"], 1, "{first_part}");
+        assert_eq!(first_part["payload"]["data"], first["payload"]["data"]);
+
         server.post_message(&ada, &channel, "to both").await;
+        let part = multipart.next_part().await.unwrap();
+        assert_eq!(part["payload"]["revision"], 2, "{part}");
         let patch = legacy.recv().await;
         assert_eq!(patch["payload"]["revision"], 2, "{patch}");
         let event = stream.next_event().await;
@@ -283,6 +323,27 @@ both_backends! {
         assert_eq!(patch_sse["patch"], patch["payload"]["patch"], "one patch shared by the cohort");
         assert!(patch_sse["patch"].to_string().contains("to both"));
         legacy.close().await;
+    }
+}
+
+both_backends! {
+    async fn a_live_query_without_data_ends_with_its_errors(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        // No token: `channels` needs one, and a null root leaves nothing to keep current.
+        // `feedCursor` under @live: its payloads carry the cursor instead.
+        for (token, query, code) in [
+            (None, "query @live { channels { edges { node { id } } } }", "UNAUTHENTICATED"),
+            (Some(ada.as_str()), "query @live { feedCursor }", "BAD_USER_INPUT"),
+        ] {
+            let mut ws = WsClient::connect_as(&server, token).await;
+            ws.subscribe("1", query, json!({})).await;
+            let message = ws.recv().await;
+            assert_eq!(message["type"], "next", "{query}: {message}");
+            assert!(message["payload"].get("revision").is_none(), "{message}");
+            assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], code, "{message}");
+            assert_eq!(ws.recv().await, json!({ "type": "complete", "id": "1" }));
+            ws.close().await;
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::helpers::{Backend, TIMEOUT, TestServer, data, error_code, run_with};
 use crate::subscriptions::{MESSAGE_EVENTS, sql_insert};
 use crate::ws_client::{caught_up, wait_for_subscribers, wait_for_subscribers_at_most};
 
-const APOLLO_ACCEPT: &str =
+pub const APOLLO_ACCEPT: &str =
     "multipart/mixed;boundary=\"graphql\";subscriptionSpec=1.0,application/json";
 
 /// One server-sent event as the stream carried it (a comment is `comment: true`).
@@ -190,7 +190,7 @@ impl Stream {
 }
 
 /// A client for streams: no overall timeout (each read has its own).
-fn streaming_client() -> reqwest::Client {
+pub fn streaming_client() -> reqwest::Client {
     reqwest::Client::builder().no_gzip().build().unwrap()
 }
 
