@@ -59,7 +59,7 @@ impl Replies {
                     self.finished.count(0);
                     FeedStats::add(&self.api.broker.stats.delivered, 1);
                     Some(Reply::Shared {
-                        json: text.into(),
+                        json: text,
                         position: None,
                     })
                 }

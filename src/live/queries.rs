@@ -18,6 +18,7 @@
 //! payload (`F`, what ends a member's stream) are the caller's.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,7 +68,7 @@ pub type Execute<K, F> = Box<dyn Fn(K) -> BoxFuture<'static, Outcome<F>> + Send 
 pub enum Payload<F> {
     /// A payload's JSON text: `{"data", "revision": 1}` first, then `{"patch", "revision"}`,
     /// with `errors` when the result has any and `extensions.cursor`.
-    Json { text: String, cursor: i64 },
+    Json { text: Arc<str>, cursor: i64 },
     /// The last payload.
     Final(F),
 }
@@ -134,7 +135,17 @@ struct Snapshot<F> {
     /// One per published state (1 for the first result).
     seq: u64,
     body: Body<F>,
+    /// Payloads made for this state, by (the state a member sent last, its revision): the
+    /// members that joined together share them (in a cohort of 10,000 that joined at once,
+    /// one text per change instead of 10,000).
+    made: Mutex<Vec<Made>>,
 }
+
+/// A payload made for a state: (the state its member sent last, its revision, its text).
+type Made = (Option<u64>, u64, Arc<str>);
+
+/// How many distinct payloads a state keeps for sharing.
+const MADE_PAYLOADS: usize = 8;
 
 enum Body<F> {
     Result {
@@ -143,6 +154,9 @@ enum Body<F> {
         text: Arc<str>,
         errors: Option<Arc<str>>,
         cursor: i64,
+        /// The payloads' ending, the same for every member: `,"extensions":{"cursor":...}}`
+        /// (after `errors`, when there are any).
+        tail: Arc<str>,
         /// The operations (a JSON array's inside) of the last patches, each with the `seq`
         /// it leads to, the newest last.
         patches: VecDeque<(u64, Arc<str>)>,
@@ -356,7 +370,7 @@ where
                     cursor,
                 } => {
                     let missed = self.index(&cohort, &reads, cursor);
-                    cohort.publish(data, errors, cursor);
+                    cohort.publish(data, errors, cursor, self.encode_cursor);
                     let mut state = cohort.state();
                     state.dirty |= missed;
                     if !state.dirty || state.members == 0 {
@@ -441,7 +455,13 @@ impl<K, F> Cohort<K, F> {
 
     /// Publishes a result: the first as is, later ones as a patch from the last one, and
     /// nothing when neither the data nor the errors changed.
-    fn publish(&self, data: Value, errors: Option<String>, cursor: i64) {
+    fn publish(
+        &self,
+        data: Value,
+        errors: Option<String>,
+        cursor: i64,
+        encode_cursor: fn(i64) -> String,
+    ) {
         let errors: Option<Arc<str>> = errors.map(Into::into);
         let text: Arc<str> = serde_json::to_string(&data)
             .unwrap_or_else(|_| "null".to_owned())
@@ -457,6 +477,7 @@ impl<K, F> Cohort<K, F> {
                         patches,
                         ..
                     },
+                ..
             }) => {
                 let patch = json_patch::diff(old, &data);
                 if patch.0.is_empty() && *old_errors == errors {
@@ -485,9 +506,11 @@ impl<K, F> Cohort<K, F> {
         };
         self.snapshots.send_replace(Some(Arc::new(Snapshot {
             seq,
+            made: Mutex::default(),
             body: Body::Result {
                 data: Arc::new(data),
                 text,
+                tail: tail(errors.as_deref(), &encode_cursor(cursor)).into(),
                 errors,
                 cursor,
                 patches,
@@ -499,9 +522,23 @@ impl<K, F> Cohort<K, F> {
         let seq = self.snapshots.borrow().as_ref().map_or(1, |s| s.seq + 1);
         self.snapshots.send_replace(Some(Arc::new(Snapshot {
             seq,
+            made: Mutex::default(),
             body: Body::Final(last),
         })));
     }
+}
+
+/// A payload's ending after its revision: `errors` when there are any, and the cursor.
+fn tail(errors: Option<&str>, cursor: &str) -> String {
+    let mut tail = String::new();
+    if let Some(errors) = errors {
+        tail.push_str(",\"errors\":");
+        tail.push_str(errors);
+    }
+    tail.push_str(",\"extensions\":{\"cursor\":");
+    tail.push_str(&serde_json::to_string(cursor).unwrap_or_else(|_| "null".to_owned()));
+    tail.push_str("}}");
+    tail
 }
 
 /// One live query's stream: a member of its cohort. Leaving (drop) frees the cohort with
@@ -580,12 +617,25 @@ where
             }
             Body::Result {
                 text: whole,
-                errors,
+                tail,
                 cursor,
                 patches,
                 ..
             } => {
                 self.revision += 1;
+                let shared = |made: &[Made]| {
+                    made.iter()
+                        .find(|(sent, revision, _)| *sent == behind && *revision == self.revision)
+                        .map(|(_, _, text)| text.clone())
+                };
+                let made = snapshot.made.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(text) = shared(&made) {
+                    return Payload::Json {
+                        text,
+                        cursor: *cursor,
+                    };
+                }
+                drop(made);
                 let mut text = String::with_capacity(128);
                 match behind {
                     None => {
@@ -618,17 +668,13 @@ where
                     }
                 }
                 text.push_str(",\"revision\":");
-                text.push_str(&self.revision.to_string());
-                if let Some(errors) = errors {
-                    text.push_str(",\"errors\":");
-                    text.push_str(errors);
+                let _ = write!(text, "{}", self.revision);
+                text.push_str(tail);
+                let text: Arc<str> = text.into();
+                let mut made = snapshot.made.lock().unwrap_or_else(|e| e.into_inner());
+                if made.len() < MADE_PAYLOADS {
+                    made.push((behind, self.revision, text.clone()));
                 }
-                text.push_str(",\"extensions\":{\"cursor\":");
-                text.push_str(
-                    &serde_json::to_string(&(self.engine.encode_cursor)(*cursor))
-                        .unwrap_or_default(),
-                );
-                text.push_str("}}");
                 Payload::Json {
                     text,
                     cursor: *cursor,
@@ -878,6 +924,39 @@ mod tests {
             json_patch::patch(&mut slow_result, &patch).unwrap();
             assert_eq!(slow_result, fast_result);
         }
+    }
+
+    #[tokio::test]
+    async fn members_in_step_share_one_payload_text() {
+        let broker = Arc::new(Broker::new(0));
+        let names = Arc::new(Names::default());
+        names.rows.lock().unwrap().insert(1, "one".into());
+        let (live, _) = start(&broker, &names);
+        let mut members: Vec<_> = (0..3).map(|_| live.join(1, Duration::ZERO)).collect();
+        let mut texts = Vec::new();
+        for member in &mut members {
+            match tokio::time::timeout(Duration::from_secs(5), member.next()).await {
+                Ok(Some(Payload::Json { text, .. })) => texts.push(text),
+                _ => panic!("a first payload"),
+            }
+        }
+        assert!(
+            texts.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])),
+            "one text for all"
+        );
+        rename(&broker, &names, 1, "two");
+        texts.clear();
+        for member in &mut members {
+            match tokio::time::timeout(Duration::from_secs(5), member.next()).await {
+                Ok(Some(Payload::Json { text, .. })) => texts.push(text),
+                _ => panic!("a patch"),
+            }
+        }
+        assert!(
+            texts.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])),
+            "one patch text for all"
+        );
+        assert!(texts[0].contains("\"revision\":2"));
     }
 
     #[tokio::test]
