@@ -155,17 +155,29 @@ fn operation<'a>(
 }
 
 /// Whether `request`'s operation is a live query, and how. `@live` on a mutation or a
-/// subscription, or a negative `throttle`, is BAD_USER_INPUT. Documents the parser or the
+/// subscription, or a `throttle` out of 0 to `MAX_THROTTLE_MS`, is BAD_USER_INPUT. Documents the parser or the
 /// validator will refuse are left to them (`Ok(None)`).
 pub(super) fn options(
     request: &mut async_graphql::Request,
 ) -> Result<Option<LiveOptions>, ServerError> {
     let name = request.operation_name.clone();
-    let mut variables = request.variables.clone();
+    let variables = std::mem::take(&mut request.variables);
+    let found = live_in(request, name.as_deref(), &variables);
+    request.variables = variables;
+    found
+}
+
+/// `options` once the variables are out of the request (so that reading the document does
+/// not have to copy them).
+fn live_in(
+    request: &mut async_graphql::Request,
+    name: Option<&str>,
+    variables: &async_graphql::Variables,
+) -> Result<Option<LiveOptions>, ServerError> {
     let Ok(document) = request.parsed_query() else {
         return Ok(None);
     };
-    let Some(operation) = operation(document, name.as_deref()) else {
+    let Some(operation) = operation(document, name) else {
         return Ok(None);
     };
     let Some(live) = operation
@@ -183,21 +195,28 @@ pub(super) fn options(
             Some(live.pos),
         ));
     }
-    // A variable the request leaves out takes its definition's default.
-    for definition in &operation.node.variable_definitions {
-        let name = &definition.node.name.node;
-        if !variables.contains_key(name)
-            && let Some(default) = &definition.node.default_value
-        {
-            variables.insert(name.clone(), default.node.clone());
-        }
-    }
     let mut throttle = Duration::ZERO;
     if let Some(value) = live.node.get_argument("throttle") {
+        // A variable the request leaves out takes its definition's default.
+        let default = |name: &async_graphql::Name| {
+            operation
+                .node
+                .variable_definitions
+                .iter()
+                .find(|d| d.node.name.node == *name)
+                .and_then(|d| d.node.default_value.as_ref())
+                .map(|v| v.node.clone())
+        };
         let value = value
             .node
             .clone()
-            .into_const_with(|name| variables.get(&name).cloned().ok_or(()))
+            .into_const_with(|name| {
+                variables
+                    .get(&name)
+                    .cloned()
+                    .or_else(|| default(&name))
+                    .ok_or(())
+            })
             .unwrap_or(async_graphql::Value::Null);
         match value {
             async_graphql::Value::Null => {}
@@ -240,7 +259,11 @@ impl Api {
             Ok(reader) => reader,
             Err(err) => {
                 tracing::warn!(error = %err, "a live query could not open its read transaction; it runs again shortly");
-                return Outcome::Retry;
+                return Outcome::Retry(Arc::new(vec![error::coded(
+                    code::INTERNAL_SERVER_ERROR,
+                    "internal server error",
+                    None,
+                )]));
             }
         };
         let reads = Reads::recording();
@@ -262,9 +285,7 @@ impl Api {
         let mut response = self.schema.execute(request).await;
         reader.finish().await;
         self.finish(&mut response);
-        if error::is_request_error(&response) || response.data == async_graphql::Value::Null {
-            // Nothing to keep current (it never ran, or a non-null root failed, as for a
-            // viewer without a token): the errors end it.
+        if error::is_request_error(&response) {
             return Outcome::Final(Arc::new(response.errors));
         }
         let internal = |err: &ServerError| {
@@ -274,9 +295,15 @@ impl Api {
                 .is_some_and(|c| *c == async_graphql::Value::from(code::INTERNAL_SERVER_ERROR))
         };
         if response.errors.iter().any(internal) {
-            // A failed read (the database) is not the result: keep the last one, try again.
+            // A failed read (the database) is not the result: keep the last one, try again
+            // (the engine gives up after a few tries, ending with these errors).
             tracing::warn!("a live query's execution failed; it runs again shortly");
-            return Outcome::Retry;
+            return Outcome::Retry(Arc::new(response.errors));
+        }
+        if response.data == async_graphql::Value::Null {
+            // Nothing to keep current (a non-null root failed, as for a viewer without a
+            // token): the errors end it.
+            return Outcome::Final(Arc::new(response.errors));
         }
         let data = serde_json::to_value(&response.data).unwrap_or_default();
         let size = serde_json::to_vec(&data).map_or(0, |bytes| bytes.len());

@@ -417,7 +417,7 @@ impl Api {
     }
 
     /// A live query's replies: a member of its cohort (see `live::queries`), holding one of
-    /// the viewer's subscription slots and, until its first payload, the start permit.
+    /// the viewer's subscription slots.
     fn live_replies(
         &self,
         request: &async_graphql::Request,
@@ -447,6 +447,10 @@ impl Api {
         let member = self
             .live_queries()
             .join(live_query::LiveKey::new(request, viewer), options.throttle);
+        // Joining is the whole start: executions wait for the engine's own permits, so the
+        // transport may start its next operation at once (and a first execution that is
+        // retried holds nothing of the socket's).
+        drop(permit);
         Replies {
             api: self.clone(),
             start: None,
@@ -455,7 +459,6 @@ impl Api {
             live: None,
             live_query: Some(Box::new(replies::LiveReplies {
                 member,
-                permit: Some(permit),
                 _slot: slot,
             })),
             finished,

@@ -43,8 +43,6 @@ pub struct Replies {
 /// A live query's part of its replies.
 pub(super) struct LiveReplies {
     pub(super) member: crate::live::queries::Member<super::LiveKey, super::live_query::Refusal>,
-    /// Released with the first payload.
-    pub(super) permit: Option<super::StartPermit>,
     pub(super) _slot: Option<crate::live::QuotaSlot>,
 }
 
@@ -52,9 +50,7 @@ impl Replies {
     /// The next reply, or `None` when the operation is over.
     pub async fn next(&mut self) -> Option<Reply> {
         if let Some(live) = &mut self.live_query {
-            let payload = live.member.next().await;
-            live.permit = None;
-            return match payload? {
+            return match live.member.next().await? {
                 Payload::Json { text, .. } => {
                     self.finished.count(0);
                     FeedStats::add(&self.api.broker.stats.delivered, 1);

@@ -291,7 +291,8 @@ async fn dispatch(
     }
     // A subscription, or a live query: what a streaming client gets as a stream.
     let subscription = operation_type(&mut request) == Some(OperationType::Subscription)
-        || crate::graphql::is_live_query(&mut request);
+        || ((sse::accepted(headers) || multipart::accepted(headers))
+            && crate::graphql::is_live_query(&mut request));
     if event_stream_only || (subscription && sse::accepted(headers)) {
         let access_token = url.and_then(|url| url.access_token.as_deref());
         return event_stream(state, request, headers, access_token, url.is_some()).await;

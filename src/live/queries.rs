@@ -50,13 +50,17 @@ pub enum Outcome<F> {
     /// The cohort ends with this (a request that cannot run, a result over the size cap):
     /// each member gets it, then its stream ends.
     Final(F),
-    /// The execution failed for a passing reason (the database): nothing is published, and
-    /// the cohort runs again after `RETRY_AFTER`.
-    Retry,
+    /// The execution failed for what may be a passing reason (the database): nothing is
+    /// published, and the cohort runs again after `RETRY_AFTER`, twice as long each time.
+    /// After `RETRIES` failures in a row it ends with this.
+    Retry(F),
 }
 
-/// How long a cohort waits before running again after `Outcome::Retry`.
+/// How long a cohort waits before running again after its first `Outcome::Retry`.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Failed executions in a row after which a cohort ends (1 + 2 + 4 + 8 s of waiting).
+pub const RETRIES: u32 = 4;
 
 /// Bytes of recent patches a cohort keeps at most (besides the newest).
 const PATCH_HISTORY_BYTES: usize = 64 * 1024;
@@ -96,6 +100,8 @@ struct Inner<K, F> {
     executions: AtomicU64,
     /// Cohort runners alive (executing, or waiting to).
     runners: AtomicUsize,
+    /// `RETRY_AFTER` (tests shorten it).
+    retry_after_ms: AtomicU64,
     /// Raised when the feed ends (shutdown): every member's stream ends.
     closed: watch::Sender<bool>,
 }
@@ -193,6 +199,7 @@ where
                 encode_cursor,
                 executions: AtomicU64::new(0),
                 runners: AtomicUsize::new(0),
+                retry_after_ms: AtomicU64::new(RETRY_AFTER.as_millis() as u64),
                 closed: watch::Sender::new(false),
             }),
         }
@@ -311,11 +318,16 @@ where
         if !state.running && !state.ended {
             state.running = true;
             self.runners.fetch_add(1, Ordering::Relaxed);
-            let engine = self.clone();
-            let cohort = cohort.clone();
+            let guard = RunnerGuard {
+                engine: self.clone(),
+                cohort: cohort.clone(),
+            };
             tokio::spawn(async move {
-                engine.clone().execute_while_dirty(cohort).await;
-                engine.runners.fetch_sub(1, Ordering::Relaxed);
+                guard
+                    .engine
+                    .clone()
+                    .execute_while_dirty(guard.cohort.clone())
+                    .await;
             });
         }
     }
@@ -323,6 +335,7 @@ where
     /// A cohort's runner: executes while something asked for it, one at a time.
     async fn execute_while_dirty(self: Arc<Self>, cohort: Arc<Cohort<K, F>>) {
         let mut retry_at: Option<Instant> = None;
+        let mut failures = 0u32;
         loop {
             let throttled = cohort.state().last_start.map(|at| at + cohort.throttle);
             let not_before = match (throttled, retry_at.take()) {
@@ -337,6 +350,13 @@ where
                         _ = tokio::time::sleep_until(at) => {}
                         _ = ended => {}
                     }
+                }
+            }
+            {
+                let mut state = cohort.state();
+                if state.members == 0 || state.ended {
+                    state.running = false;
+                    return;
                 }
             }
             let permit = self.runs.clone().acquire_owned().await;
@@ -359,9 +379,17 @@ where
                     cohort.publish_final(last);
                     return;
                 }
-                Outcome::Retry => {
+                Outcome::Retry(last) => {
+                    failures += 1;
+                    if failures >= RETRIES {
+                        self.end(&cohort);
+                        cohort.state().running = false;
+                        cohort.publish_final(last);
+                        return;
+                    }
                     cohort.state().dirty = true;
-                    retry_at = Some(Instant::now() + RETRY_AFTER);
+                    let first = Duration::from_millis(self.retry_after_ms.load(Ordering::Relaxed));
+                    retry_at = Some(Instant::now() + first * 2u32.pow(failures - 1));
                 }
                 Outcome::Result {
                     data,
@@ -369,6 +397,7 @@ where
                     reads,
                     cursor,
                 } => {
+                    failures = 0;
                     let missed = self.index(&cohort, &reads, cursor);
                     cohort.publish(data, errors, cursor, self.encode_cursor);
                     let mut state = cohort.state();
@@ -445,6 +474,32 @@ where
             }
         }
         cohort.ended.notify_waiters();
+    }
+}
+
+/// Counts a runner while it lives, and (should its execution panic) marks its cohort as
+/// not running, so the next change starts a runner again.
+struct RunnerGuard<K, F>
+where
+    K: Clone + Hash + Eq + Send + Sync + 'static,
+    F: Clone + Send + Sync + 'static,
+{
+    engine: Arc<Inner<K, F>>,
+    cohort: Arc<Cohort<K, F>>,
+}
+
+impl<K, F> Drop for RunnerGuard<K, F>
+where
+    K: Clone + Hash + Eq + Send + Sync + 'static,
+    F: Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        // A runner that returns has already said so under the state's lock (another may
+        // have started since); only an unwinding one has not.
+        if std::thread::panicking() {
+            self.cohort.state().running = false;
+        }
+        self.engine.runners.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -670,9 +725,12 @@ where
                 text.push_str(",\"revision\":");
                 let _ = write!(text, "{}", self.revision);
                 text.push_str(tail);
-                let text: Arc<str> = text.into();
+                let mut text: Arc<str> = text.into();
                 let mut made = snapshot.made.lock().unwrap_or_else(|e| e.into_inner());
-                if made.len() < MADE_PAYLOADS {
+                // Another member in step may have made it meanwhile: share that one.
+                if let Some(theirs) = shared(&made) {
+                    text = theirs;
+                } else if made.len() < MADE_PAYLOADS {
                     made.push((behind, self.revision, text.clone()));
                 }
                 Payload::Json {
@@ -736,11 +794,14 @@ mod tests {
                     let cursor = broker.published();
                     let _open = names.gate.read().await;
                     names.runs.fetch_add(1, Ordering::SeqCst);
-                    if channel < 0 {
+                    if channel == -1 {
                         return Outcome::Final("refused");
                     }
                     if channel == 0 && names.runs.load(Ordering::SeqCst) == 1 {
-                        return Outcome::Retry;
+                        return Outcome::Retry("failed");
+                    }
+                    if channel == -2 {
+                        return Outcome::Retry("failing");
                     }
                     let name = names.rows.lock().unwrap().get(&channel).cloned();
                     Outcome::Result {
@@ -1009,6 +1070,21 @@ mod tests {
             "it waited before trying again"
         );
         assert_eq!(names.runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_cohort_that_keeps_failing_ends_with_the_last_errors() {
+        let broker = Arc::new(Broker::new(0));
+        let names = Arc::new(Names::default());
+        let (live, _) = start(&broker, &names);
+        live.inner.retry_after_ms.store(10, Ordering::Relaxed);
+        let mut member = live.join(-2, Duration::ZERO);
+        match tokio::time::timeout(Duration::from_secs(60), member.next()).await {
+            Ok(Some(Payload::Final(last))) => assert_eq!(last, "failing"),
+            _ => panic!("expected the final payload"),
+        }
+        assert_eq!(names.runs.load(Ordering::SeqCst), RETRIES as u64);
+        assert_eq!(live.cohorts(), 0);
     }
 
     #[tokio::test]

@@ -101,8 +101,9 @@ pub(crate) fn items(
     });
     async_stream::stream! {
         let mut replies = std::pin::pin!(replies);
-        // A subscription that reached its live phase (only those end with the shutdown).
-        let mut following = matches!(first, Some(Reply::Following { .. }));
+        // A subscription that reached its live phase, or a live query that sent a result:
+        // only those end with the shutdown (and are resumed by their clients).
+        let mut following = matches!(first, Some(Reply::Following { .. } | Reply::Shared { .. }));
         if let Some(first) = first {
             yield Item::Reply(first);
         }
@@ -113,7 +114,7 @@ pub(crate) fn items(
             tokio::select! {
                 reply = replies.next() => match reply {
                     Some(reply) => {
-                        following |= matches!(reply, Reply::Following { .. });
+                        following |= matches!(reply, Reply::Following { .. } | Reply::Shared { .. });
                         ticks.sent();
                         yield Item::Reply(reply);
                     }

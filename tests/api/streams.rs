@@ -906,6 +906,17 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
         .await
         .unwrap();
     assert_eq!(started.status(), 202);
+    // A live query over graphql-sse: its first payload is the result.
+    let live = client
+        .post(url("/graphql/stream"))
+        .header("accept", "text/event-stream")
+        .bearer_auth(&token)
+        .json(&json!({ "query": "query($c: ID!) @live { channel(id: $c) { name } }", "variables": { "c": channel } }))
+        .send()
+        .await
+        .unwrap();
+    let mut live = Stream::new(live);
+    assert_eq!(live.next_event().await.json()["revision"], 1);
     // Subscribed once each has heard a first event.
     let post = "mutation($c: ID!) { postMessage(input: { channelId: $c, body: \"hi\" }) { id } }";
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -945,6 +956,13 @@ async fn tokens_in_urls_are_never_logged_and_shutdown_ends_streams_so_clients_co
             .all(|event| event.event.as_deref() != Some("complete")),
         "no complete at shutdown: {rest:?}"
     );
+    while let Some(event) = live.next_raw().await {
+        assert_ne!(
+            event.event.as_deref(),
+            Some("complete"),
+            "a live query is resumed too: {event:?}"
+        );
+    }
     while multipart.next_part().await.is_some() {}
     while let Some(event) = single.next_raw().await {
         assert_ne!(event.event.as_deref(), Some("complete"), "{event:?}");
