@@ -9,6 +9,7 @@ mod m20261127_000001_create_tables;
 mod m20261127_000002_create_change_log;
 mod m20261127_000003_create_server_secrets;
 mod m20261204_000001_notify_only_for_other_writers;
+mod m20261205_000001_document_updates;
 
 use sea_orm_migration::sea_orm::{DatabaseBackend, Statement};
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_create_change_log::Migration),
             Box::new(m20261127_000003_create_server_secrets::Migration),
             Box::new(m20261204_000001_notify_only_for_other_writers::Migration),
+            Box::new(m20261205_000001_document_updates::Migration),
         ]
     }
 }

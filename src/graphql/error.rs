@@ -135,6 +135,9 @@ impl From<StoreError> for AppError {
             StoreError::UnknownViewer => {
                 AppError::Unauthenticated("the signed-in user no longer exists")
             }
+            StoreError::BadUpdate(why) => {
+                AppError::bad_input("input.update", format!("input.update: {why}"))
+            }
         }
     }
 }

@@ -107,6 +107,29 @@ pub struct UpdateDocumentInput {
     pub expected_version: i32,
 }
 
+/// Input of `applyDocumentUpdate`.
+#[derive(InputObject)]
+pub struct ApplyDocumentUpdateInput {
+    /// The document; the caller must be a member of its channel.
+    pub document_id: ID,
+    /// A Yjs update (v1 encoding, standard base64) of the document's root `Y.Text` `body`,
+    /// at most 1 MiB of base64.
+    pub update: String,
+}
+
+/// What `applyDocumentUpdate` did.
+#[derive(async_graphql::SimpleObject)]
+pub struct DocumentUpdateResult {
+    /// The update's place in the change feed (`documentEvents`'s `after`); when the update
+    /// added nothing, the feed's end when the request began.
+    pub cursor: String,
+    /// The document's version after the update (unchanged when it added nothing).
+    pub version: i32,
+}
+
+/// The largest `applyDocumentUpdate` update, in bytes of base64.
+pub const DOCUMENT_UPDATE_MAX: usize = 1024 * 1024;
+
 /// Writes. Each one commits before it returns.
 #[derive(Default)]
 pub struct MutationRoot;
@@ -303,6 +326,45 @@ impl MutationRoot {
                 .await?,
         );
         Ok(written)
+    }
+
+    /// Applies a Yjs update to a document's text (its root `Y.Text` `body`), merged with
+    /// everyone else's edits. An update that adds something raises `version` by one and
+    /// sets `body`; one that adds nothing changes nothing. An update that does not decode,
+    /// depends on changes the server does not have, or touches another shared type is
+    /// BAD_USER_INPUT, and nothing is stored.
+    async fn apply_document_update(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "What to do; see the input type.")] input: ApplyDocumentUpdateInput,
+    ) -> AppResult<DocumentUpdateResult> {
+        let viewer = viewer_id(ctx)?;
+        let id = input::id("input.documentId", &input.document_id)?;
+        if input.update.len() > DOCUMENT_UPDATE_MAX {
+            return Err(AppError::bad_input(
+                "input.update",
+                format!("input.update: at most {DOCUMENT_UPDATE_MAX} bytes of base64"),
+            ));
+        }
+        // Decoded here first, so that garbage never reaches a write.
+        store::yjs::decode(&input.update).map_err(store::StoreError::from)?;
+        let update = input.update;
+        let applied = Committed::new(ctx)?
+            .write(move |db| {
+                Box::pin(async move {
+                    let update = store::yjs::decode(&update)?;
+                    store::yjs::apply(&db, viewer, id, update).await
+                })
+            })
+            .await?;
+        let position = match applied.position {
+            Some(position) => position,
+            None => ctx.data::<super::FeedMark>().map(|m| m.0).unwrap_or(0),
+        };
+        Ok(DocumentUpdateResult {
+            cursor: input::encode_cursor(CursorKind::Event, position),
+            version: applied.document.version,
+        })
     }
 
     /// Changes a document's title and/or body, if it is still at `expectedVersion`.

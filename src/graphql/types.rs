@@ -247,6 +247,46 @@ impl Document {
     async fn updated_at(&self) -> DateTime<Utc> {
         self.0.updated_at
     }
+
+    /// The text as a Yjs document: a Yjs v1 update (standard base64) holding what the given
+    /// state vector (base64) lacks; the whole state without one. A Yjs client applies it to
+    /// its `Y.Doc`, whose root `Y.Text` `body` is the text.
+    async fn yjs_state(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The client's state vector (Yjs v1, standard base64).")]
+        state_vector: Option<String>,
+    ) -> AppResult<String> {
+        let vector = state_vector
+            .as_deref()
+            .map(store::yjs::decode_state_vector)
+            .transpose()
+            .map_err(|err| AppError::bad_input("stateVector", format!("stateVector: {err}")))?;
+        Ok(yjs_document(ctx, &self.0).await?.diff(vector.as_ref()))
+    }
+
+    /// The Yjs document's state vector (v1, standard base64).
+    async fn yjs_state_vector(&self, ctx: &Context<'_>) -> AppResult<String> {
+        Ok(yjs_document(ctx, &self.0).await?.state_vector())
+    }
+}
+
+/// `document`'s Yjs document, read where the request reads. One without a Yjs history yet
+/// (made by a SQL INSERT, or before documents were Yjs documents) gets it first, once.
+async fn yjs_document(
+    ctx: &Context<'_>,
+    document: &document::Model,
+) -> AppResult<store::yjs::Loaded> {
+    let reading = super::reading(ctx)?;
+    let loaded = store::yjs::load(&reading.reader, document.id).await?;
+    if loaded.last_update_id > 0 || document.body.is_empty() {
+        return Ok(loaded);
+    }
+    let id = document.id;
+    super::Committed::new(ctx)?
+        .write(move |db| Box::pin(async move { store::yjs::begin_history(&db, id).await }))
+        .await?;
+    Ok(store::yjs::load(super::db(ctx)?, id).await?)
 }
 
 /// A signed-in session: send `token` as `Authorization: Bearer <token>`.

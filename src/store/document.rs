@@ -3,31 +3,40 @@
 
 use entities::document;
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Set,
+    TransactionSession, TransactionTrait,
+};
 
 use super::message::channels_of;
 use super::reads::{ReadKey, Reads, Table};
 use super::{StoreError, channel};
 
-/// Creates a document in a channel `viewer` belongs to.
-pub async fn create(
-    db: &impl ConnectionTrait,
+/// Creates a document in a channel `viewer` belongs to, with its text as the first update
+/// of its Yjs history, in one transaction.
+pub async fn create<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
     viewer: i64,
     channel_id: i64,
     title: &str,
     body: &str,
 ) -> Result<document::Model, StoreError> {
     channel::require_member(db, channel_id, viewer).await?;
+    let txn = db.begin().await?;
     let inserted = document::ActiveModel {
         channel_id: Set(channel_id),
         title: Set(title.to_owned()),
         body: Set(body.to_owned()),
         ..Default::default()
     }
-    .insert(db)
+    .insert(&txn)
     .await;
     match inserted {
-        Ok(document) => Ok(document),
+        Ok(document) => {
+            super::yjs::start(&txn, &document).await?;
+            txn.commit().await?;
+            Ok(document)
+        }
         // The channel was deleted after the membership check.
         Err(err) if StoreError::is_foreign_key_violation(&err) => {
             Err(channel::vanished(db, channel_id, StoreError::Db(err)).await)
@@ -61,8 +70,27 @@ pub async fn find_for_member(
         .await?)
 }
 
-/// Sets the given fields if the document is still at `expected_version`.
-pub async fn update(
+/// Sets the given fields if the document is still at `expected_version`; a new body is
+/// also recorded as a Yjs edit of the document's text (the smallest one), in the same
+/// transaction, so collaborative editors converge on it.
+pub async fn update<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    viewer: i64,
+    id: i64,
+    title: Option<&str>,
+    body: Option<&str>,
+    expected_version: i32,
+) -> Result<document::Model, StoreError> {
+    let txn = db.begin().await?;
+    let updated = update_fields(&txn, viewer, id, title, body, expected_version).await?;
+    if let Some(body) = body {
+        super::yjs::record_text_edit(&txn, &updated, body).await?;
+    }
+    txn.commit().await?;
+    Ok(updated)
+}
+
+async fn update_fields(
     db: &impl ConnectionTrait,
     viewer: i64,
     id: i64,

@@ -9,6 +9,7 @@ pub mod reads;
 pub mod user;
 pub mod writer;
 pub mod writes;
+pub mod yjs;
 
 pub use reads::{ReadKey, Reader, Reads};
 pub use writes::{GroupWriter, Writes};
@@ -34,6 +35,9 @@ pub enum StoreError {
     /// `expectedVersion` was stale; nothing was written.
     #[error("version conflict: current version is {current_version}")]
     Conflict { current_version: i32 },
+    /// A Yjs update that cannot be taken (nothing was stored).
+    #[error("{0}")]
+    BadUpdate(#[from] yjs::BadUpdate),
     /// The acting user (from a still-valid token) no longer exists.
     #[error("the signed-in user no longer exists")]
     UnknownViewer,

@@ -1,0 +1,498 @@
+//! A document's text as a Yjs document (yrs): its root `Y.Text` named `body`.
+//!
+//! Stored as the updates that made it (`document_updates`, base64 of the v1 encoding, each
+//! with the document version it produced), after an optional merged snapshot
+//! (`document_snapshots`). Every write runs in one transaction that locks the document's row
+//! (PostgreSQL; SQLite has one writer), rebuilds the Yjs document, applies the update, and
+//! stores it with `documents.body` and `version`, so the text, the version and the update
+//! stream always agree.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use entities::document;
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, Statement,
+    TransactionSession, TransactionTrait, Value,
+};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, GetString, ReadTxn, StateVector, Text, Transact, Update};
+
+use super::{StoreError, channel};
+
+/// The root text's name, as Yjs clients name it.
+pub const TEXT: &str = "body";
+
+/// After this many updates past the snapshot, a write rolls the snapshot forward.
+pub const SNAPSHOT_EVERY: i64 = 100;
+
+/// Why an update was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BadUpdate {
+    #[error("the update is not base64")]
+    NotBase64,
+    #[error("the update is not a Yjs v1 update")]
+    NotYjs,
+    #[error("the update depends on changes the server does not have (sync first)")]
+    MissingDependencies,
+    #[error("the update changes something other than the document's text `body`")]
+    OtherTypes,
+}
+
+/// Decodes a base64 Yjs v1 update, checking that it decodes.
+pub fn decode(update: &str) -> Result<Update, BadUpdate> {
+    let bytes = STANDARD
+        .decode(update.trim())
+        .map_err(|_| BadUpdate::NotBase64)?;
+    Update::decode_v1(&bytes).map_err(|_| BadUpdate::NotYjs)
+}
+
+/// Decodes a base64 state vector.
+pub fn decode_state_vector(vector: &str) -> Result<StateVector, BadUpdate> {
+    let bytes = STANDARD
+        .decode(vector.trim())
+        .map_err(|_| BadUpdate::NotBase64)?;
+    StateVector::decode_v1(&bytes).map_err(|_| BadUpdate::NotYjs)
+}
+
+/// A document rebuilt from storage.
+pub struct Loaded {
+    pub doc: Doc,
+    /// Updates stored after the snapshot (a write past `SNAPSHOT_EVERY` rolls it forward).
+    pub since_snapshot: i64,
+    /// The id of the last update stored (0 before the first).
+    pub last_update_id: i64,
+}
+
+impl Loaded {
+    /// The text.
+    pub fn text(&self) -> String {
+        let text = self.doc.get_or_insert_text(TEXT);
+        text.get_string(&self.doc.transact())
+    }
+
+    /// The state vector, base64.
+    pub fn state_vector(&self) -> String {
+        STANDARD.encode(self.doc.transact().state_vector().encode_v1())
+    }
+
+    /// What `vector` lacks (everything without one), as a base64 update.
+    pub fn diff(&self, vector: Option<&StateVector>) -> String {
+        let empty = StateVector::default();
+        let update = self.doc.transact().encode_diff_v1(vector.unwrap_or(&empty));
+        STANDARD.encode(update)
+    }
+}
+
+/// Rebuilds document `id` from its snapshot and the updates after it.
+pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreError> {
+    let backend = db.get_database_backend();
+    let doc = Doc::new();
+    let mut through = 0i64;
+    let snapshot = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT through_update_id, state FROM document_snapshots WHERE document_id = ?",
+            ),
+            [Value::from(id)],
+        ))
+        .await?;
+    if let Some(row) = snapshot {
+        through = row.try_get("", "through_update_id")?;
+        let state: String = row.try_get("", "state")?;
+        apply_stored(&doc, &state)?;
+    }
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT id, update_data FROM document_updates WHERE document_id = ? AND id > ? ORDER BY id",
+            ),
+            [Value::from(id), Value::from(through)],
+        ))
+        .await?;
+    let mut last = through;
+    for row in &rows {
+        last = row.try_get("", "id")?;
+        let update: String = row.try_get("", "update_data")?;
+        apply_stored(&doc, &update)?;
+    }
+    Ok(Loaded {
+        doc,
+        since_snapshot: rows.len() as i64,
+        last_update_id: last,
+    })
+}
+
+/// Applies a stored update; one that does not decode is a corrupt row, an internal error.
+fn apply_stored(doc: &Doc, update: &str) -> Result<(), StoreError> {
+    let corrupt = || {
+        StoreError::Db(sea_orm::DbErr::Custom(
+            "a stored Yjs update does not decode".to_owned(),
+        ))
+    };
+    let update = decode(update).map_err(|_| corrupt())?;
+    doc.transact_mut()
+        .apply_update(update)
+        .map_err(|_| corrupt())
+}
+
+/// What applying an update did.
+pub struct Applied {
+    pub document: document::Model,
+    /// The stored update's place in the change feed; `None` when the update added nothing
+    /// (it changed nothing, and nothing was stored).
+    pub position: Option<i64>,
+}
+
+/// Applies `update` to document `id` on behalf of `viewer` (a member of its channel): in one
+/// transaction, rebuilds the document, applies the update, and when it adds something stores
+/// it with the new text and version.
+pub async fn apply(
+    db: &impl TransactionTrait,
+    viewer: i64,
+    id: i64,
+    update: Update,
+) -> Result<Applied, StoreError> {
+    let txn = db.begin().await?;
+    let current = lock(&txn, id).await?;
+    channel::require_member(&txn, current.channel_id, viewer).await?;
+    let loaded = ensure_started(&txn, &current, load(&txn, id).await?).await?;
+    let before_text = loaded.text();
+    let encoded = {
+        let mut t = loaded.doc.transact_mut();
+        t.apply_update(update)
+            .map_err(|_| StoreError::BadUpdate(BadUpdate::NotYjs))?;
+        if t.store().pending_update().is_some() || t.store().pending_ds().is_some() {
+            return Err(StoreError::BadUpdate(BadUpdate::MissingDependencies));
+        }
+        if t.before_state() == t.after_state() && t.delete_set().is_empty() {
+            None
+        } else {
+            Some(t.encode_update_v1())
+        }
+    };
+    let Some(encoded) = encoded else {
+        txn.commit().await?;
+        return Ok(Applied {
+            document: current,
+            position: None,
+        });
+    };
+    if loaded
+        .doc
+        .transact()
+        .root_refs()
+        .any(|(name, _)| name != TEXT)
+    {
+        return Err(StoreError::BadUpdate(BadUpdate::OtherTypes));
+    }
+    let text = loaded.text();
+    let document = store_update(&txn, &current, &encoded, &text, text != before_text).await?;
+    roll_snapshot(&txn, &current, &loaded).await?;
+    // The row the capture trigger just wrote: the newest of this document's updates (the
+    // row's lock keeps others out until this commits).
+    let backend = txn.get_database_backend();
+    let position: i64 = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT MAX(position) AS position FROM change_log WHERE table_name = 'document_updates' AND row_id = ?",
+            ),
+            [Value::from(id)],
+        ))
+        .await?
+        .ok_or(StoreError::NotFound("change"))?
+        .try_get("", "position")?;
+    txn.commit().await?;
+    Ok(Applied {
+        document,
+        position: Some(position),
+    })
+}
+
+/// Gives document `id` its Yjs history if it has none yet (see `ensure_started`).
+pub async fn begin_history(db: &impl TransactionTrait, id: i64) -> Result<(), StoreError> {
+    let txn = db.begin().await?;
+    let current = lock(&txn, id).await?;
+    ensure_started(&txn, &current, load(&txn, id).await?).await?;
+    txn.commit().await?;
+    Ok(())
+}
+
+/// Locks document `id`'s row for this transaction (PostgreSQL; SQLite writes one at a time).
+async fn lock(db: &impl ConnectionTrait, id: i64) -> Result<document::Model, StoreError> {
+    let backend = db.get_database_backend();
+    let query = document::Entity::find_by_id(id);
+    let found = match backend {
+        DatabaseBackend::Postgres => {
+            use sea_orm::QuerySelect;
+            query.lock_exclusive().one(db).await?
+        }
+        _ => query.one(db).await?,
+    };
+    found.ok_or(StoreError::NotFound("document"))
+}
+
+/// A document with no stored update yet (made before documents were Yjs documents, or by a
+/// SQL INSERT) gets its text as its first update, stored once under the row's lock, so every
+/// process and client builds on the same history.
+async fn ensure_started(
+    db: &impl ConnectionTrait,
+    current: &document::Model,
+    loaded: Loaded,
+) -> Result<Loaded, StoreError> {
+    if loaded.last_update_id > 0 || current.body.is_empty() {
+        return Ok(loaded);
+    }
+    let encoded = {
+        let text = loaded.doc.get_or_insert_text(TEXT);
+        let mut t = loaded.doc.transact_mut();
+        text.insert(&mut t, 0, &current.body);
+        t.encode_update_v1()
+    };
+    insert_update(db, current, current.version, &encoded).await?;
+    load(db, current.id).await
+}
+
+/// Starts document `document`'s Yjs history with its text (at creation).
+pub async fn start(
+    db: &impl ConnectionTrait,
+    document: &document::Model,
+) -> Result<(), StoreError> {
+    if document.body.is_empty() {
+        return Ok(());
+    }
+    let doc = Doc::new();
+    let encoded = {
+        let text = doc.get_or_insert_text(TEXT);
+        let mut t = doc.transact_mut();
+        text.insert(&mut t, 0, &document.body);
+        t.encode_update_v1()
+    };
+    insert_update(db, document, document.version, &encoded).await
+}
+
+/// Turns a whole-text write into a Yjs edit of the stored document: the smallest
+/// insertions and deletions (a character diff) that make `old` into `new`, stored as an
+/// update of version `version`. Runs inside the writer's transaction, after its UPDATE.
+pub async fn record_text_edit(
+    db: &impl ConnectionTrait,
+    document: &document::Model,
+    new_text: &str,
+) -> Result<(), StoreError> {
+    let loaded = load(db, document.id).await?;
+    let loaded = if loaded.last_update_id == 0 {
+        // Not started: its history begins with the new text.
+        return start(db, document).await;
+    } else {
+        loaded
+    };
+    let old = loaded.text();
+    if old == new_text {
+        return Ok(());
+    }
+    let encoded = edit(&loaded.doc, &old, new_text);
+    insert_update(db, document, document.version, &encoded).await?;
+    roll_snapshot(db, document, &loaded).await
+}
+
+/// The Yjs update that edits `doc`'s text from `old` to `new` by a character diff.
+pub fn edit(doc: &Doc, old: &str, new: &str) -> Vec<u8> {
+    let text = doc.get_or_insert_text(TEXT);
+    let mut t = doc.transact_mut();
+    // yrs indexes text by UTF-8 byte (the document's default offset kind).
+    let mut at = 0u32;
+    for change in similar::TextDiff::from_chars(old, new).iter_all_changes() {
+        let value = change.value();
+        let len = value.len() as u32;
+        match change.tag() {
+            similar::ChangeTag::Equal => at += len,
+            similar::ChangeTag::Delete => text.remove_range(&mut t, at, len),
+            similar::ChangeTag::Insert => {
+                text.insert(&mut t, at, value);
+                at += len;
+            }
+        }
+    }
+    t.encode_update_v1()
+}
+
+/// Stores an update (and the text and version it produced).
+async fn store_update(
+    db: &impl ConnectionTrait,
+    current: &document::Model,
+    encoded: &[u8],
+    text: &str,
+    text_changed: bool,
+) -> Result<document::Model, StoreError> {
+    let mut update = document::Entity::update_many()
+        .col_expr(
+            document::Column::Version,
+            Expr::col(document::Column::Version).add(1),
+        )
+        .col_expr(
+            document::Column::UpdatedAt,
+            super::now(db.get_database_backend()),
+        );
+    if text_changed {
+        update = update.col_expr(document::Column::Body, Expr::value(text.to_owned()));
+    }
+    let updated = update
+        .filter(document::Column::Id.eq(current.id))
+        .exec_with_returning(db)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or(StoreError::NotFound("document"))?;
+    insert_update(db, &updated, updated.version, encoded).await?;
+    Ok(updated)
+}
+
+async fn insert_update(
+    db: &impl ConnectionTrait,
+    document: &document::Model,
+    version: i32,
+    encoded: &[u8],
+) -> Result<(), StoreError> {
+    let backend = db.get_database_backend();
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        placeholders(
+            backend,
+            "INSERT INTO document_updates (document_id, channel_id, version, update_data) VALUES (?, ?, ?, ?)",
+        ),
+        [
+            Value::from(document.id),
+            Value::from(document.channel_id),
+            Value::from(version),
+            Value::from(STANDARD.encode(encoded)),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Past `SNAPSHOT_EVERY` updates after the snapshot, stores the merged state through the
+/// last update (the updates themselves stay, for replay, until retention prunes them).
+async fn roll_snapshot(
+    db: &impl ConnectionTrait,
+    document: &document::Model,
+    loaded: &Loaded,
+) -> Result<(), StoreError> {
+    if loaded.since_snapshot + 1 < SNAPSHOT_EVERY {
+        return Ok(());
+    }
+    let reloaded = load(db, document.id).await?;
+    let state = STANDARD.encode(
+        reloaded
+            .doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default()),
+    );
+    let backend = db.get_database_backend();
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        placeholders(
+            backend,
+            "INSERT INTO document_snapshots (document_id, through_update_id, state) VALUES (?, ?, ?) \
+             ON CONFLICT (document_id) DO UPDATE SET through_update_id = excluded.through_update_id, state = excluded.state",
+        ),
+        [
+            Value::from(document.id),
+            Value::from(reloaded.last_update_id),
+            Value::from(state),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// `?` placeholders as the backend writes them.
+fn placeholders(backend: DatabaseBackend, sql: &str) -> String {
+    match backend {
+        DatabaseBackend::Postgres => {
+            let mut out = String::with_capacity(sql.len() + 8);
+            let mut n = 0;
+            for c in sql.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+        _ => sql.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_text_edit_is_the_smallest_diff_and_merges_with_a_concurrent_one() {
+        let server = Doc::new();
+        let start = {
+            let text = server.get_or_insert_text(TEXT);
+            let mut t = server.transact_mut();
+            text.insert(&mut t, 0, "hello world");
+            t.encode_update_v1()
+        };
+        // A client with the same start types at the end meanwhile.
+        let client = Doc::new();
+        client
+            .transact_mut()
+            .apply_update(Update::decode_v1(&start).unwrap())
+            .unwrap();
+        let typed = {
+            let text = client.get_or_insert_text(TEXT);
+            let mut t = client.transact_mut();
+            text.push(&mut t, "!");
+            t.encode_update_v1()
+        };
+        // The server's whole-text write becomes an edit of the middle word.
+        let edited = edit(&server, "hello world", "hello brave world");
+        server
+            .transact_mut()
+            .apply_update(Update::decode_v1(&typed).unwrap())
+            .unwrap();
+        client
+            .transact_mut()
+            .apply_update(Update::decode_v1(&edited).unwrap())
+            .unwrap();
+        let read = |doc: &Doc| doc.get_or_insert_text(TEXT).get_string(&doc.transact());
+        assert_eq!(read(&server), "hello brave world!");
+        assert_eq!(read(&client), read(&server));
+    }
+
+    #[test]
+    fn non_ascii_text_is_edited_by_character() {
+        let doc = Doc::new();
+        {
+            let text = doc.get_or_insert_text(TEXT);
+            let mut t = doc.transact_mut();
+            text.insert(&mut t, 0, "naïve café");
+        }
+        edit(&doc, "naïve café", "naïf café ☕");
+        assert_eq!(
+            doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
+            "naïf café ☕"
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused_before_anything_runs() {
+        assert!(matches!(decode("not base64!"), Err(BadUpdate::NotBase64)));
+        assert!(matches!(decode("AAEC/w=="), Err(BadUpdate::NotYjs)));
+        assert!(decode_state_vector("%%").is_err());
+    }
+}

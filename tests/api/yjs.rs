@@ -1,0 +1,265 @@
+//! Documents as Yjs documents, through the GraphQL API, with yrs (the Rust port of Yjs) as
+//! the client: concurrent edits merge, whole-text writes become edits, bad updates store
+//! nothing. (The y-websocket endpoint and its Node client come with the rest of issue 18.)
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use sea_orm::ConnectionTrait;
+use serde_json::{Value, json};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
+
+use crate::both_backends;
+use crate::helpers::{TestServer, data, error_code};
+
+const STATE: &str = "query($id: ID!, $sv: String) { document(id: $id) { body version yjsState(stateVector: $sv) yjsStateVector } }";
+const APPLY: &str = "mutation($id: ID!, $u: String!) { applyDocumentUpdate(input: { documentId: $id, update: $u }) { cursor version } }";
+
+/// A Yjs client of one document.
+struct Client {
+    doc: Doc,
+}
+
+impl Client {
+    fn new() -> Self {
+        Self { doc: Doc::new() }
+    }
+
+    fn text(&self) -> String {
+        self.doc
+            .get_or_insert_text("body")
+            .get_string(&self.doc.transact())
+    }
+
+    fn vector(&self) -> String {
+        STANDARD.encode(self.doc.transact().state_vector().encode_v1())
+    }
+
+    fn apply(&self, update: &str) {
+        let bytes = STANDARD.decode(update).unwrap();
+        self.doc
+            .transact_mut()
+            .apply_update(Update::decode_v1(&bytes).unwrap())
+            .unwrap();
+    }
+
+    /// Inserts `chunk` at byte `at`; returns the update, base64.
+    fn insert(&self, at: u32, chunk: &str) -> String {
+        let text = self.doc.get_or_insert_text("body");
+        let mut t = self.doc.transact_mut();
+        text.insert(&mut t, at, chunk);
+        STANDARD.encode(t.encode_update_v1())
+    }
+
+    /// Pulls what it lacks from the server.
+    async fn sync(&self, server: &TestServer, token: &str, id: &str) -> Value {
+        let state = server
+            .graphql_as(token, STATE, json!({ "id": id, "sv": self.vector() }))
+            .await;
+        let document = data(&state, "document").clone();
+        self.apply(document["yjsState"].as_str().unwrap());
+        document
+    }
+}
+
+async fn create_document(server: &TestServer, token: &str, channel: &str, body: &str) -> String {
+    let create = "mutation($c: ID!, $b: String!) { createDocument(input: { channelId: $c, title: \"notes\", body: $b }) { id } }";
+    let created = server
+        .graphql_as(token, create, json!({ "c": channel, "b": body }))
+        .await;
+    data(&created, "createDocument")["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+both_backends! {
+    async fn concurrent_yjs_edits_merge_and_set_the_body(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "hello").await;
+        let (a, b) = (Client::new(), Client::new());
+        let first = a.sync(&server, &ada, &id).await;
+        assert_eq!(first["version"], 1);
+        b.sync(&server, &ada, &id).await;
+        assert_eq!(a.text(), "hello");
+
+        // Two edits made at once, each on the same state: both are kept.
+        let from_a = a.insert(5, " world");
+        let from_b = b.insert(0, "Say: ");
+        let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_a })).await;
+        assert_eq!(data(&applied, "applyDocumentUpdate")["version"], 2);
+        let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_b })).await;
+        let result = data(&applied, "applyDocumentUpdate");
+        assert_eq!(result["version"], 3);
+        assert!(result["cursor"].as_str().is_some_and(|c| !c.is_empty()));
+
+        let document = a.sync(&server, &ada, &id).await;
+        assert_eq!(document["body"], "Say: hello world");
+        assert_eq!(a.text(), "Say: hello world");
+        b.sync(&server, &ada, &id).await;
+        assert_eq!(b.text(), a.text());
+
+        // The same update again adds nothing: accepted, nothing changes.
+        let again = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_a })).await;
+        assert_eq!(data(&again, "applyDocumentUpdate")["version"], 3);
+        // A client with the server's whole state lacks nothing: an empty diff.
+        let state = server.graphql_as(&ada, STATE, json!({ "id": id, "sv": a.vector() })).await;
+        let empty = Client::new();
+        empty.apply(data(&state, "document")["yjsState"].as_str().unwrap());
+        assert_eq!(empty.text(), "");
+    }
+
+    async fn update_document_and_yjs_editors_converge(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "hello world").await;
+        let editor = Client::new();
+        editor.sync(&server, &ada, &id).await;
+        // The editor types; meanwhile a whole-text write (optimistic, version 1) lands first.
+        let typed = editor.insert(11, "!");
+        let update = "mutation($id: ID!) { updateDocument(input: { id: $id, body: \"hello brave world\", expectedVersion: 1 }) { version body } }";
+        let updated = server.graphql_as(&ada, update, json!({ "id": id })).await;
+        assert_eq!(data(&updated, "updateDocument")["version"], 2);
+        let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": typed })).await;
+        assert_eq!(data(&applied, "applyDocumentUpdate")["version"], 3);
+        let document = editor.sync(&server, &ada, &id).await;
+        // The whole-text write was an edit of the middle, so the typed "!" is kept.
+        assert_eq!(document["body"], "hello brave world!");
+        assert_eq!(editor.text(), "hello brave world!");
+    }
+
+    async fn bad_updates_store_nothing(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (bob, _) = server.sign_up("Bob").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "text").await;
+        let client = Client::new();
+        client.sync(&server, &ada, &id).await;
+
+        // An update that depends on another client's update the server never got.
+        let other = Client::new();
+        other.apply(&client_state(&client));
+        let unsent = other.insert(0, "a");
+        let follower = Client::new();
+        follower.apply(&client_state(&client));
+        follower.apply(&unsent);
+        let dependent = follower.insert(1, "b");
+        // One that writes another shared type than the text.
+        let map_update = {
+            let doc = Doc::new();
+            let map = doc.get_or_insert_map("other");
+            let mut t = doc.transact_mut();
+            map.insert(&mut t, "k", "v");
+            STANDARD.encode(t.encode_update_v1())
+        };
+        for (update, what) in [
+            ("not base64!".to_owned(), "not base64"),
+            (STANDARD.encode([0u8, 1, 2, 255]), "not an update"),
+            (dependent, "missing dependencies"),
+            (map_update, "another type"),
+        ] {
+            let response = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
+            assert_eq!(error_code(&response), "BAD_USER_INPUT", "{what}: {response}");
+        }
+        // A non-member, and a document that does not exist.
+        let typed = client.insert(0, "x");
+        let response = server.graphql_as(&bob, APPLY, json!({ "id": id, "u": typed })).await;
+        assert_eq!(error_code(&response), "FORBIDDEN", "{response}");
+        let response = server.graphql_as(&ada, APPLY, json!({ "id": "999999", "u": typed })).await;
+        assert_eq!(error_code(&response), "NOT_FOUND", "{response}");
+        let document = Client::new().sync(&server, &ada, &id).await;
+        assert_eq!(document["version"], 1, "nothing was stored");
+        assert_eq!(document["body"], "text");
+        let stored = server
+            .sql()
+            .await
+            .query_one_raw(sea_orm::Statement::from_string(
+                server.db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(stored, 1, "only the first update (the text it was created with)");
+    }
+
+    async fn a_document_made_with_sql_gets_its_history_once(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let sql = server.sql().await;
+        sql.execute_unprepared(&format!(
+            "INSERT INTO documents (channel_id, title, body) VALUES ({channel}, 'from sql', 'written by SQL')"
+        ))
+        .await
+        .unwrap();
+        let id = sql
+            .query_one_raw(sea_orm::Statement::from_string(
+                sql.get_database_backend(),
+                "SELECT MAX(id) AS id FROM documents".to_owned(),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "id")
+            .unwrap()
+            .to_string();
+        let (a, b) = (Client::new(), Client::new());
+        a.sync(&server, &ada, &id).await;
+        b.sync(&server, &ada, &id).await;
+        assert_eq!(a.text(), "written by SQL");
+        // Both started from the one stored history: their edits merge without duplicating.
+        let from_a = a.insert(0, "A ");
+        let from_b = b.insert(14, " B");
+        server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_a })).await;
+        server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_b })).await;
+        let document = a.sync(&server, &ada, &id).await;
+        assert_eq!(document["body"], "A written by SQL B");
+    }
+
+    async fn many_updates_roll_a_snapshot_and_load_the_same_text(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "").await;
+        let client = Client::new();
+        client.sync(&server, &ada, &id).await;
+        let mut at = 0;
+        for n in 0..(syncgraph::store::yjs::SNAPSHOT_EVERY + 20) {
+            let chunk = format!("{} ", n % 10);
+            let update = client.insert(at, &chunk);
+            at += chunk.len() as u32;
+            let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
+            assert_eq!(data(&applied, "applyDocumentUpdate")["version"], n + 2);
+        }
+        let snapshots = server
+            .sql()
+            .await
+            .query_one_raw(sea_orm::Statement::from_string(
+                server.db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM document_snapshots WHERE document_id = {id}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(snapshots, 1);
+        let fresh = Client::new();
+        let document = fresh.sync(&server, &ada, &id).await;
+        assert_eq!(fresh.text(), client.text());
+        assert_eq!(document["body"], client.text());
+    }
+}
+
+/// `client`'s whole state as an update, base64.
+fn client_state(client: &Client) -> String {
+    STANDARD.encode(
+        client
+            .doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default()),
+    )
+}
