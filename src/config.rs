@@ -167,6 +167,10 @@ pub struct Limits {
     /// query with LIMIT_EXCEEDED (each live query keeps its last result to diff against).
     #[arg(long, env = "SYNCGRAPH_LIVE_MAX_RESULT_BYTES", default_value_t = Limits::DEFAULT.live_max_result_bytes, global = true, value_parser = clap::value_parser!(u32).range(1_024..=67_108_864))]
     pub live_max_result_bytes: u32,
+    /// Largest Yjs update `applyDocumentUpdate` takes, in bytes of base64; larger is
+    /// BAD_USER_INPUT and nothing is stored.
+    #[arg(long, env = "SYNCGRAPH_MAX_DOCUMENT_UPDATE_BYTES", default_value_t = Limits::DEFAULT.max_document_update_bytes, global = true, value_parser = clap::value_parser!(u32).range(64..=67_108_864))]
+    pub max_document_update_bytes: u32,
     /// signIn and signUp attempts allowed per client address per minute.
     #[arg(long, env = "SYNCGRAPH_AUTH_ATTEMPTS_PER_MINUTE", default_value_t = Limits::DEFAULT.auth_attempts_per_minute, global = true, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub auth_attempts_per_minute: u32,
@@ -183,6 +187,7 @@ impl Limits {
             auth_attempts_per_minute: self.auth_attempts_per_minute,
             max_page_size: self.max_page_size as i32,
             live_max_result_bytes: self.live_max_result_bytes as usize,
+            max_document_update_bytes: self.max_document_update_bytes as usize,
         }
     }
 
@@ -199,6 +204,7 @@ impl Limits {
         max_page_size: crate::graphql::input::PAGE_SIZE_MAX as u32,
         max_body_bytes: 1024 * 1024,
         live_max_result_bytes: 256 * 1024,
+        max_document_update_bytes: 256 * 1024,
     };
 }
 

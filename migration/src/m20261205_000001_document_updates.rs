@@ -5,7 +5,8 @@
 //! `version`, and captured into `change_log` on INSERT only (scope: the channel; row id: the
 //! document, so a document's updates are followed like the document). Updates are never
 //! edited; they are deleted by retention and with their document, neither of which is an
-//! event. `document_snapshots` holds one document's merged state up to an update, so that
+//! event. One update per document version (a unique index): a second history for one
+//! document can never be stored. `document_snapshots` holds one document's merged state up to an update, so that
 //! loading reads the snapshot and the updates after it.
 
 use sea_orm_migration::prelude::*;
@@ -33,6 +34,8 @@ CREATE TABLE document_updates (
 --;
 CREATE INDEX document_updates_document_id_id_idx ON document_updates (document_id, id)
 --;
+CREATE UNIQUE INDEX document_updates_document_id_version_idx ON document_updates (document_id, version)
+--;
 CREATE TABLE document_snapshots (
     document_id BIGINT PRIMARY KEY REFERENCES documents (id) ON DELETE CASCADE,
     through_update_id BIGINT NOT NULL,
@@ -54,6 +57,8 @@ CREATE TABLE document_updates (
 )
 --;
 CREATE INDEX document_updates_document_id_id_idx ON document_updates (document_id, id)
+--;
+CREATE UNIQUE INDEX document_updates_document_id_version_idx ON document_updates (document_id, version)
 --;
 CREATE TABLE document_snapshots (
     document_id INTEGER PRIMARY KEY REFERENCES documents (id) ON DELETE CASCADE,

@@ -22,7 +22,7 @@ pub const MESSAGE_BODY_MAX: usize = 4_000;
 /// Longest document title, in characters.
 pub const DOCUMENT_TITLE_MAX: usize = 200;
 /// Longest document body, in characters.
-pub const DOCUMENT_BODY_MAX: usize = 100_000;
+pub const DOCUMENT_BODY_MAX: usize = crate::store::yjs::MAX_TEXT_CHARS;
 /// Page size when neither `first` nor `last` is given.
 pub const PAGE_SIZE_DEFAULT: u64 = 20;
 /// Largest `first` or `last`; `--max-page-size` may lower it, not raise it (the complexity

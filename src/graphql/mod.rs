@@ -89,6 +89,8 @@ pub struct SchemaLimits {
     pub max_page_size: i32,
     /// Largest result of a live query, in bytes of JSON.
     pub live_max_result_bytes: usize,
+    /// Largest Yjs update of `applyDocumentUpdate`, in bytes of base64.
+    pub max_document_update_bytes: usize,
 }
 
 /// Builds the schema over a database connection (and how writes run on it), this process's
@@ -109,6 +111,9 @@ fn build_schema(
         .data(live)
         .data(quota)
         .data(AuthLimiter::new(limits.auth_attempts_per_minute))
+        .data(mutation::DocumentUpdateLimit(
+            limits.max_document_update_bytes,
+        ))
         .data(PageLimit(
             limits.max_page_size.clamp(1, input::PAGE_SIZE_MAX),
         ))

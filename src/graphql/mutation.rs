@@ -113,7 +113,7 @@ pub struct ApplyDocumentUpdateInput {
     /// The document; the caller must be a member of its channel.
     pub document_id: ID,
     /// A Yjs update (v1 encoding, standard base64) of the document's root `Y.Text` `body`,
-    /// at most 1 MiB of base64.
+    /// at most `--max-document-update-bytes` (256 KiB by default) of base64.
     pub update: String,
 }
 
@@ -127,8 +127,10 @@ pub struct DocumentUpdateResult {
     pub version: i32,
 }
 
-/// The largest `applyDocumentUpdate` update, in bytes of base64.
-pub const DOCUMENT_UPDATE_MAX: usize = 1024 * 1024;
+/// The largest `applyDocumentUpdate` update, in bytes of base64
+/// (`--max-document-update-bytes`).
+#[derive(Clone, Copy)]
+pub struct DocumentUpdateLimit(pub usize);
 
 /// Writes. Each one commits before it returns.
 #[derive(Default)]
@@ -340,10 +342,14 @@ impl MutationRoot {
     ) -> AppResult<DocumentUpdateResult> {
         let viewer = viewer_id(ctx)?;
         let id = input::id("input.documentId", &input.document_id)?;
-        if input.update.len() > DOCUMENT_UPDATE_MAX {
+        let limit = ctx
+            .data::<DocumentUpdateLimit>()
+            .map_err(|_| missing("DocumentUpdateLimit"))?
+            .0;
+        if input.update.len() > limit {
             return Err(AppError::bad_input(
                 "input.update",
-                format!("input.update: at most {DOCUMENT_UPDATE_MAX} bytes of base64"),
+                format!("input.update: at most {limit} bytes of base64"),
             ));
         }
         // Decoded here first, so that garbage never reaches a write.

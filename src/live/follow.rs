@@ -105,7 +105,10 @@ impl Opening {
             receiver: self.receiver,
             topic: self.topic,
             viewer,
-            seen: after.unwrap_or(self.published),
+            // A cursor past what is published (forged, or taken from a commit the feed has
+            // not published yet) starts at the published end instead: skipping up to it
+            // would skip a revocation committed below it. What it holds may come again.
+            seen: after.map_or(self.published, |after| after.min(self.published)),
             target: self.published,
             history_through: self.published,
             filter,

@@ -39,6 +39,8 @@ pub async fn create<C: ConnectionTrait + TransactionTrait>(
         }
         // The channel was deleted after the membership check.
         Err(err) if StoreError::is_foreign_key_violation(&err) => {
+            // Ended before asking why, so no second connection is held meanwhile.
+            drop(txn);
             Err(channel::vanished(db, channel_id, StoreError::Db(err)).await)
         }
         Err(err) => Err(err.into()),

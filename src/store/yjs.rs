@@ -27,6 +27,9 @@ pub const TEXT: &str = "body";
 /// After this many updates past the snapshot, a write rolls the snapshot forward.
 pub const SNAPSHOT_EVERY: i64 = 100;
 
+/// The longest text, in characters (a document's `body`).
+pub const MAX_TEXT_CHARS: usize = 100_000;
+
 /// Why an update was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum BadUpdate {
@@ -38,6 +41,10 @@ pub enum BadUpdate {
     MissingDependencies,
     #[error("the update changes something other than the document's text `body`")]
     OtherTypes,
+    #[error("the update puts something other than text into `body`")]
+    NotText,
+    #[error("the text would be longer than 100000 characters")]
+    TooLong,
 }
 
 /// Decodes a base64 Yjs v1 update, checking that it decodes.
@@ -45,7 +52,10 @@ pub fn decode(update: &str) -> Result<Update, BadUpdate> {
     let bytes = STANDARD
         .decode(update.trim())
         .map_err(|_| BadUpdate::NotBase64)?;
-    Update::decode_v1(&bytes).map_err(|_| BadUpdate::NotYjs)
+    // Inside `catch_unwind`: a decoder panic on some input is a refusal, not a lost request.
+    std::panic::catch_unwind(|| Update::decode_v1(&bytes))
+        .map_err(|_| BadUpdate::NotYjs)?
+        .map_err(|_| BadUpdate::NotYjs)
 }
 
 /// Decodes a base64 state vector.
@@ -152,59 +162,41 @@ pub struct Applied {
 /// Applies `update` to document `id` on behalf of `viewer` (a member of its channel): in one
 /// transaction, rebuilds the document, applies the update, and when it adds something stores
 /// it with the new text and version.
-pub async fn apply(
-    db: &impl TransactionTrait,
+pub async fn apply<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
     viewer: i64,
     id: i64,
     update: Update,
 ) -> Result<Applied, StoreError> {
-    let txn = db.begin().await?;
+    let txn = begin(db).await?;
     let current = lock(&txn, id).await?;
     channel::require_member(&txn, current.channel_id, viewer).await?;
     let loaded = ensure_started(&txn, &current, load(&txn, id).await?).await?;
     let before_text = loaded.text();
-    let encoded = {
-        let mut t = loaded.doc.transact_mut();
-        t.apply_update(update)
-            .map_err(|_| StoreError::BadUpdate(BadUpdate::NotYjs))?;
-        if t.store().pending_update().is_some() || t.store().pending_ds().is_some() {
-            return Err(StoreError::BadUpdate(BadUpdate::MissingDependencies));
-        }
-        if t.before_state() == t.after_state() && t.delete_set().is_empty() {
-            None
-        } else {
-            Some(t.encode_update_v1())
-        }
-    };
-    let Some(encoded) = encoded else {
+    let Some(encoded) = integrate(&loaded.doc, update)? else {
         txn.commit().await?;
         return Ok(Applied {
             document: current,
             position: None,
         });
     };
-    if loaded
-        .doc
-        .transact()
-        .root_refs()
-        .any(|(name, _)| name != TEXT)
-    {
-        return Err(StoreError::BadUpdate(BadUpdate::OtherTypes));
-    }
     let text = loaded.text();
+    if text.chars().count() > MAX_TEXT_CHARS {
+        return Err(StoreError::BadUpdate(BadUpdate::TooLong));
+    }
     let document = store_update(&txn, &current, &encoded, &text, text != before_text).await?;
     roll_snapshot(&txn, &current, &loaded).await?;
     // The row the capture trigger just wrote: the newest of this document's updates (the
-    // row's lock keeps others out until this commits).
+    // row's lock keeps others out until this commits); by the channel's index.
     let backend = txn.get_database_backend();
     let position: i64 = txn
         .query_one_raw(Statement::from_sql_and_values(
             backend,
             placeholders(
                 backend,
-                "SELECT MAX(position) AS position FROM change_log WHERE table_name = 'document_updates' AND row_id = ?",
+                "SELECT position FROM change_log WHERE scope_key = ? AND table_name = 'document_updates' AND row_id = ? ORDER BY position DESC LIMIT 1",
             ),
-            [Value::from(id)],
+            [Value::from(current.channel_id), Value::from(id)],
         ))
         .await?
         .ok_or(StoreError::NotFound("change"))?
@@ -216,9 +208,64 @@ pub async fn apply(
     })
 }
 
+/// Integrates `update` into `doc`: the update of what it added, `None` when it added
+/// nothing. Refused (nothing kept, as the caller's transaction is not committed): an update
+/// that does not integrate, depends on what `doc` lacks, writes a root other than `body`,
+/// or puts anything but text into it. yrs runs inside `catch_unwind`, so a panic on some
+/// input is a refusal, not a lost request.
+fn integrate(doc: &Doc, update: Update) -> Result<Option<Vec<u8>>, StoreError> {
+    let run = std::panic::AssertUnwindSafe(|| {
+        let mut t = doc.transact_mut();
+        t.apply_update(update).map_err(|_| BadUpdate::NotYjs)?;
+        if t.store().pending_update().is_some() || t.store().pending_ds().is_some() {
+            return Err(BadUpdate::MissingDependencies);
+        }
+        if t.before_state() == t.after_state() && t.delete_set().is_empty() {
+            return Ok(None);
+        }
+        if t.root_refs().any(|(name, _)| name != TEXT) {
+            return Err(BadUpdate::OtherTypes);
+        }
+        // Text counts its bytes (this document's offset kind), an embed or a nested type
+        // counts one: any difference is something other than text.
+        // (From the transaction: asking the document would wait for this transaction.)
+        if let Some(text) = t.get_text(TEXT)
+            && text.len(&t) as usize != text.get_string(&t).len()
+        {
+            return Err(BadUpdate::NotText);
+        }
+        Ok(Some(t.encode_update_v1()))
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(result) => result.map_err(StoreError::BadUpdate),
+        Err(_) => {
+            tracing::warn!("yrs panicked on an update; it was refused");
+            Err(StoreError::BadUpdate(BadUpdate::NotYjs))
+        }
+    }
+}
+
+/// A write transaction that sees what committed before its row lock was granted
+/// (READ COMMITTED on PostgreSQL, whatever the database's default): the history's checks
+/// read after the lock.
+async fn begin<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+) -> Result<C::Transaction, sea_orm::DbErr> {
+    match db.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            db.begin_with_config(Some(sea_orm::IsolationLevel::ReadCommitted), None)
+                .await
+        }
+        _ => db.begin().await,
+    }
+}
+
 /// Gives document `id` its Yjs history if it has none yet (see `ensure_started`).
-pub async fn begin_history(db: &impl TransactionTrait, id: i64) -> Result<(), StoreError> {
-    let txn = db.begin().await?;
+pub async fn begin_history<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    id: i64,
+) -> Result<(), StoreError> {
+    let txn = begin(db).await?;
     let current = lock(&txn, id).await?;
     ensure_started(&txn, &current, load(&txn, id).await?).await?;
     txn.commit().await?;
@@ -302,25 +349,43 @@ pub async fn record_text_edit(
     roll_snapshot(db, document, &loaded).await
 }
 
-/// The Yjs update that edits `doc`'s text from `old` to `new` by a character diff.
+/// The Yjs update that edits `doc`'s text from `old` to `new` by a character diff
+/// (`similar`, its time bounded): one removal and one insertion per changed run, applied
+/// from the end so that earlier offsets stay put.
 pub fn edit(doc: &Doc, old: &str, new: &str) -> Vec<u8> {
     let text = doc.get_or_insert_text(TEXT);
     let mut t = doc.transact_mut();
-    // yrs indexes text by UTF-8 byte (the document's default offset kind).
-    let mut at = 0u32;
-    for change in similar::TextDiff::from_chars(old, new).iter_all_changes() {
-        let value = change.value();
-        let len = value.len() as u32;
-        match change.tag() {
-            similar::ChangeTag::Equal => at += len,
-            similar::ChangeTag::Delete => text.remove_range(&mut t, at, len),
-            similar::ChangeTag::Insert => {
-                text.insert(&mut t, at, value);
-                at += len;
-            }
+    // yrs indexes text by UTF-8 byte (the document's default offset kind); the diff counts
+    // characters.
+    let old_at = byte_offsets(old);
+    let new_at = byte_offsets(new);
+    let diff = similar::TextDiff::configure()
+        .timeout(std::time::Duration::from_millis(500))
+        .diff_chars(old, new);
+    for op in diff.ops().iter().rev() {
+        let (tag, old_range, new_range) = op.as_tag_tuple();
+        if tag == similar::DiffTag::Equal {
+            continue;
+        }
+        let start = old_at[old_range.start];
+        let removed = old_at[old_range.end] - start;
+        let inserted = &new[new_at[new_range.start]..new_at[new_range.end]];
+        if removed > 0 {
+            text.remove_range(&mut t, start as u32, removed as u32);
+        }
+        if !inserted.is_empty() {
+            text.insert(&mut t, start as u32, inserted);
         }
     }
     t.encode_update_v1()
+}
+
+/// The byte offset of each character of `text`, and of its end.
+fn byte_offsets(text: &str) -> Vec<usize> {
+    text.char_indices()
+        .map(|(at, _)| at)
+        .chain(std::iter::once(text.len()))
+        .collect()
 }
 
 /// Stores an update (and the text and version it produced).
@@ -439,7 +504,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_text_edit_is_the_smallest_diff_and_merges_with_a_concurrent_one() {
+    fn a_text_edit_is_a_character_diff_and_merges_with_a_concurrent_one() {
         let server = Doc::new();
         let start = {
             let text = server.get_or_insert_text(TEXT);
@@ -487,6 +552,72 @@ mod tests {
             doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
             "naïf café ☕"
         );
+    }
+
+    #[test]
+    fn a_large_rewrite_is_a_few_operations() {
+        let doc = Doc::new();
+        let old: String = "lorem ipsum ".repeat(8_000);
+        {
+            let text = doc.get_or_insert_text(TEXT);
+            let mut t = doc.transact_mut();
+            text.insert(&mut t, 0, &old);
+        }
+        let new = format!("start {}{} end", &old[..40_000], &old[50_000..]);
+        let started = std::time::Instant::now();
+        edit(&doc, &old, &new);
+        assert_eq!(
+            doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
+            new
+        );
+        // One yrs operation per character (quadratic) took minutes for this.
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn embeds_are_refused() {
+        let client = Doc::new();
+        let embed = {
+            let text = client.get_or_insert_text(TEXT);
+            let mut t = client.transact_mut();
+            text.insert(&mut t, 0, "a");
+            text.insert_embed(&mut t, 1, yrs::Any::from("image"));
+            t.encode_update_v1()
+        };
+        let refused = integrate(&Doc::new(), Update::decode_v1(&embed).unwrap());
+        assert!(matches!(
+            refused,
+            Err(StoreError::BadUpdate(BadUpdate::NotText))
+        ));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        #[test]
+        fn any_bytes_are_refused_or_integrated(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let encoded = STANDARD.encode(&bytes);
+            if let Ok(update) = decode(&encoded) {
+                let _ = integrate(&Doc::new(), update);
+            }
+        }
+
+        #[test]
+        fn a_real_update_mutated_is_refused_or_integrated(at in 0usize..64, value in proptest::prelude::any::<u8>()) {
+            let doc = Doc::new();
+            let mut update = {
+                let text = doc.get_or_insert_text(TEXT);
+                let mut t = doc.transact_mut();
+                text.insert(&mut t, 0, "hello world, a real update");
+                t.encode_update_v1()
+            };
+            let at = at % update.len();
+            update[at] = value;
+            // yrs's decoder panics on some of these (an assertion in its block ids):
+            // `decode` turns that into a refusal.
+            if let Ok(update) = decode(&STANDARD.encode(&update)) {
+                let _ = integrate(&Doc::new(), update);
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,11 @@ both_backends! {
         let (ada, _) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "general").await;
         // Break the database behind the server's back.
-        server.sql().await.execute_unprepared("DROP TABLE documents").await.unwrap();
+        let drop = match server.backend {
+            crate::helpers::Backend::Postgres => "DROP TABLE documents CASCADE",
+            crate::helpers::Backend::Sqlite => "DROP TABLE documents",
+        };
+        server.sql().await.execute_unprepared(drop).await.unwrap();
 
         let response = server
             .graphql_as(&ada, "query($c: ID!) { channel(id: $c) { documents { id } } }", json!({ "c": channel }))

@@ -340,6 +340,26 @@ both_backends! {
         assert_eq!(again["errors"][0]["extensions"]["code"], "FORBIDDEN");
     }
 
+    async fn a_cursor_past_the_feed_skips_nothing_not_even_a_revocation(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (bob, bob_id) = server.sign_up("Bob").await;
+        let channel = server.create_channel(&ada, "team").await;
+        server.add_member(&ada, &channel, &bob_id).await;
+        caught_up(&server).await;
+        // A cursor far past what is published (forged, or from a commit not yet published).
+        let ahead = syncgraph::graphql::Reply::cursor(server.broker.published() + 1_000_000);
+        let mut bob_ws = WsClient::connect_as(&server, Some(&bob)).await;
+        bob_ws.subscribe("1", MESSAGE_EVENTS, json!({ "c": channel, "after": ahead })).await;
+        wait_for_subscribers(&server.broker, &channel, 1).await;
+        server.post_message(&ada, &channel, "seen").await;
+        assert_eq!(event(&bob_ws.next_payload("1").await)["message"]["body"], "seen");
+        let remove = "mutation($c: ID!, $u: ID!) { removeChannelMember(input: { channelId: $c, userId: $u }) { id } }";
+        data(&server.graphql_as(&ada, remove, json!({ "c": channel, "u": bob_id })).await, "removeChannelMember");
+        server.post_message(&ada, &channel, "after bob left").await;
+        let message = bob_ws.recv().await;
+        assert_eq!(message["payload"]["errors"][0]["extensions"]["code"], "FORBIDDEN", "{message}");
+    }
+
     async fn subscriptions_of_one_shape_share_each_events_rendering(server: TestServer) {
         use std::sync::atomic::Ordering;
         let (ada, _) = server.sign_up("Ada").await;

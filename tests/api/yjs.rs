@@ -218,6 +218,19 @@ both_backends! {
         server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_b })).await;
         let document = a.sync(&server, &ada, &id).await;
         assert_eq!(document["body"], "A written by SQL B");
+        let stored = server
+            .sql()
+            .await
+            .query_one_raw(sea_orm::Statement::from_string(
+                server.db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap();
+        assert_eq!(stored, 3, "one history: its start, then the two edits");
     }
 
     async fn many_updates_roll_a_snapshot_and_load_the_same_text(server: TestServer) {
@@ -262,4 +275,32 @@ fn client_state(client: &Client) -> String {
             .transact()
             .encode_state_as_update_v1(&StateVector::default()),
     )
+}
+
+#[tokio::test]
+async fn an_update_over_the_flag_is_refused() {
+    crate::helpers::run_with(
+        crate::helpers::Backend::Sqlite,
+        |config| config.limits.max_document_update_bytes = 64,
+        |server| async move {
+            let (ada, _) = server.sign_up("Ada").await;
+            let channel = server.create_channel(&ada, "docs").await;
+            let id = create_document(&server, &ada, &channel, "").await;
+            let client = Client::new();
+            client.sync(&server, &ada, &id).await;
+            let big = client.insert(0, &"x".repeat(200));
+            let response = server
+                .graphql_as(&ada, APPLY, json!({ "id": id, "u": big }))
+                .await;
+            assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
+            assert_eq!(response["errors"][0]["extensions"]["field"], "input.update");
+            let small = Client::new();
+            small.sync(&server, &ada, &id).await;
+            let ok = server
+                .graphql_as(&ada, APPLY, json!({ "id": id, "u": small.insert(0, "hi") }))
+                .await;
+            assert_eq!(data(&ok, "applyDocumentUpdate")["version"], 2);
+        },
+    )
+    .await;
 }
