@@ -315,23 +315,23 @@ impl Broker {
     /// `topic`'s events with `after < position <= through`, from memory, when the broker
     /// still holds every event after `after`; `None` when the log must be read instead.
     pub fn recent(&self, topic: i64, after: i64, through: i64) -> Option<Vec<Arc<ChangeEvent>>> {
-        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if after < recent.after {
-            return None;
-        }
-        Some(
-            recent
-                .events
-                .iter()
-                .filter(|e| e.scope == Some(topic) && e.position > after && e.position <= through)
-                .cloned()
-                .collect(),
-        )
+        self.remembered(after, through, |e| e.scope == Some(topic))
     }
 
     /// Every topic's events with `after < position <= through`, from memory, when the
     /// broker still holds every event after `after`; `None` when it does not.
     pub fn recent_all(&self, after: i64, through: i64) -> Option<Vec<Arc<ChangeEvent>>> {
+        self.remembered(after, through, |_| true)
+    }
+
+    /// The remembered events with `after < position <= through` that `keep` selects, when
+    /// memory holds every event after `after`.
+    fn remembered(
+        &self,
+        after: i64,
+        through: i64,
+        keep: impl Fn(&ChangeEvent) -> bool,
+    ) -> Option<Vec<Arc<ChangeEvent>>> {
         let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if after < recent.after {
             return None;
@@ -340,7 +340,7 @@ impl Broker {
             recent
                 .events
                 .iter()
-                .filter(|e| e.position > after && e.position <= through)
+                .filter(|e| e.position > after && e.position <= through && keep(e))
                 .cloned()
                 .collect(),
         )

@@ -69,6 +69,25 @@ const FATAL_CLOSE_CODES = new Set([4401, 4403]);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
+ * What ends a feed or a live query for good, as an ApiError: GraphQL errors (FORBIDDEN,
+ * CURSOR_EXPIRED, ...) and a refused connection. `null` for anything else (a lost connection),
+ * which is retried.
+ */
+function fatalError(error) {
+  if (error instanceof ApiError) return error;
+  if (Array.isArray(error)) return new ApiError(error);
+  if (FATAL_CLOSE_CODES.has(error?.code)) {
+    return new ApiError([
+      {
+        message: error.reason || 'The connection was refused.',
+        extensions: { code: `CLOSE_${error.code}`, closeCode: error.code },
+      },
+    ]);
+  }
+  return null;
+}
+
+/**
  * Follows one subscription until stopped: `onEvent` gets each event of `field` in order,
  * exactly once. When the connection drops (a server restart, a network change) or the server ends
  * the stream as it shuts down, it subscribes again with `after` set to the last event's
@@ -98,22 +117,11 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
         }
       } catch (error) {
         if (stopped) return;
-        if (error instanceof ApiError || Array.isArray(error)) {
-          stopped = true;
-          onError(error instanceof ApiError ? error : new ApiError(error));
-          return;
-        }
         if (error?.code) console.warn(`feed connection closed: ${error.code} ${error.reason ?? ''}`);
-        if (FATAL_CLOSE_CODES.has(error?.code)) {
+        const fatal = fatalError(error);
+        if (fatal) {
           stopped = true;
-          onError(
-            new ApiError([
-              {
-                message: error.reason || 'The connection was refused.',
-                extensions: { code: `CLOSE_${error.code}`, closeCode: error.code },
-              },
-            ]),
-          );
+          onError(fatal);
           return;
         }
       }
@@ -165,21 +173,10 @@ export function live({ client, query, variables = {}, onResult, onError, onRetry
         }
       } catch (error) {
         if (stopped) return;
-        if (error instanceof ApiError || Array.isArray(error)) {
+        const fatal = fatalError(error);
+        if (fatal) {
           stopped = true;
-          onError(error instanceof ApiError ? error : new ApiError(error));
-          return;
-        }
-        if (FATAL_CLOSE_CODES.has(error?.code)) {
-          stopped = true;
-          onError(
-            new ApiError([
-              {
-                message: error.reason || 'The connection was refused.',
-                extensions: { code: `CLOSE_${error.code}`, closeCode: error.code },
-              },
-            ]),
-          );
+          onError(fatal);
           return;
         }
       }

@@ -172,18 +172,7 @@ both_backends! {
         let document = Client::new().sync(&server, &ada, &id).await;
         assert_eq!(document["version"], 1, "nothing was stored");
         assert_eq!(document["body"], "text");
-        let stored = server
-            .sql()
-            .await
-            .query_one_raw(sea_orm::Statement::from_string(
-                server.db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}"),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap();
+        let stored = count(&server, &format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}")).await;
         assert_eq!(stored, 1, "only the first update (the text it was created with)");
     }
 
@@ -218,18 +207,7 @@ both_backends! {
         server.graphql_as(&ada, APPLY, json!({ "id": id, "u": from_b })).await;
         let document = a.sync(&server, &ada, &id).await;
         assert_eq!(document["body"], "A written by SQL B");
-        let stored = server
-            .sql()
-            .await
-            .query_one_raw(sea_orm::Statement::from_string(
-                server.db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}"),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap();
+        let stored = count(&server, &format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}")).await;
         assert_eq!(stored, 3, "one history: its start, then the two edits");
     }
 
@@ -247,18 +225,7 @@ both_backends! {
             let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
             assert_eq!(data(&applied, "applyDocumentUpdate")["version"], n + 2);
         }
-        let snapshots = server
-            .sql()
-            .await
-            .query_one_raw(sea_orm::Statement::from_string(
-                server.db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM document_snapshots WHERE document_id = {id}"),
-            ))
-            .await
-            .unwrap()
-            .unwrap()
-            .try_get::<i64>("", "n")
-            .unwrap();
+        let snapshots = count(&server, &format!("SELECT COUNT(*) AS n FROM document_snapshots WHERE document_id = {id}")).await;
         assert_eq!(snapshots, 1);
         let fresh = Client::new();
         let document = fresh.sync(&server, &ada, &id).await;
@@ -303,4 +270,20 @@ async fn an_update_over_the_flag_is_refused() {
         },
     )
     .await;
+}
+
+/// The `n` a `SELECT COUNT(*) AS n ...` answers.
+async fn count(server: &TestServer, sql: &str) -> i64 {
+    server
+        .sql()
+        .await
+        .query_one_raw(sea_orm::Statement::from_string(
+            server.db.get_database_backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap()
 }
