@@ -100,15 +100,7 @@ async fn update_fields(
     body: Option<&str>,
     expected_version: i32,
 ) -> Result<document::Model, StoreError> {
-    let mut update = document::Entity::update_many()
-        .col_expr(
-            document::Column::Version,
-            Expr::col(document::Column::Version).add(1),
-        )
-        .col_expr(
-            document::Column::UpdatedAt,
-            super::now(db.get_database_backend()),
-        );
+    let mut update = next_version(db.get_database_backend());
     if let Some(title) = title {
         update = update.col_expr(document::Column::Title, Expr::value(title.to_owned()));
     }
@@ -135,4 +127,17 @@ async fn update_fields(
     Err(StoreError::Conflict {
         current_version: current.version,
     })
+}
+
+/// An UPDATE of documents that raises `version` by one and stamps `updated_at` (the server
+/// raises it itself, so RETURNING shows the new version; see the version triggers).
+pub(super) fn next_version(
+    backend: sea_orm::DatabaseBackend,
+) -> sea_orm::UpdateMany<document::Entity> {
+    document::Entity::update_many()
+        .col_expr(
+            document::Column::Version,
+            Expr::col(document::Column::Version).add(1),
+        )
+        .col_expr(document::Column::UpdatedAt, super::now(backend))
 }

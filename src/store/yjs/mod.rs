@@ -10,7 +10,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use entities::document;
-use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, Statement,
     TransactionSession, TransactionTrait, Value,
@@ -20,6 +20,9 @@ use yrs::updates::encoder::Encode;
 use yrs::{Doc, GetString, ReadTxn, StateVector, Text, Transact, Update};
 
 use super::{StoreError, channel};
+
+mod edit;
+pub use edit::edit;
 
 /// The root text's name, as Yjs clients name it.
 pub const TEXT: &str = "body";
@@ -349,45 +352,6 @@ pub async fn record_text_edit(
     roll_snapshot(db, document, &loaded).await
 }
 
-/// The Yjs update that edits `doc`'s text from `old` to `new` by a character diff
-/// (`similar`, its time bounded): one removal and one insertion per changed run, applied
-/// from the end so that earlier offsets stay put.
-pub fn edit(doc: &Doc, old: &str, new: &str) -> Vec<u8> {
-    let text = doc.get_or_insert_text(TEXT);
-    let mut t = doc.transact_mut();
-    // yrs indexes text by UTF-8 byte (the document's default offset kind); the diff counts
-    // characters.
-    let old_at = byte_offsets(old);
-    let new_at = byte_offsets(new);
-    let diff = similar::TextDiff::configure()
-        .timeout(std::time::Duration::from_millis(500))
-        .diff_chars(old, new);
-    for op in diff.ops().iter().rev() {
-        let (tag, old_range, new_range) = op.as_tag_tuple();
-        if tag == similar::DiffTag::Equal {
-            continue;
-        }
-        let start = old_at[old_range.start];
-        let removed = old_at[old_range.end] - start;
-        let inserted = &new[new_at[new_range.start]..new_at[new_range.end]];
-        if removed > 0 {
-            text.remove_range(&mut t, start as u32, removed as u32);
-        }
-        if !inserted.is_empty() {
-            text.insert(&mut t, start as u32, inserted);
-        }
-    }
-    t.encode_update_v1()
-}
-
-/// The byte offset of each character of `text`, and of its end.
-fn byte_offsets(text: &str) -> Vec<usize> {
-    text.char_indices()
-        .map(|(at, _)| at)
-        .chain(std::iter::once(text.len()))
-        .collect()
-}
-
 /// Stores an update (and the text and version it produced).
 async fn store_update(
     db: &impl ConnectionTrait,
@@ -396,15 +360,7 @@ async fn store_update(
     text: &str,
     text_changed: bool,
 ) -> Result<document::Model, StoreError> {
-    let mut update = document::Entity::update_many()
-        .col_expr(
-            document::Column::Version,
-            Expr::col(document::Column::Version).add(1),
-        )
-        .col_expr(
-            document::Column::UpdatedAt,
-            super::now(db.get_database_backend()),
-        );
+    let mut update = super::document::next_version(db.get_database_backend());
     if text_changed {
         update = update.col_expr(document::Column::Body, Expr::value(text.to_owned()));
     }
@@ -500,130 +456,4 @@ fn placeholders(backend: DatabaseBackend, sql: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_text_edit_is_a_character_diff_and_merges_with_a_concurrent_one() {
-        let server = Doc::new();
-        let start = {
-            let text = server.get_or_insert_text(TEXT);
-            let mut t = server.transact_mut();
-            text.insert(&mut t, 0, "hello world");
-            t.encode_update_v1()
-        };
-        // A client with the same start types at the end meanwhile.
-        let client = Doc::new();
-        client
-            .transact_mut()
-            .apply_update(Update::decode_v1(&start).unwrap())
-            .unwrap();
-        let typed = {
-            let text = client.get_or_insert_text(TEXT);
-            let mut t = client.transact_mut();
-            text.push(&mut t, "!");
-            t.encode_update_v1()
-        };
-        // The server's whole-text write becomes an edit of the middle word.
-        let edited = edit(&server, "hello world", "hello brave world");
-        server
-            .transact_mut()
-            .apply_update(Update::decode_v1(&typed).unwrap())
-            .unwrap();
-        client
-            .transact_mut()
-            .apply_update(Update::decode_v1(&edited).unwrap())
-            .unwrap();
-        let read = |doc: &Doc| doc.get_or_insert_text(TEXT).get_string(&doc.transact());
-        assert_eq!(read(&server), "hello brave world!");
-        assert_eq!(read(&client), read(&server));
-    }
-
-    #[test]
-    fn non_ascii_text_is_edited_by_character() {
-        let doc = Doc::new();
-        {
-            let text = doc.get_or_insert_text(TEXT);
-            let mut t = doc.transact_mut();
-            text.insert(&mut t, 0, "naïve café");
-        }
-        edit(&doc, "naïve café", "naïf café ☕");
-        assert_eq!(
-            doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
-            "naïf café ☕"
-        );
-    }
-
-    #[test]
-    fn a_large_rewrite_is_a_few_operations() {
-        let doc = Doc::new();
-        let old: String = "lorem ipsum ".repeat(8_000);
-        {
-            let text = doc.get_or_insert_text(TEXT);
-            let mut t = doc.transact_mut();
-            text.insert(&mut t, 0, &old);
-        }
-        let new = format!("start {}{} end", &old[..40_000], &old[50_000..]);
-        let started = std::time::Instant::now();
-        edit(&doc, &old, &new);
-        assert_eq!(
-            doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
-            new
-        );
-        // One yrs operation per character (quadratic) took minutes for this.
-        assert!(started.elapsed() < std::time::Duration::from_secs(30));
-    }
-
-    #[test]
-    fn embeds_are_refused() {
-        let client = Doc::new();
-        let embed = {
-            let text = client.get_or_insert_text(TEXT);
-            let mut t = client.transact_mut();
-            text.insert(&mut t, 0, "a");
-            text.insert_embed(&mut t, 1, yrs::Any::from("image"));
-            t.encode_update_v1()
-        };
-        let refused = integrate(&Doc::new(), Update::decode_v1(&embed).unwrap());
-        assert!(matches!(
-            refused,
-            Err(StoreError::BadUpdate(BadUpdate::NotText))
-        ));
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
-        #[test]
-        fn any_bytes_are_refused_or_integrated(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
-            let encoded = STANDARD.encode(&bytes);
-            if let Ok(update) = decode(&encoded) {
-                let _ = integrate(&Doc::new(), update);
-            }
-        }
-
-        #[test]
-        fn a_real_update_mutated_is_refused_or_integrated(at in 0usize..64, value in proptest::prelude::any::<u8>()) {
-            let doc = Doc::new();
-            let mut update = {
-                let text = doc.get_or_insert_text(TEXT);
-                let mut t = doc.transact_mut();
-                text.insert(&mut t, 0, "hello world, a real update");
-                t.encode_update_v1()
-            };
-            let at = at % update.len();
-            update[at] = value;
-            // yrs's decoder panics on some of these (an assertion in its block ids):
-            // `decode` turns that into a refusal.
-            if let Ok(update) = decode(&STANDARD.encode(&update)) {
-                let _ = integrate(&Doc::new(), update);
-            }
-        }
-    }
-
-    #[test]
-    fn garbage_is_refused_before_anything_runs() {
-        assert!(matches!(decode("not base64!"), Err(BadUpdate::NotBase64)));
-        assert!(matches!(decode("AAEC/w=="), Err(BadUpdate::NotYjs)));
-        assert!(decode_state_vector("%%").is_err());
-    }
-}
+mod tests;

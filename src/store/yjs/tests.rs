@@ -1,0 +1,127 @@
+//! The Yjs history's pure parts: edits, refusals, and fuzzing of the decoding path.
+
+use super::*;
+
+#[test]
+fn a_text_edit_is_a_character_diff_and_merges_with_a_concurrent_one() {
+    let server = Doc::new();
+    let start = {
+        let text = server.get_or_insert_text(TEXT);
+        let mut t = server.transact_mut();
+        text.insert(&mut t, 0, "hello world");
+        t.encode_update_v1()
+    };
+    // A client with the same start types at the end meanwhile.
+    let client = Doc::new();
+    client
+        .transact_mut()
+        .apply_update(Update::decode_v1(&start).unwrap())
+        .unwrap();
+    let typed = {
+        let text = client.get_or_insert_text(TEXT);
+        let mut t = client.transact_mut();
+        text.push(&mut t, "!");
+        t.encode_update_v1()
+    };
+    // The server's whole-text write becomes an edit of the middle word.
+    let edited = edit(&server, "hello world", "hello brave world");
+    server
+        .transact_mut()
+        .apply_update(Update::decode_v1(&typed).unwrap())
+        .unwrap();
+    client
+        .transact_mut()
+        .apply_update(Update::decode_v1(&edited).unwrap())
+        .unwrap();
+    let read = |doc: &Doc| doc.get_or_insert_text(TEXT).get_string(&doc.transact());
+    assert_eq!(read(&server), "hello brave world!");
+    assert_eq!(read(&client), read(&server));
+}
+
+#[test]
+fn non_ascii_text_is_edited_by_character() {
+    let doc = Doc::new();
+    {
+        let text = doc.get_or_insert_text(TEXT);
+        let mut t = doc.transact_mut();
+        text.insert(&mut t, 0, "naïve café");
+    }
+    edit(&doc, "naïve café", "naïf café ☕");
+    assert_eq!(
+        doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
+        "naïf café ☕"
+    );
+}
+
+#[test]
+fn a_large_rewrite_is_a_few_operations() {
+    let doc = Doc::new();
+    let old: String = "lorem ipsum ".repeat(8_000);
+    {
+        let text = doc.get_or_insert_text(TEXT);
+        let mut t = doc.transact_mut();
+        text.insert(&mut t, 0, &old);
+    }
+    let new = format!("start {}{} end", &old[..40_000], &old[50_000..]);
+    let started = std::time::Instant::now();
+    edit(&doc, &old, &new);
+    assert_eq!(
+        doc.get_or_insert_text(TEXT).get_string(&doc.transact()),
+        new
+    );
+    // One yrs operation per character (quadratic) took minutes for this.
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn embeds_are_refused() {
+    let client = Doc::new();
+    let embed = {
+        let text = client.get_or_insert_text(TEXT);
+        let mut t = client.transact_mut();
+        text.insert(&mut t, 0, "a");
+        text.insert_embed(&mut t, 1, yrs::Any::from("image"));
+        t.encode_update_v1()
+    };
+    let refused = integrate(&Doc::new(), Update::decode_v1(&embed).unwrap());
+    assert!(matches!(
+        refused,
+        Err(StoreError::BadUpdate(BadUpdate::NotText))
+    ));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+    #[test]
+    fn any_bytes_are_refused_or_integrated(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+        let encoded = STANDARD.encode(&bytes);
+        if let Ok(update) = decode(&encoded) {
+            let _ = integrate(&Doc::new(), update);
+        }
+    }
+
+    #[test]
+    fn a_real_update_mutated_is_refused_or_integrated(at in 0usize..64, value in proptest::prelude::any::<u8>()) {
+        let doc = Doc::new();
+        let mut update = {
+            let text = doc.get_or_insert_text(TEXT);
+            let mut t = doc.transact_mut();
+            text.insert(&mut t, 0, "hello world, a real update");
+            t.encode_update_v1()
+        };
+        let at = at % update.len();
+        update[at] = value;
+        // yrs's decoder panics on some of these (an assertion in its block ids):
+        // `decode` turns that into a refusal.
+        if let Ok(update) = decode(&STANDARD.encode(&update)) {
+            let _ = integrate(&Doc::new(), update);
+        }
+    }
+}
+
+#[test]
+fn garbage_is_refused_before_anything_runs() {
+    assert!(matches!(decode("not base64!"), Err(BadUpdate::NotBase64)));
+    assert!(matches!(decode("AAEC/w=="), Err(BadUpdate::NotYjs)));
+    assert!(decode_state_vector("%%").is_err());
+}
