@@ -88,32 +88,25 @@ function fatalError(error) {
 }
 
 /**
- * Follows one subscription until stopped: `onEvent` gets each event of `field` in order,
- * exactly once. When the connection drops (a server restart, a network change) or the server ends
- * the stream as it shuts down, it subscribes again with `after` set to the last event's
- * cursor, so every change in between is replayed and none is lost. GraphQL errors
- * (FORBIDDEN, CURSOR_EXPIRED, ...) and refused connections end it through `onError`.
+ * Runs one stream until stopped, starting it again after any lost connection (250 ms, then
+ * twice as long each time, at most 4 s). `request()` gives each attempt's query and
+ * variables; `reader()` gives each attempt a fresh function that takes its results in order
+ * (and may throw to start over). GraphQL errors and refused connections end it through
+ * `onError`.
  */
-export function follow({ client, query, variables, field, after, onEvent, onError, onRetry }) {
-  let cursor = after;
+function resumed({ client, request, reader, onError, onRetry }) {
   let stopped = false;
   let iterator = null;
   (async () => {
     let delay = 250;
     while (!stopped) {
       try {
-        iterator = client.iterate({ query, variables: { ...variables, after: cursor } });
+        const take = reader();
+        iterator = client.iterate(request());
         for await (const result of iterator) {
           if (result.errors?.length) throw new ApiError(result.errors);
-          const event = result.data[field];
+          take(result);
           delay = 250;
-          try {
-            onEvent(event);
-          } catch (error) {
-            // A bug in the page, not a lost connection: report it and go on.
-            console.error('applying an event failed', error);
-          }
-          cursor = event.cursor;
         }
       } catch (error) {
         if (stopped) return;
@@ -140,6 +133,33 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
 }
 
 /**
+ * Follows one subscription until stopped: `onEvent` gets each event of `field` in order,
+ * exactly once. When the connection drops (a server restart, a network change) or the server ends
+ * the stream as it shuts down, it subscribes again with `after` set to the last event's
+ * cursor, so every change in between is replayed and none is lost. GraphQL errors
+ * (FORBIDDEN, CURSOR_EXPIRED, ...) and refused connections end it through `onError`.
+ */
+export function follow({ client, query, variables, field, after, onEvent, onError, onRetry }) {
+  let cursor = after;
+  return resumed({
+    client,
+    request: () => ({ query, variables: { ...variables, after: cursor } }),
+    reader: () => (result) => {
+      const event = result.data[field];
+      try {
+        onEvent(event);
+      } catch (error) {
+        // A bug in the page, not a lost connection: report it and go on.
+        console.error('applying an event failed', error);
+      }
+      cursor = event.cursor;
+    },
+    onError,
+    onRetry,
+  });
+}
+
+/**
  * Runs a `@live` query until stopped: `onResult` gets the whole result first and again after
  * every committed change that alters it. The server sends `{data, revision: 1}`, then
  * `{patch, revision}` (RFC 6902), applied here in order; a skipped revision cannot happen on
@@ -148,48 +168,26 @@ export function follow({ client, query, variables, field, after, onEvent, onErro
  * through `onError`.
  */
 export function live({ client, query, variables = {}, onResult, onError, onRetry }) {
-  let stopped = false;
-  let iterator = null;
-  (async () => {
-    let delay = 250;
-    while (!stopped) {
+  return resumed({
+    client,
+    request: () => ({ query, variables }),
+    reader: () => {
       let data = null;
       let revision = 0;
-      try {
-        iterator = client.iterate({ query, variables });
-        for await (const result of iterator) {
-          if (result.errors?.length) throw new ApiError(result.errors);
-          if (result.revision === 1) data = result.data;
-          else if (result.revision === revision + 1 && data) {
-            data = applyPatch(data, result.patch, true, false).newDocument;
-          } else throw new Error(`live query: revision ${result.revision} after ${revision}`);
-          revision = result.revision;
-          delay = 250;
-          try {
-            onResult(data);
-          } catch (error) {
-            console.error('showing a live result failed', error);
-          }
+      return (result) => {
+        if (result.revision === 1) data = result.data;
+        else if (result.revision === revision + 1 && data) {
+          data = applyPatch(data, result.patch, true, false).newDocument;
+        } else throw new Error(`live query: revision ${result.revision} after ${revision}`);
+        revision = result.revision;
+        try {
+          onResult(data);
+        } catch (error) {
+          console.error('showing a live result failed', error);
         }
-      } catch (error) {
-        if (stopped) return;
-        const fatal = fatalError(error);
-        if (fatal) {
-          stopped = true;
-          onError(fatal);
-          return;
-        }
-      }
-      if (stopped) return;
-      onRetry?.(delay);
-      await sleep(delay);
-      delay = Math.min(delay * 2, 4000);
-    }
-  })();
-  return {
-    stop() {
-      stopped = true;
-      iterator?.return?.();
+      };
     },
-  };
+    onError,
+    onRetry,
+  });
 }
