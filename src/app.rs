@@ -73,6 +73,11 @@ impl App {
             feed.live(config),
             &config.limits.schema(),
         );
+        // Texts written outside the CRDT (SQL) become Yjs edits as they reach the feed.
+        feed.tasks.push(tokio::spawn(crate::collab::fold::run(
+            api.clone(),
+            stopped.clone(),
+        )));
         let connections = Arc::new(tokio::sync::Semaphore::new(
             config.limits.max_connections as usize,
         ));

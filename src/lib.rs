@@ -23,6 +23,7 @@ pub mod app;
 pub mod assets;
 pub mod auth;
 pub mod changes;
+pub mod collab;
 pub mod config;
 pub mod db;
 pub mod graphql;

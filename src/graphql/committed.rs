@@ -28,13 +28,20 @@ const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<'a> Committed<'a> {
     pub(crate) fn new(ctx: &Context<'a>) -> AppResult<Self> {
-        Ok(Self {
-            live: ctx.data::<Live>().ok(),
-            writes: ctx
-                .data::<store::Writes>()
+        Ok(Self::with(
+            ctx.data::<Live>().ok(),
+            ctx.data::<store::Writes>()
                 .map_err(|_| missing("store::Writes"))?,
+        ))
+    }
+
+    /// Writes through `writes`, ringing `live`'s doorbell and announcer (outside a request).
+    pub(crate) fn with(live: Option<&'a Live>, writes: &'a store::Writes) -> Self {
+        Self {
+            live,
+            writes,
             returned: false,
-        })
+        }
     }
 
     /// Runs `write`, ringing when it returns or is dropped.

@@ -166,6 +166,9 @@ pub struct ApiParts {
     live_queries: std::sync::OnceLock<live_query::LiveQueries>,
     live_max_result_bytes: usize,
     quota: Arc<SubscriptionQuota>,
+    /// Writes outside a request (the y-websocket endpoint's), ringing the feed.
+    writes: crate::store::Writes,
+    live: Live,
     /// The pool's connections (the start permits' number, read before any is taken).
     pool_connections: usize,
 }
@@ -225,13 +228,42 @@ impl Api {
             broker: live.broker.clone(),
             pool_connections: live.subscription_starts.available_permits(),
             subscription_starts: live.subscription_starts.clone(),
-            schema: build_schema(db.clone(), writes, keys, live, limits, quota.clone()),
+            schema: build_schema(
+                db.clone(),
+                writes.clone(),
+                keys,
+                live.clone(),
+                limits,
+                quota.clone(),
+            ),
             quota,
+            writes,
+            live,
             db,
             shapes: Arc::default(),
             live_queries: std::sync::OnceLock::new(),
             live_max_result_bytes: limits.live_max_result_bytes,
         }))
+    }
+
+    /// A write outside a request, through the same path as a mutation's (see `Committed`).
+    pub(crate) fn committed(&self) -> Committed<'_> {
+        Committed::with(Some(&self.live), &self.writes)
+    }
+
+    /// The database connection (a pool handle).
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// The hub of published changes.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// Each user's open subscriptions in this process.
+    pub fn quota(&self) -> &Arc<SubscriptionQuota> {
+        &self.quota
     }
 
     /// The executable schema.

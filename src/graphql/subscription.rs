@@ -1,4 +1,4 @@
-//! The Subscription root: `messageEvents` and `documentEvents`.
+//! The Subscription root: `messageEvents`, `documentEvents` and `documentUpdates`.
 //!
 //! The resolvers check and hand over: they validate the arguments, open the subscription
 //! (`live::Opening`, which subscribes before anything is read), check membership and the
@@ -17,9 +17,9 @@ use futures_util::stream::BoxStream;
 use super::error::{AppError, AppResult};
 use super::input::{self, CursorKind};
 use super::shared::{Handover, RenderOne};
-use super::types::{Document, Message};
+use super::types::{Document, Message, begin_history, state_vector_argument};
 use super::{db, live, viewer_id};
-use crate::live::{Filter, Follower, Opening, SubscriptionQuota};
+use crate::live::{Filter, Follower, Opening, SubscriptionQuota, documents};
 use crate::pubsub::{ChangeEvent, Op};
 use crate::store;
 
@@ -66,6 +66,18 @@ pub struct DocumentEvent {
     pub document: Document,
 }
 
+/// A Yjs update of a shared document's text.
+#[derive(SimpleObject)]
+pub struct DocumentUpdateEvent {
+    /// Resume after this event with `documentUpdates(after: cursor)`.
+    pub cursor: String,
+    /// A Yjs v1 update (standard base64) of the document's root `Y.Text` `body`: apply it
+    /// to the client's `Y.Doc`.
+    pub update: String,
+    /// The document's version with this update.
+    pub version: i32,
+}
+
 /// Live changes.
 #[derive(Default)]
 pub struct SubscriptionRoot;
@@ -96,10 +108,7 @@ impl SubscriptionRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("channelId", &channel_id)?;
         let after = parse_after(ctx, after.as_deref())?;
-        let filter = Filter {
-            table: message::Model::TABLE,
-            row_id: None,
-        };
+        let filter = Filter::table(message::Model::TABLE);
         let follower = start(ctx, channel_id, viewer, after, filter).await?;
         Ok(hand_over(ctx, follower)?)
     }
@@ -130,11 +139,63 @@ impl SubscriptionRoot {
             .await
             .map_err(AppError::from)?
             .ok_or_else(not_a_member)?;
-        let filter = Filter {
-            table: document::Model::TABLE,
-            row_id: Some(document_id),
-        };
+        let filter = Filter::row(document::Model::TABLE, document_id);
         let follower = start(ctx, document.channel_id, viewer, after, filter).await?;
+        Ok(hand_over(ctx, follower)?)
+    }
+
+    /// A document's text as Yjs updates. Without `after`, the first event holds what
+    /// `stateVector` lacks (everything without one; an empty update when it lacks nothing)
+    /// with the document's version; then every later update once, in order. With `after`,
+    /// every update after that cursor, one event per update, then live (`stateVector` is not
+    /// used). Ends after the document's deletion. Access and errors as for `messageEvents`.
+    async fn document_updates(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The document to follow.")] document_id: ID,
+        #[graphql(desc = "The client's Yjs state vector (v1, standard base64).")]
+        state_vector: Option<String>,
+        #[graphql(desc = "Resume after this event's cursor.")] after: Option<String>,
+    ) -> async_graphql::Result<BoxStream<'static, AppResult<DocumentUpdateEvent>>> {
+        if let Some(one) = ctx.data_opt::<RenderOne>() {
+            return Ok(render_one(one, |event| {
+                let (version, update) = documents::update_of(event)?;
+                Some(DocumentUpdateEvent {
+                    cursor: input::encode_cursor(CursorKind::Event, event.position),
+                    update: update.to_owned(),
+                    version: i32::try_from(version).ok()?,
+                })
+            }));
+        }
+        let viewer = viewer_id(ctx)?;
+        let document_id = input::id("documentId", &document_id)?;
+        let vector = state_vector_argument(state_vector.as_deref())?;
+        let after = parse_after(ctx, after.as_deref())?;
+        // A missing document is refused like someone else's, so ids cannot be probed.
+        let document = store::document::find(db(ctx)?, document_id)
+            .await
+            .map_err(AppError::from)?
+            .ok_or_else(not_a_member)?;
+        let filter = documents::filter(document_id);
+        let mut follower = start(ctx, document.channel_id, viewer, after, filter).await?;
+        if after.is_none() {
+            // Read after the opening: whatever it lacks arrives as an event.
+            if store::yjs::needs_history(db(ctx)?, document_id).await? {
+                begin_history(ctx, document_id).await?;
+            }
+            let sync = match store::yjs::load_for_sync(db(ctx)?, document_id).await {
+                Err(store::StoreError::NotFound(_)) => return Err(not_a_member().into()),
+                read => read?,
+            };
+            let first = documents::first_event(
+                document_id,
+                document.channel_id,
+                sync.document.version.into(),
+                sync.loaded.diff(vector.as_ref()),
+                sync.position.max(follower.position()),
+            );
+            follower = follower.starting_with(first, sync.loaded.last_version);
+        }
         Ok(hand_over(ctx, follower)?)
     }
 }

@@ -257,11 +257,7 @@ impl Document {
         #[graphql(desc = "The client's state vector (Yjs v1, standard base64).")]
         state_vector: Option<String>,
     ) -> AppResult<String> {
-        let vector = state_vector
-            .as_deref()
-            .map(store::yjs::decode_state_vector)
-            .transpose()
-            .map_err(|err| AppError::bad_input("stateVector", format!("stateVector: {err}")))?;
+        let vector = state_vector_argument(state_vector.as_deref())?;
         Ok(yjs_document(ctx, &self.0).await?.diff(vector.as_ref()))
     }
 
@@ -272,21 +268,36 @@ impl Document {
 }
 
 /// `document`'s Yjs document, read where the request reads. One without a Yjs history yet
-/// (made by a SQL INSERT, or before documents were Yjs documents) gets it first, once.
+/// (made by a SQL INSERT, or before documents were Yjs documents) gets it first, once; a
+/// text written by SQL is folded into it first.
 async fn yjs_document(
     ctx: &Context<'_>,
     document: &document::Model,
 ) -> AppResult<store::yjs::Loaded> {
     let reading = super::reading(ctx)?;
     let loaded = store::yjs::load(&reading.reader, document.id).await?;
-    if loaded.last_update_id > 0 || document.body.is_empty() {
+    if !loaded.needs_history(&document.body) {
         return Ok(loaded);
     }
-    let id = document.id;
+    begin_history(ctx, document.id).await?;
+    Ok(store::yjs::load(super::db(ctx)?, document.id).await?)
+}
+
+/// Gives document `id` its Yjs history, and folds a text written by SQL into it
+/// (`store::yjs::begin_history`), as a write that rings the feed.
+pub(super) async fn begin_history(ctx: &Context<'_>, id: i64) -> AppResult<()> {
     super::Committed::new(ctx)?
         .write(move |db| Box::pin(async move { store::yjs::begin_history(&db, id).await }))
         .await?;
-    Ok(store::yjs::load(super::db(ctx)?, id).await?)
+    Ok(())
+}
+
+/// A `stateVector` argument (Yjs v1, standard base64), decoded.
+pub(super) fn state_vector_argument(vector: Option<&str>) -> AppResult<Option<yrs::StateVector>> {
+    vector
+        .map(store::yjs::decode_state_vector)
+        .transpose()
+        .map_err(|err| AppError::bad_input("stateVector", format!("stateVector: {err}")))
 }
 
 /// A signed-in session: send `token` as `Authorization: Bearer <token>`.

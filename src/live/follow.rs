@@ -47,6 +47,29 @@ pub enum LiveError {
 pub struct Filter {
     pub table: &'static str,
     pub row_id: Option<i64>,
+    /// The deletion of this table's row `row_id` ends the subscription (not delivered): the
+    /// row the followed rows belong to, as a document for its Yjs updates.
+    pub ended_by: Option<&'static str>,
+}
+
+impl Filter {
+    /// Every change of `table`.
+    pub const fn table(table: &'static str) -> Self {
+        Self {
+            table,
+            row_id: None,
+            ended_by: None,
+        }
+    }
+
+    /// The changes of row `row_id` of `table`.
+    pub const fn row(table: &'static str, row_id: i64) -> Self {
+        Self {
+            table,
+            row_id: Some(row_id),
+            ended_by: None,
+        }
+    }
 }
 
 /// What a follower has next for its subscriber.
@@ -112,6 +135,8 @@ impl Opening {
             target: self.published,
             history_through: self.published,
             filter,
+            versions_through: 0,
+            first: None,
             pending: VecDeque::new(),
             caught_up: false,
             ended: false,
@@ -128,6 +153,11 @@ pub struct Follower {
     topic: i64,
     viewer: i64,
     filter: Filter,
+    /// Changes of the filter's table whose row `version` is at most this were already sent
+    /// another way (a document's state, read after the opening): they are passed over.
+    versions_through: i64,
+    /// Sent before anything else (see `starting_with`).
+    first: Option<Arc<ChangeEvent>>,
     /// Every position up to here has been considered.
     seen: i64,
     /// Catch up (replay) to here before taking live events.
@@ -164,11 +194,31 @@ impl Follower {
         self.seen
     }
 
+    /// Passes over the changes of the filter's table whose row `version` is at most
+    /// `version`: the subscriber already has them, from a state read after the opening
+    /// (every such change committed before that read, since one row's versions commit in
+    /// order). Changes the read did not include have higher versions and are delivered.
+    pub fn skip_versions_through(&mut self, version: i64) {
+        self.versions_through = self.versions_through.max(version);
+    }
+
+    /// Sends `event` (a state made for this subscriber, such as what a client's Yjs state
+    /// vector lacks, at `version`) before anything else, and passes over the changes it
+    /// holds (`skip_versions_through(version)`).
+    pub fn starting_with(mut self, event: Arc<ChangeEvent>, version: i64) -> Self {
+        self.first = Some(event);
+        self.skip_versions_through(version);
+        self
+    }
+
     /// The next thing to send, or `None` when the subscription has ended (the channel or
     /// the followed row was deleted, or the server is shutting down).
     pub async fn next(&mut self) -> Option<Next> {
         if self.ended {
             return None;
+        }
+        if let Some(first) = self.first.take() {
+            return Some(Next::Event(first));
         }
         loop {
             while let Some(event) = self.pending.pop_front() {
@@ -260,7 +310,23 @@ impl Follower {
         {
             return Step::End;
         }
+        if let (Some(parent), Some(id)) = (self.filter.ended_by, self.filter.row_id)
+            && event.table == parent
+            && event.op == Op::Delete
+            && event.row_id == id
+        {
+            return Step::End;
+        }
         if event.table != self.filter.table {
+            return Step::Skip;
+        }
+        if self.versions_through > 0
+            && event
+                .row
+                .get("version")
+                .and_then(serde_json::Value::as_i64)
+                .is_some_and(|version| version <= self.versions_through)
+        {
             return Step::Skip;
         }
         match self.filter.row_id {
@@ -299,10 +365,7 @@ mod tests {
     use crate::pubsub::{Memo, TOPIC_CAPACITY};
     use sea_orm::ConnectionTrait;
 
-    const MESSAGES: Filter = Filter {
-        table: "messages",
-        row_id: None,
-    };
+    const MESSAGES: Filter = Filter::table("messages");
 
     /// A migrated SQLite database with user 1 in channel 7.
     async fn database() -> (tempfile::TempDir, DatabaseConnection) {
@@ -373,15 +436,7 @@ mod tests {
         let (_dir, db) = database().await;
         let broker = Arc::new(Broker::new(0));
         let mut all = follower(&broker, &db, None, MESSAGES);
-        let mut one = follower(
-            &broker,
-            &db,
-            None,
-            Filter {
-                table: "messages",
-                row_id: Some(2),
-            },
-        );
+        let mut one = follower(&broker, &db, None, Filter::row("messages", 2));
         let other = event(3, "documents", Op::Insert, 1, serde_json::json!({}));
         broker.publish(vec![message(1, 1), message(2, 2), other, removal(4, 99)], 4);
         assert_eq!(position(next(&mut all).await), 1);
@@ -403,15 +458,7 @@ mod tests {
     async fn a_followed_rows_deletion_is_delivered_then_ends_and_the_channels_deletion_ends() {
         let (_dir, db) = database().await;
         let broker = Arc::new(Broker::new(0));
-        let mut document = follower(
-            &broker,
-            &db,
-            None,
-            Filter {
-                table: "documents",
-                row_id: Some(5),
-            },
-        );
+        let mut document = follower(&broker, &db, None, Filter::row("documents", 5));
         let mut messages = follower(&broker, &db, None, MESSAGES);
         broker.publish(
             vec![
@@ -424,6 +471,44 @@ mod tests {
         assert_eq!(position(next(&mut document).await), 1);
         assert!(next(&mut document).await.is_none());
         assert!(next(&mut messages).await.is_none(), "the channel is gone");
+    }
+
+    #[tokio::test]
+    async fn a_first_event_comes_first_then_only_later_versions_until_the_document_is_deleted() {
+        let (_dir, db) = database().await;
+        let broker = Arc::new(Broker::new(0));
+        let update = |position: i64, document: i64, version: i64| {
+            let row = serde_json::json!({ "version": version, "update_data": "AAA=" });
+            let table = crate::live::documents::UPDATES;
+            event(position, table, Op::Insert, document, row)
+        };
+        let first = crate::live::documents::first_event(5, 7, 2, "AAA=".into(), 2);
+        let mut feed =
+            follower(&broker, &db, None, crate::live::documents::filter(5)).starting_with(first, 2);
+        broker.publish(
+            vec![
+                update(1, 5, 1),
+                update(2, 5, 2),
+                update(3, 5, 3),
+                update(4, 6, 1),
+                event(5, "documents", Op::Update, 5, serde_json::json!({})),
+                update(6, 5, 4),
+                event(7, "documents", Op::Delete, 5, serde_json::json!({})),
+                update(8, 5, 5),
+            ],
+            8,
+        );
+        assert_eq!(position(next(&mut feed).await), 2, "the first event");
+        assert_eq!(
+            position(next(&mut feed).await),
+            3,
+            "versions 1 and 2 are in it"
+        );
+        assert_eq!(position(next(&mut feed).await), 6, "not another document's");
+        assert!(
+            next(&mut feed).await.is_none(),
+            "the deletion ends it, undelivered"
+        );
     }
 
     #[tokio::test]

@@ -7,6 +7,8 @@
 //!   row or channel.
 //! - `queries`: live queries: cohorts of identical queries, each executed again only when a
 //!   change touches what it read, its results diffed into shared patches.
+//! - `documents`: a document's Yjs updates: what a subscriber's state vector lacks, then
+//!   every later update once.
 //! - `quota`: each user's open subscriptions in this process, against a maximum.
 //!
 //! A resolver opens a subscription (`Opening::new`, which subscribes before reading how far
@@ -14,6 +16,7 @@
 //! `Follower` with a `Filter` saying which of the topic's events it delivers. Rendering an
 //! event for a client is the caller's business.
 
+pub mod documents;
 pub mod follow;
 pub mod queries;
 pub mod quota;

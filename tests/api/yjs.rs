@@ -12,6 +12,7 @@ use yrs::{Doc, GetString, Map, ReadTxn, StateVector, Text, Transact, Update};
 
 use crate::both_backends;
 use crate::helpers::{TestServer, data, error_code};
+use crate::ws_client::{WsClient, caught_up};
 
 const STATE: &str = "query($id: ID!, $sv: String) { document(id: $id) { body version yjsState(stateVector: $sv) yjsStateVector } }";
 const APPLY: &str = "mutation($id: ID!, $u: String!) { applyDocumentUpdate(input: { documentId: $id, update: $u }) { cursor version } }";
@@ -231,6 +232,147 @@ both_backends! {
         let document = fresh.sync(&server, &ada, &id).await;
         assert_eq!(fresh.text(), client.text());
         assert_eq!(document["body"], client.text());
+    }
+}
+
+const UPDATES: &str = "subscription($id: ID!, $sv: String, $after: String) { documentUpdates(documentId: $id, stateVector: $sv, after: $after) { cursor update version } }";
+
+/// The next `documentUpdates` event of operation `op`.
+async fn next_update(ws: &mut WsClient, op: &str) -> Value {
+    let payload = ws.next_payload(op).await;
+    assert!(payload.get("errors").is_none(), "{payload}");
+    payload["data"]["documentUpdates"].clone()
+}
+
+both_backends! {
+    async fn document_updates_bring_what_the_state_vector_lacks_then_each_update_once(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let (bob, bob_id) = server.sign_up("Bob").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "hello").await;
+        let editor = Client::new();
+        editor.sync(&server, &ada, &id).await;
+        caught_up(&server).await;
+
+        // One subscriber holds everything already, one holds nothing.
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("synced", UPDATES, json!({ "id": id, "sv": editor.vector() })).await;
+        ws.subscribe("fresh", UPDATES, json!({ "id": id })).await;
+        let (synced, fresh) = (Client::new(), Client::new());
+        synced.apply(&client_state(&editor));
+        let first = next_update(&mut ws, "synced").await;
+        assert_eq!(first["version"], 1);
+        synced.apply(first["update"].as_str().unwrap());
+        assert_eq!(synced.text(), "hello", "it lacked nothing");
+        let whole = next_update(&mut ws, "fresh").await;
+        fresh.apply(whole["update"].as_str().unwrap());
+        assert_eq!(fresh.text(), "hello");
+        let resume_from = whole["cursor"].as_str().unwrap().to_owned();
+
+        // Updates from the API and from an optimistic whole-text write, once each, in order.
+        let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": editor.insert(5, " world") })).await;
+        assert_eq!(data(&applied, "applyDocumentUpdate")["version"], 2);
+        let optimistic = "mutation($id: ID!, $b: String!, $v: Int!) { updateDocument(input: { id: $id, body: $b, expectedVersion: $v }) { version } }";
+        let written = server.graphql_as(&ada, optimistic, json!({ "id": id, "b": "Hello world!", "v": 2 })).await;
+        assert_eq!(data(&written, "updateDocument")["version"], 3);
+        // (The two subscriptions' events interleave on the socket.)
+        let mut versions: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+        for _ in 0..4 {
+            let message = ws.recv().await;
+            assert_eq!(message["type"], "next", "{message}");
+            let op = message["id"].as_str().unwrap();
+            let event = &message["payload"]["data"]["documentUpdates"];
+            versions.entry(op.to_owned()).or_default().push(event["version"].as_i64().unwrap());
+            let client = if op == "synced" { &synced } else { &fresh };
+            client.apply(event["update"].as_str().unwrap());
+        }
+        assert_eq!(versions["synced"], [2, 3]);
+        assert_eq!(versions["fresh"], [2, 3]);
+        assert_eq!(synced.text(), "Hello world!");
+        assert_eq!(fresh.text(), "Hello world!");
+
+        // Resuming after the first event replays exactly what came after it.
+        ws.subscribe("resumed", UPDATES, json!({ "id": id, "after": resume_from })).await;
+        let resumed = Client::new();
+        resumed.apply(whole["update"].as_str().unwrap());
+        for version in [2, 3] {
+            let event = next_update(&mut ws, "resumed").await;
+            assert_eq!(event["version"], version);
+            resumed.apply(event["update"].as_str().unwrap());
+        }
+        assert_eq!(resumed.text(), "Hello world!");
+
+        // Someone outside the channel gets FORBIDDEN, like for a document that does not exist.
+        let mut outsider = WsClient::connect_as(&server, Some(&bob)).await;
+        let refusals = [(id.as_str(), None, "FORBIDDEN"), ("999999", None, "FORBIDDEN"), (id.as_str(), Some("not a vector!"), "BAD_USER_INPUT")];
+        for (document, vector, code) in refusals {
+            outsider.subscribe("x", UPDATES, json!({ "id": document, "sv": vector })).await;
+            let refused = outsider.next_payload("x").await;
+            assert_eq!(refused["errors"][0]["extensions"]["code"], code, "{refused}");
+            assert_eq!(outsider.recv().await, json!({ "type": "complete", "id": "x" }));
+        }
+        outsider.close().await;
+        let _ = bob_id;
+
+        // The document's deletion ends every subscription to it.
+        server.sql().await.execute_unprepared(&format!("DELETE FROM documents WHERE id = {id}")).await.unwrap();
+        let mut ended = Vec::new();
+        for _ in 0..3 {
+            let message = ws.recv().await;
+            assert_eq!(message["type"], "complete", "{message}");
+            ended.push(message["id"].as_str().unwrap().to_owned());
+        }
+        ended.sort();
+        assert_eq!(ended, ["fresh", "resumed", "synced"]);
+        ws.close().await;
+    }
+
+    async fn an_sql_update_of_the_body_is_folded_into_the_crdt(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "hello world").await;
+        let (editor, stale) = (Client::new(), Client::new());
+        editor.sync(&server, &ada, &id).await;
+        stale.sync(&server, &ada, &id).await;
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("u", UPDATES, json!({ "id": id, "sv": editor.vector() })).await;
+        next_update(&mut ws, "u").await;
+
+        // Another SQL client rewrites the body; the editor, subscribed, gets it as an edit.
+        server.sql().await.execute_unprepared(&format!("UPDATE documents SET body = 'hello brave world' WHERE id = {id}")).await.unwrap();
+        let folded = next_update(&mut ws, "u").await;
+        editor.apply(folded["update"].as_str().unwrap());
+        assert_eq!(editor.text(), "hello brave world");
+        assert_eq!(folded["version"], 2, "the version the SQL write made");
+
+        // An edit made by a client that had not seen it, and one by the editor who had, both
+        // merge with it.
+        let unseen = stale.insert(0, "X");
+        let seen = editor.insert(17, "!");
+        for update in [unseen, seen] {
+            server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
+        }
+        let document = Client::new().sync(&server, &ada, &id).await;
+        assert_eq!(document["body"], "Xhello brave world!");
+        for version in [3, 4] {
+            let event = next_update(&mut ws, "u").await;
+            assert_eq!(event["version"], version);
+            editor.apply(event["update"].as_str().unwrap());
+        }
+        assert_eq!(editor.text(), "Xhello brave world!");
+        ws.close().await;
+
+        // A SQL write while nobody watches is folded too: the next editor starts from it.
+        server.sql().await.execute_unprepared(&format!("UPDATE documents SET body = 'rewritten' WHERE id = {id}")).await.unwrap();
+        let late = Client::new();
+        let document = late.sync(&server, &ada, &id).await;
+        assert_eq!(late.text(), "rewritten");
+        assert_eq!(document["body"], "rewritten");
+        let typed = late.insert(9, ".");
+        server.graphql_as(&ada, APPLY, json!({ "id": id, "u": typed })).await;
+        let document = Client::new().sync(&server, &ada, &id).await;
+        assert_eq!(document["body"], "rewritten.");
     }
 }
 

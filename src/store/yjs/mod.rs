@@ -76,9 +76,22 @@ pub struct Loaded {
     pub since_snapshot: i64,
     /// The id of the last update stored (0 before the first).
     pub last_update_id: i64,
+    /// The document version the last update produced (0 before the first, or when
+    /// retention has pruned it).
+    pub last_version: i64,
 }
 
 impl Loaded {
+    /// Whether the document whose stored text is `body` needs `begin_history`: it has no
+    /// history yet while its text is not empty, or its text was written outside the CRDT.
+    pub fn needs_history(&self, body: &str) -> bool {
+        if self.last_update_id == 0 {
+            !body.is_empty()
+        } else {
+            self.text() != body
+        }
+    }
+
     /// The text.
     pub fn text(&self) -> String {
         let text = self.doc.get_or_insert_text(TEXT);
@@ -103,6 +116,7 @@ pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreErr
     let backend = db.get_database_backend();
     let doc = Doc::new();
     let mut through = 0i64;
+    let mut last_version = 0i64;
     let snapshot = db
         .query_one_raw(Statement::from_sql_and_values(
             backend,
@@ -123,7 +137,7 @@ pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreErr
             backend,
             placeholders(
                 backend,
-                "SELECT id, update_data FROM document_updates WHERE document_id = ? AND id > ? ORDER BY id",
+                "SELECT id, version, update_data FROM document_updates WHERE document_id = ? AND id > ? ORDER BY id",
             ),
             [Value::from(id), Value::from(through)],
         ))
@@ -131,13 +145,28 @@ pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreErr
     let mut last = through;
     for row in &rows {
         last = row.try_get("", "id")?;
+        last_version = row.try_get::<i32>("", "version")?.into();
         let update: String = row.try_get("", "update_data")?;
         apply_stored(&doc, &update)?;
+    }
+    if rows.is_empty() && through > 0 {
+        // The snapshot's last update (retention keeps it, see `prune`).
+        let row = db
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                placeholders(backend, "SELECT version FROM document_updates WHERE id = ?"),
+                [Value::from(through)],
+            ))
+            .await?;
+        if let Some(row) = row {
+            last_version = row.try_get::<i32>("", "version")?.into();
+        }
     }
     Ok(Loaded {
         doc,
         since_snapshot: rows.len() as i64,
         last_update_id: last,
+        last_version,
     })
 }
 
@@ -175,6 +204,7 @@ pub async fn apply<C: ConnectionTrait + TransactionTrait>(
     let current = lock(&txn, id).await?;
     channel::require_member(&txn, current.channel_id, viewer).await?;
     let loaded = ensure_started(&txn, &current, load(&txn, id).await?).await?;
+    let (current, loaded) = fold_outside_write(&txn, current, loaded).await?;
     let before_text = loaded.text();
     let Some(encoded) = integrate(&loaded.doc, update)? else {
         txn.commit().await?;
@@ -190,20 +220,10 @@ pub async fn apply<C: ConnectionTrait + TransactionTrait>(
     let document = store_update(&txn, &current, &encoded, &text, text != before_text).await?;
     roll_snapshot(&txn, &current, &loaded).await?;
     // The row the capture trigger just wrote: the newest of this document's updates (the
-    // row's lock keeps others out until this commits); by the channel's index.
-    let backend = txn.get_database_backend();
-    let position: i64 = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            placeholders(
-                backend,
-                "SELECT position FROM change_log WHERE scope_key = ? AND table_name = 'document_updates' AND row_id = ? ORDER BY position DESC LIMIT 1",
-            ),
-            [Value::from(current.channel_id), Value::from(id)],
-        ))
+    // row's lock keeps others out until this commits).
+    let position = last_update_position(&txn, &current)
         .await?
-        .ok_or(StoreError::NotFound("change"))?
-        .try_get("", "position")?;
+        .ok_or(StoreError::NotFound("change"))?;
     txn.commit().await?;
     Ok(Applied {
         document,
@@ -263,16 +283,126 @@ async fn begin<C: ConnectionTrait + TransactionTrait>(
     }
 }
 
-/// Gives document `id` its Yjs history if it has none yet (see `ensure_started`).
+/// Gives document `id` its Yjs history if it has none yet (see `ensure_started`), and folds
+/// a text written outside the CRDT into it (see `fold_outside_write`). Returns whether it
+/// stored anything.
 pub async fn begin_history<C: ConnectionTrait + TransactionTrait>(
     db: &C,
     id: i64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let txn = begin(db).await?;
     let current = lock(&txn, id).await?;
-    ensure_started(&txn, &current, load(&txn, id).await?).await?;
+    let loaded = load(&txn, id).await?;
+    let before = loaded.last_update_id;
+    let loaded = ensure_started(&txn, &current, loaded).await?;
+    let (_, loaded) = fold_outside_write(&txn, current, loaded).await?;
+    let stored = loaded.last_update_id != before;
     txn.commit().await?;
-    Ok(())
+    Ok(stored)
+}
+
+/// Whether document `id`'s Yjs history needs `begin_history`: it has none yet while its
+/// text is not empty, or its text was written outside the CRDT (an SQL `UPDATE documents
+/// SET body`). Read-only; `begin_history` decides again under the row's lock.
+pub async fn needs_history(db: &impl ConnectionTrait, id: i64) -> Result<bool, StoreError> {
+    let Some(current) = document::Entity::find_by_id(id).one(db).await? else {
+        return Ok(false);
+    };
+    Ok(load(db, id).await?.needs_history(&current.body))
+}
+
+/// A text written outside the CRDT (an SQL `UPDATE documents SET body = ...` by another
+/// client) folded in as the smallest edit from the Yjs text to it, stored as an update of
+/// the row's version (raised once more if an update already has that version), so editors
+/// converge on it instead of overwriting it. Runs under the row's lock.
+async fn fold_outside_write(
+    db: &impl ConnectionTrait,
+    current: document::Model,
+    loaded: Loaded,
+) -> Result<(document::Model, Loaded), StoreError> {
+    if loaded.last_update_id == 0 {
+        return Ok((current, loaded));
+    }
+    let old = loaded.text();
+    if old == current.body {
+        return Ok((current, loaded));
+    }
+    let current = if loaded.last_version >= i64::from(current.version) {
+        super::document::next_version(db.get_database_backend())
+            .filter(document::Column::Id.eq(current.id))
+            .exec_with_returning(db)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(StoreError::NotFound("document"))?
+    } else {
+        current
+    };
+    let encoded = edit(&loaded.doc, &old, &current.body);
+    insert_update(db, &current, current.version, &encoded).await?;
+    tracing::debug!(
+        document = current.id,
+        version = current.version,
+        "folded a text written outside the CRDT into the document's history"
+    );
+    Ok((current.clone(), load(db, current.id).await?))
+}
+
+/// What a new subscriber of document `id` starts from, read in one snapshot: its Yjs
+/// document, the version of the last update in it, and that update's feed position (0 when
+/// it has none, or retention pruned its change).
+pub struct ForSync {
+    pub loaded: Loaded,
+    pub document: document::Model,
+    pub position: i64,
+}
+
+/// Reads document `id` for a new subscriber (see `ForSync`), in one read-only snapshot.
+pub async fn load_for_sync<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    id: i64,
+) -> Result<ForSync, StoreError> {
+    let txn = match db.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            db.begin_with_config(
+                Some(sea_orm::IsolationLevel::RepeatableRead),
+                Some(sea_orm::AccessMode::ReadOnly),
+            )
+            .await?
+        }
+        _ => db.begin().await?,
+    };
+    let document = document::Entity::find_by_id(id)
+        .one(&txn)
+        .await?
+        .ok_or(StoreError::NotFound("document"))?;
+    let loaded = load(&txn, id).await?;
+    let position = last_update_position(&txn, &document).await?.unwrap_or(0);
+    txn.commit().await?;
+    Ok(ForSync {
+        loaded,
+        document,
+        position,
+    })
+}
+
+/// The feed position of document `document`'s newest update, by the channel's index.
+async fn last_update_position(
+    db: &impl ConnectionTrait,
+    document: &document::Model,
+) -> Result<Option<i64>, StoreError> {
+    let backend = db.get_database_backend();
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT position FROM change_log WHERE scope_key = ? AND table_name = 'document_updates' AND row_id = ? ORDER BY position DESC LIMIT 1",
+            ),
+            [Value::from(document.channel_id), Value::from(document.id)],
+        ))
+        .await?;
+    Ok(row.map(|row| row.try_get("", "position")).transpose()?)
 }
 
 /// Locks document `id`'s row for this transaction (PostgreSQL; SQLite writes one at a time).
