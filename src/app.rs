@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::auth::{self, JwtKeys};
 use crate::changes::{self, Announcer, Doorbell, PostgresDoorbell, Pruner, Tailer};
+use crate::collab::awareness::{self, Rooms};
 use crate::config::Config;
 use crate::db::{self, StatementCounter};
 use crate::graphql::{Api, Live};
@@ -53,9 +54,12 @@ impl App {
         let keys = token_keys(config, &databases.db).await?;
         let (stop, stopped) = watch::channel(false);
         let (stop_announcing, announcing_stopped) = watch::channel(false);
+        // Awareness of Yjs peers, relayed to the other processes through PostgreSQL.
+        let (rooms, relay) = Rooms::new(&databases.db, stopped.clone());
         let mut feed = start_feed(
             config,
             &databases,
+            &rooms,
             stopped.clone(),
             announcing_stopped.clone(),
         )
@@ -73,6 +77,7 @@ impl App {
             feed.live(config),
             &config.limits.schema(),
         );
+        feed.tasks.extend(relay.map(tokio::spawn));
         // Texts written outside the CRDT (SQL) become Yjs edits as they reach the feed.
         feed.tasks.push(tokio::spawn(crate::collab::fold::run(
             api.clone(),
@@ -103,6 +108,8 @@ impl App {
             max_body_bytes: config.limits.max_body_bytes as usize,
             connections: connections.clone(),
             health,
+            rooms,
+            max_document_update_bytes: config.limits.max_document_update_bytes as usize,
             shutdown: stopped,
         });
         let listener = TcpListener::bind(config.listen)
@@ -304,6 +311,7 @@ impl Feed {
 async fn start_feed(
     config: &Config,
     databases: &Databases,
+    rooms: &Arc<Rooms>,
     stopped: watch::Receiver<bool>,
     announcing_stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Feed> {
@@ -313,9 +321,13 @@ async fn start_feed(
     // is at or below the start, or rings.
     let postgres_doorbell = if feed_db.get_database_backend() == DatabaseBackend::Postgres {
         Some(
-            PostgresDoorbell::connect(&config.database_url, doorbell.clone())
-                .await
-                .context("listening for change notifications")?,
+            PostgresDoorbell::connect(
+                &config.database_url,
+                doorbell.clone(),
+                Some(awareness::relay(rooms)),
+            )
+            .await
+            .context("listening for change notifications")?,
         )
     } else {
         None

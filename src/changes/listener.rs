@@ -3,6 +3,7 @@
 //! once more, after LISTEN is active, and the tailer re-reads from its last position. And
 //! the other side: `announce_commits` NOTIFYs the other processes of this one's commits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -18,39 +19,54 @@ pub const CHANNEL: &str = "change_log";
 /// The name the LISTEN connection shows in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "syncgraph-listener";
 
+/// Another channel the LISTEN connection serves, and what takes its payloads (awareness
+/// between processes: `collab::awareness`).
+pub type Relay = (&'static str, Arc<dyn Fn(&str) + Send + Sync>);
+
 /// A LISTEN connection that rings the doorbell.
 pub struct PostgresDoorbell {
     options: PgConnectOptions,
     listener: PgListener,
     doorbell: Doorbell,
+    relay: Option<Relay>,
 }
 
-async fn listen(options: &PgConnectOptions) -> Result<PgListener, ChangeError> {
+async fn listen(
+    options: &PgConnectOptions,
+    relay: Option<&Relay>,
+) -> Result<PgListener, ChangeError> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect_lazy_with(options.clone());
     let mut listener = PgListener::connect_with(&pool)
         .await
         .map_err(ChangeError::Listen)?;
+    let mut channels = vec![CHANNEL];
+    channels.extend(relay.map(|(channel, _)| *channel));
     listener
-        .listen(CHANNEL)
+        .listen_all(channels)
         .await
         .map_err(ChangeError::Listen)?;
     Ok(listener)
 }
 
 impl PostgresDoorbell {
-    /// Connects and LISTENs; returns once LISTEN is active.
-    pub async fn connect(url: &str, doorbell: Doorbell) -> Result<Self, ChangeError> {
+    /// Connects and LISTENs (on `relay`'s channel too); returns once LISTEN is active.
+    pub async fn connect(
+        url: &str,
+        doorbell: Doorbell,
+        relay: Option<Relay>,
+    ) -> Result<Self, ChangeError> {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()
             .map_err(ChangeError::Listen)?
             .application_name(APPLICATION_NAME);
-        let listener = listen(&options).await?;
+        let listener = listen(&options, relay.as_ref()).await?;
         Ok(Self {
             options,
             listener,
             doorbell,
+            relay,
         })
     }
 
@@ -59,12 +75,17 @@ impl PostgresDoorbell {
         loop {
             tokio::select! {
                 received = self.listener.try_recv() => match received {
-                    Ok(Some(_)) => self.doorbell.ring(),
+                    Ok(Some(notification)) => match &self.relay {
+                        Some((channel, take)) if notification.channel() == *channel => {
+                            take(notification.payload());
+                        }
+                        _ => self.doorbell.ring(),
+                    },
                     Ok(None) | Err(_) => {
                         tracing::warn!("lost the LISTEN connection; reconnecting");
                         let mut pause = Duration::from_millis(100);
                         loop {
-                            match listen(&self.options).await {
+                            match listen(&self.options, self.relay.as_ref()).await {
                                 Ok(listener) => {
                                     self.listener = listener;
                                     break;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use sea_orm::DbErr;
 use tokio::sync::Notify;
 
-pub use listener::{PostgresDoorbell, announce_commits};
+pub use listener::{PostgresDoorbell, Relay, announce_commits};
 pub use log::{lag, pruned_through, read_scope};
 pub use prune::{Pruner, Retention};
 pub use tailer::Tailer;

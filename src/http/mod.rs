@@ -14,7 +14,7 @@ use async_graphql::parser::types::OperationType;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -65,6 +65,10 @@ pub struct HttpState {
     pub connections: Arc<Semaphore>,
     /// Metrics and readiness.
     pub health: Arc<Health>,
+    /// Yjs peers' awareness, by document (y-websocket on `/yjs/{documentId}`).
+    pub rooms: Arc<crate::collab::awareness::Rooms>,
+    /// The largest Yjs update taken, in bytes of base64.
+    pub max_document_update_bytes: usize,
     /// Turns true when the server shuts down; WebSockets close then.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -85,6 +89,7 @@ pub fn router(state: HttpState) -> Router {
                 .put(stream_put)
                 .delete(stream_delete),
         )
+        .route("/yjs/{document}", get(yjs_socket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -386,6 +391,44 @@ async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Re
                 state.shutdown,
             )
             .await;
+            drop(permit);
+        })
+}
+
+/// y-websocket's `WebsocketProvider` on `/yjs/{documentId}?access_token=...` (see
+/// `collab::socket`). The token may come as an `Authorization: Bearer` header instead.
+async fn yjs_socket(
+    State(state): State<HttpState>,
+    Path(document): Path<String>,
+    Query(params): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // Taken before the upgrade, released when the connection ends.
+    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
+        return too_many_connections(&state);
+    };
+    let token = params.get("access_token").cloned().or_else(|| {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::to_owned)
+    });
+    let endpoint = crate::collab::Endpoint {
+        api: state.api.clone(),
+        keys: state.keys.clone(),
+        rooms: state.rooms.clone(),
+        max_update_base64: state.max_document_update_bytes,
+        shutdown: state.shutdown.clone(),
+    };
+    let max = endpoint.max_message_bytes();
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .on_upgrade(move |socket| async move {
+            crate::collab::serve(socket, endpoint, document, token).await;
             drop(permit);
         })
 }

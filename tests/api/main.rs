@@ -26,6 +26,7 @@ mod protocol;
 mod schema;
 mod streams;
 mod subscriptions;
+mod y_websocket;
 mod yjs;
 
 /// CI runs everything: a CI build that would ignore the PostgreSQL or the client tests fails

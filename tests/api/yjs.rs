@@ -415,7 +415,7 @@ async fn an_update_over_the_flag_is_refused() {
 }
 
 /// The `n` a `SELECT COUNT(*) AS n ...` answers.
-async fn count(server: &TestServer, sql: &str) -> i64 {
+pub(crate) async fn count(server: &TestServer, sql: &str) -> i64 {
     server
         .sql()
         .await

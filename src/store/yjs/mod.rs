@@ -106,8 +106,17 @@ impl Loaded {
     /// What `vector` lacks (everything without one), as a base64 update.
     pub fn diff(&self, vector: Option<&StateVector>) -> String {
         let empty = StateVector::default();
-        let update = self.doc.transact().encode_diff_v1(vector.unwrap_or(&empty));
-        STANDARD.encode(update)
+        STANDARD.encode(self.diff_v1(vector.unwrap_or(&empty)))
+    }
+
+    /// What `vector` lacks, as a Yjs v1 update.
+    pub fn diff_v1(&self, vector: &StateVector) -> Vec<u8> {
+        self.doc.transact().encode_diff_v1(vector)
+    }
+
+    /// The state vector.
+    pub fn vector(&self) -> StateVector {
+        self.doc.transact().state_vector()
     }
 }
 
