@@ -9,7 +9,8 @@
 //! are kept as tombstones (their clock) while the room lives.
 //!
 //! Across processes (PostgreSQL): `NOTIFY syncgraph_awareness` carries
-//! `<process>:<document>:<base64 update>`; every process LISTENs on the same connection as
+//! `<process>:<document>:<base64 update>`, or `<process>:<document>:?` when a document's room
+//! opens on a process (the others answer with their peers' states); every process LISTENs on the same connection as
 //! the change feed's doorbell (`changes::listener`) and hands the payload to
 //! `Rooms::receive_remote`. A NOTIFY lost while a listener reconnects only delays a cursor:
 //! clients send their state again every 15 s (y-protocols), and forget a state not renewed
@@ -34,6 +35,9 @@ pub const CHANNEL: &str = "syncgraph_awareness";
 /// The largest awareness update a socket may send, in bytes (a NOTIFY payload holds at most
 /// 8,000 bytes; its base64 must fit). Cursors and names take a few hundred.
 pub const MAX_UPDATE_BYTES: usize = 4 * 1024;
+
+/// The payload part that asks the other processes for a document's states.
+const QUERY: &str = "?";
 
 /// A state not renewed for this long is no longer sent to joining peers (y-protocols' own
 /// timeout; live clients renew every 15 s).
@@ -117,17 +121,28 @@ impl Rooms {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Joins `document`'s room.
+    /// Joins `document`'s room. A room new to this process asks the other processes for
+    /// the states of their peers (they answer as they would relay them), so a peer that is
+    /// the first here still hears at once of those already there.
     pub fn join(&self, document: i64) -> Membership {
         let mut rooms = self.rooms();
-        let room = rooms.entry(document).or_insert_with(|| Room {
-            states: HashMap::new(),
-            peers: broadcast::channel(ROOM_CAPACITY).0,
+        let mut created = false;
+        let room = rooms.entry(document).or_insert_with(|| {
+            created = true;
+            Room {
+                states: HashMap::new(),
+                peers: broadcast::channel(ROOM_CAPACITY).0,
+            }
         });
-        Membership {
+        let membership = Membership {
             receiver: room.peers.subscribe(),
             known: known(room),
+        };
+        drop(rooms);
+        if created {
+            self.notify(format!("{}:{document}:{QUERY}", self.process));
         }
+        membership
     }
 
     /// The awareness message holding every state known in `document`'s room, if any.
@@ -159,6 +174,10 @@ impl Rooms {
         let Ok(document) = document.parse::<i64>() else {
             return;
         };
+        if update == QUERY {
+            self.answer(document);
+            return;
+        }
         if !self.rooms().contains_key(&document) {
             return;
         }
@@ -255,13 +274,41 @@ impl Rooms {
         }
     }
 
+    /// Another process asked for `document`'s states: relays those of this process's peers.
+    fn answer(&self, document: i64) {
+        let ours: HashMap<ClientID, AwarenessUpdateEntry> = {
+            let rooms = self.rooms();
+            let Some(room) = rooms.get(&document) else {
+                return;
+            };
+            room.states
+                .iter()
+                .filter(|(_, entry)| matches!(entry.owner, Owner::Socket(_)))
+                .filter(|(_, entry)| &*entry.json != "null")
+                .map(|(&client, entry)| {
+                    let entry = AwarenessUpdateEntry {
+                        clock: entry.clock,
+                        json: entry.json.clone(),
+                    };
+                    (ClientID::new(client), entry)
+                })
+                .collect()
+        };
+        if !ours.is_empty() {
+            self.relay(document, &AwarenessUpdate { clients: ours });
+        }
+    }
+
     fn relay(&self, document: i64, update: &AwarenessUpdate) {
-        let Some(relay) = &self.relay else { return };
-        let payload = format!(
+        self.notify(format!(
             "{}:{document}:{}",
             self.process,
             STANDARD.encode(update.encode_v1())
-        );
+        ));
+    }
+
+    fn notify(&self, payload: String) {
+        let Some(relay) = &self.relay else { return };
         if relay.try_send(payload).is_err() {
             tracing::warn!("awareness to other processes is falling behind; dropped one update");
         }

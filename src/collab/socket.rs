@@ -65,12 +65,12 @@ struct Close(u16, &'static str);
 /// Serves one socket for document `document` (the path's id, unchecked) with `token` (the
 /// `access_token` parameter, or an `Authorization` header's bearer token).
 pub async fn serve(socket: WebSocket, endpoint: Endpoint, document: String, token: Option<String>) {
-    let (mut sink, stream) = socket.split();
+    let (mut sink, mut stream) = socket.split();
     let close = match Peer::open(&endpoint, &document, token).await {
         Ok((peer, first)) => {
             let rooms = endpoint.rooms.clone();
             let (id, socket) = (peer.document, peer.socket);
-            let close = peer.run(&endpoint, &mut sink, stream, first).await;
+            let close = peer.run(&endpoint, &mut sink, &mut stream, first).await;
             rooms.leave(id, socket);
             close
         }
@@ -81,10 +81,25 @@ pub async fn serve(socket: WebSocket, endpoint: Endpoint, document: String, toke
             code,
             reason: reason.into(),
         };
-        let _ = sink.send(Message::Close(Some(frame))).await;
+        if sink.send(Message::Close(Some(frame))).await.is_ok() {
+            // The closing handshake: read (and drop) what the peer still sends until its
+            // close, so the connection is not reset under unread data, which a client would
+            // see as 1006 instead of our code.
+            let _ = tokio::time::timeout(CLOSING, async {
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
     }
     let _ = sink.close().await;
 }
+
+/// How long a closing socket waits for the peer's close.
+const CLOSING: Duration = Duration::from_secs(2);
 
 /// A checked peer of a document.
 struct Peer {
@@ -190,7 +205,7 @@ impl Peer {
         mut self,
         endpoint: &Endpoint,
         sink: &mut Sink,
-        mut stream: SplitStream<WebSocket>,
+        stream: &mut SplitStream<WebSocket>,
         first: Vec<Vec<u8>>,
     ) -> Option<Close> {
         for message in first {

@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::helpers::{Backend, TestServer, fresh_database, run};
+use crate::helpers::{Backend, TestServer, data, fresh_database, run};
 
 /// How many tests `browser.test.mjs` holds.
 const BROWSER_TESTS: usize = 7;
+
+/// How many tests `yjs-providers.test.mjs` holds.
+const PROVIDER_TESTS: usize = 3;
 
 /// The whole browser suite's deadline (it takes about 15 s here).
 const SUITE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -100,17 +103,111 @@ async fn browser_suite(backend: Backend) {
         screenshots.display()
     );
     // A test that was skipped or never registered would not fail the runner.
-    let passed = report
+    assert_eq!(
+        passed(&report),
+        BROWSER_TESTS,
+        "expected {BROWSER_TESTS} passing browser tests:\n{report}"
+    );
+    println!("{report}");
+}
+
+/// The lines of a node test run's report that are passing tests (not skipped, not todo).
+fn passed(report: &str) -> usize {
+    report
         .lines()
         .filter(|line| {
             line.starts_with("ok ") && !line.contains("# SKIP") && !line.contains("# TODO")
         })
-        .count();
+        .count()
+}
+
+/// The unmodified `y-websocket` package's `WebsocketProvider` (with yjs, y-protocols and
+/// ws in Node) against `/yjs/{documentId}`: concurrent typing converges and is stored in SQL,
+/// a late joiner sees it, awareness comes and goes at once, refusals carry no content
+/// (`tests/browser/yjs-providers.test.mjs`). With `two_processes`, the peers are spread over
+/// two server processes of one PostgreSQL database.
+async fn yjs_providers(server: TestServer, two_processes: bool) {
+    let dir = installed("tests/browser");
+    let (ada, _) = server.sign_up("Ada").await;
+    let (outsider, _) = server.sign_up("Bob").await;
+    let channel = server.create_channel(&ada, "co-editing").await;
+    let initial = "shared notes";
+    let create = "mutation($c: ID!, $b: String!) { createDocument(input: { channelId: $c, title: \"notes\", body: $b }) { id } }";
+    let created = server
+        .graphql_as(
+            &ada,
+            create,
+            serde_json::json!({ "c": channel, "b": initial }),
+        )
+        .await;
+    let document = data(&created, "createDocument")["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let peer = match two_processes {
+        true => Some(server.start_peer().await),
+        false => None,
+    };
+    let mut servers = vec![format!("ws://{}/yjs", server.addr)];
+    servers.extend(peer.as_ref().map(|peer| format!("ws://{}/yjs", peer.addr)));
+    let mut command = Command::new("node");
+    command
+        .args(["--test", "--test-concurrency=1", "yjs-providers.test.mjs"])
+        .current_dir(&dir)
+        .env("YJS_SERVERS", servers.join(","))
+        .env("YJS_DOCUMENT", &document)
+        .env("YJS_TOKEN", &ada)
+        .env("YJS_OUTSIDER_TOKEN", &outsider)
+        .env("YJS_GRAPHQL", server.url("/graphql"))
+        .env("YJS_INITIAL", initial)
+        .env_remove("YJS_REFERENCE")
+        .stdin(Stdio::null());
+    let output = output_within(command, SUITE_TIMEOUT)
+        .await
+        .unwrap_or_else(|err| {
+            panic!("the y-websocket provider tests did not run to the end: {err}")
+        });
+    if let Some(peer) = peer {
+        peer.stop().await;
+    }
+    let report = report(&output);
+    assert!(
+        output.status.success(),
+        "y-websocket provider tests failed:\n{report}"
+    );
     assert_eq!(
-        passed, BROWSER_TESTS,
-        "expected {BROWSER_TESTS} passing browser tests:\n{report}"
+        passed(&report),
+        PROVIDER_TESTS,
+        "expected {PROVIDER_TESTS} passing provider tests:\n{report}"
     );
     println!("{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(client_tests),
+    ignore = "needs SYNCGRAPH_TEST_CLIENTS=1 (Node.js, npm ci)"
+)]
+async fn yjs_providers_converge_sqlite() {
+    run(Backend::Sqlite, |server| yjs_providers(server, false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, client_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_CLIENTS=1"
+)]
+async fn yjs_providers_converge_postgres() {
+    run(Backend::Postgres, |server| yjs_providers(server, false)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, client_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_CLIENTS=1"
+)]
+async fn yjs_providers_converge_across_two_processes_postgres() {
+    run(Backend::Postgres, |server| yjs_providers(server, true)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
