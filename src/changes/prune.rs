@@ -2,6 +2,11 @@
 //! configured count, never past what this process has published, and records how far it
 //! pruned (`change_log_state.pruned_through`) so a resume from an older cursor answers
 //! CURSOR_EXPIRED instead of silently skipping changes.
+//!
+//! With them go the Yjs updates (`document_updates`) older than the age that a document's
+//! snapshot already holds (all but the snapshot's last, which loading reads for its
+//! version): loading needs only the snapshot and the updates after it, and a replay reads the
+//! updates from the log's own rows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +84,7 @@ impl Pruner {
                 format!(
                     "SELECT COALESCE(MAX(position), 0) AS position FROM change_log WHERE changed_at < {placeholder}"
                 ),
-                [cutoff],
+                [cutoff.clone()],
             ))
             .await?;
         let by_count = self
@@ -93,6 +98,25 @@ impl Pruner {
             ))
             .await?;
         let cut = by_age.max(by_count).min(self.broker.published());
+        let covered = self
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                format!(
+                    "DELETE FROM document_updates WHERE created_at < {placeholder} AND id < \
+                     (SELECT s.through_update_id FROM document_snapshots s \
+                      WHERE s.document_id = document_updates.document_id)"
+                ),
+                [cutoff],
+            ))
+            .await?
+            .rows_affected();
+        if covered > 0 {
+            tracing::debug!(
+                updates = covered,
+                "pruned Yjs updates their documents' snapshots hold"
+            );
+        }
         let current = pruned_through(&self.db).await?;
         if cut <= current {
             return Ok(current);

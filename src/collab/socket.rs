@@ -345,11 +345,12 @@ impl Peer {
         update: Update,
     ) -> Result<(), Option<Close>> {
         let (viewer, id) = (self.viewer, self.document);
+        let cache = endpoint.api.yjs_cache().clone();
         let applied = endpoint
             .api
             .committed()
             .write(move |db| {
-                Box::pin(async move { store::yjs::apply(&db, viewer, id, update).await })
+                Box::pin(async move { store::yjs::apply(&db, viewer, id, update, &cache).await })
             })
             .await;
         match applied {

@@ -102,8 +102,10 @@ fn build_schema(
     live: Live,
     limits: &SchemaLimits,
     quota: Arc<SubscriptionQuota>,
+    yjs: crate::store::yjs::Cache,
 ) -> AppSchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .data(yjs)
         .data(Reading::pool(db.clone()))
         .data(db)
         .data(writes)
@@ -168,6 +170,8 @@ pub struct ApiParts {
     quota: Arc<SubscriptionQuota>,
     /// Writes outside a request (the y-websocket endpoint's), ringing the feed.
     writes: crate::store::Writes,
+    /// Documents as this process last wrote them (`store::yjs::Cache`).
+    yjs: crate::store::yjs::Cache,
     live: Live,
     /// The pool's connections (the start permits' number, read before any is taken).
     pool_connections: usize,
@@ -221,6 +225,7 @@ impl Api {
         limits: &SchemaLimits,
     ) -> Self {
         let quota = SubscriptionQuota::new(limits.max_subscriptions_per_user);
+        let yjs = crate::store::yjs::Cache::default();
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
             persisted: persisted::PersistedQueries::default(),
@@ -235,9 +240,11 @@ impl Api {
                 live.clone(),
                 limits,
                 quota.clone(),
+                yjs.clone(),
             ),
             quota,
             writes,
+            yjs,
             live,
             db,
             shapes: Arc::default(),
@@ -249,6 +256,11 @@ impl Api {
     /// A write outside a request, through the same path as a mutation's (see `Committed`).
     pub(crate) fn committed(&self) -> Committed<'_> {
         Committed::with(Some(&self.live), &self.writes)
+    }
+
+    /// Documents as this process last wrote them.
+    pub fn yjs_cache(&self) -> &crate::store::yjs::Cache {
+        &self.yjs
     }
 
     /// The database connection (a pool handle).

@@ -355,11 +355,15 @@ impl MutationRoot {
         // Decoded here first, so that garbage never reaches a write.
         store::yjs::decode(&input.update).map_err(store::StoreError::from)?;
         let update = input.update;
+        let cache = ctx
+            .data::<store::yjs::Cache>()
+            .map_err(|_| missing("yjs::Cache"))?
+            .clone();
         let applied = Committed::new(ctx)?
             .write(move |db| {
                 Box::pin(async move {
                     let update = store::yjs::decode(&update)?;
-                    store::yjs::apply(&db, viewer, id, update).await
+                    store::yjs::apply(&db, viewer, id, update, &cache).await
                 })
             })
             .await?;

@@ -235,6 +235,51 @@ both_backends! {
     }
 }
 
+both_backends! {
+    async fn retention_prunes_the_updates_a_snapshot_holds_and_loading_still_agrees(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "").await;
+        let client = Client::new();
+        client.sync(&server, &ada, &id).await;
+        let total = syncgraph::store::yjs::SNAPSHOT_EVERY + 20;
+        for n in 0..total {
+            let update = client.insert(n as u32, "x");
+            server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
+        }
+        caught_up(&server).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let pruner = syncgraph::changes::Pruner::new(
+            server.db.clone(),
+            server.broker.clone(),
+            syncgraph::changes::Retention {
+                max_age: std::time::Duration::ZERO,
+                max_rows: 1_000_000,
+                interval: std::time::Duration::from_secs(3600),
+            },
+        );
+        pruner.prune_once().await.unwrap();
+        let kept = count(&server, &format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}")).await;
+        // The snapshot holds the first 100 updates; its last one and the 20 after it stay.
+        assert_eq!(kept, 21, "{kept} of {total} updates kept");
+        let fresh = Client::new();
+        let document = fresh.sync(&server, &ada, &id).await;
+        assert_eq!(fresh.text(), client.text());
+        assert_eq!(document["body"], client.text());
+        // Writing and subscribing still work on the pruned history.
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("u", UPDATES, json!({ "id": id, "sv": fresh.vector() })).await;
+        let first = next_update(&mut ws, "u").await;
+        assert_eq!(first["version"], total + 1);
+        let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": client.insert(0, "y") })).await;
+        assert_eq!(data(&applied, "applyDocumentUpdate")["version"], total + 2);
+        let next = next_update(&mut ws, "u").await;
+        fresh.apply(next["update"].as_str().unwrap());
+        assert_eq!(fresh.text(), client.text());
+        ws.close().await;
+    }
+}
+
 const UPDATES: &str = "subscription($id: ID!, $sv: String, $after: String) { documentUpdates(documentId: $id, stateVector: $sv, after: $after) { cursor update version } }";
 
 /// The next `documentUpdates` event of operation `op`.

@@ -79,6 +79,9 @@ pub struct Loaded {
     /// The document version the last update produced (0 before the first, or when
     /// retention has pruned it).
     pub last_version: i64,
+    /// The last update as stored (base64), which tells a cached copy's last update apart
+    /// from another stored under the same id after a rollback (see `Cache`).
+    last_update: Option<String>,
 }
 
 impl Loaded {
@@ -126,6 +129,7 @@ pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreErr
     let doc = Doc::new();
     let mut through = 0i64;
     let mut last_version = 0i64;
+    let mut last_update = None;
     let snapshot = db
         .query_one_raw(Statement::from_sql_and_values(
             backend,
@@ -157,6 +161,7 @@ pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreErr
         last_version = row.try_get::<i32>("", "version")?.into();
         let update: String = row.try_get("", "update_data")?;
         apply_stored(&doc, &update)?;
+        last_update = Some(update);
     }
     if rows.is_empty() && through > 0 {
         // The snapshot's last update (retention keeps it, see `prune`).
@@ -176,7 +181,95 @@ pub async fn load(db: &impl ConnectionTrait, id: i64) -> Result<Loaded, StoreErr
         since_snapshot: rows.len() as i64,
         last_update_id: last,
         last_version,
+        last_update,
     })
+}
+
+/// The documents this process wrote last, as `Loaded`, so that a write reads only the
+/// updates stored after its copy instead of the whole history (a document edited by many
+/// peers at once is written hundreds of times a second, each time under its row's lock).
+///
+/// A write takes the copy out (`take`), brings it up to date under the row's lock
+/// (`catch_up`: the updates after its last one; a copy whose last update is no longer
+/// stored as it was, after a rollback or pruning, is dropped for a full load), and puts
+/// the result back once committed (`put`). A write that fails puts nothing back, so a copy
+/// never holds what was not stored.
+#[derive(Clone)]
+pub struct Cache(std::sync::Arc<std::sync::Mutex<lru::LruCache<i64, Loaded>>>);
+
+impl Default for Cache {
+    fn default() -> Self {
+        let capacity =
+            std::num::NonZeroUsize::new(CACHED_DOCUMENTS).unwrap_or(std::num::NonZeroUsize::MIN);
+        Self(std::sync::Arc::new(std::sync::Mutex::new(
+            lru::LruCache::new(capacity),
+        )))
+    }
+}
+
+/// How many documents `Cache` keeps (the least recently written go first).
+const CACHED_DOCUMENTS: usize = 256;
+
+impl Cache {
+    fn take(&self, id: i64) -> Option<Loaded> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).pop(&id)
+    }
+
+    /// Keeps `loaded` for document `id`, unless a newer copy is already there.
+    fn put(&self, id: i64, loaded: Loaded) {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if cache
+            .peek(&id)
+            .is_some_and(|kept| kept.last_update_id >= loaded.last_update_id)
+        {
+            return;
+        }
+        cache.put(id, loaded);
+    }
+}
+
+/// Document `id` as stored: `cached` brought up to date when it still matches what is
+/// stored, else a full load.
+async fn catch_up(
+    db: &impl ConnectionTrait,
+    id: i64,
+    cached: Option<Loaded>,
+) -> Result<Loaded, StoreError> {
+    let Some(mut cached) = cached.filter(|cached| cached.last_update.is_some()) else {
+        return load(db, id).await;
+    };
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            placeholders(
+                backend,
+                "SELECT id, version, update_data FROM document_updates WHERE document_id = ? AND id >= ? ORDER BY id",
+            ),
+            [Value::from(id), Value::from(cached.last_update_id)],
+        ))
+        .await?;
+    let mut rows = rows.iter();
+    let same = match rows.next() {
+        Some(first) => {
+            first.try_get::<i64>("", "id")? == cached.last_update_id
+                && first.try_get::<String>("", "update_data")?.as_str()
+                    == cached.last_update.as_deref().unwrap_or_default()
+        }
+        None => false,
+    };
+    if !same {
+        return load(db, id).await;
+    }
+    for row in rows {
+        let update: String = row.try_get("", "update_data")?;
+        apply_stored(&cached.doc, &update)?;
+        cached.last_update_id = row.try_get("", "id")?;
+        cached.last_version = row.try_get::<i32>("", "version")?.into();
+        cached.since_snapshot += 1;
+        cached.last_update = Some(update);
+    }
+    Ok(cached)
 }
 
 /// Applies a stored update; one that does not decode is a corrupt row, an internal error.
@@ -208,15 +301,18 @@ pub async fn apply<C: ConnectionTrait + TransactionTrait>(
     viewer: i64,
     id: i64,
     update: Update,
+    cache: &Cache,
 ) -> Result<Applied, StoreError> {
     let txn = begin(db).await?;
     let current = lock(&txn, id).await?;
     channel::require_member(&txn, current.channel_id, viewer).await?;
-    let loaded = ensure_started(&txn, &current, load(&txn, id).await?).await?;
-    let (current, loaded) = fold_outside_write(&txn, current, loaded).await?;
+    let loaded = catch_up(&txn, id, cache.take(id)).await?;
+    let loaded = ensure_started(&txn, &current, loaded).await?;
+    let (current, mut loaded) = fold_outside_write(&txn, current, loaded).await?;
     let before_text = loaded.text();
     let Some(encoded) = integrate(&loaded.doc, update)? else {
         txn.commit().await?;
+        cache.put(id, loaded);
         return Ok(Applied {
             document: current,
             position: None,
@@ -226,14 +322,23 @@ pub async fn apply<C: ConnectionTrait + TransactionTrait>(
     if text.chars().count() > MAX_TEXT_CHARS {
         return Err(StoreError::BadUpdate(BadUpdate::TooLong));
     }
-    let document = store_update(&txn, &current, &encoded, &text, text != before_text).await?;
-    roll_snapshot(&txn, &current, &loaded).await?;
+    let document = store_update(
+        &txn,
+        &current,
+        &encoded,
+        &text,
+        text != before_text,
+        &mut loaded,
+    )
+    .await?;
+    roll_snapshot(&txn, &current, &mut loaded).await?;
     // The row the capture trigger just wrote: the newest of this document's updates (the
     // row's lock keeps others out until this commits).
     let position = last_update_position(&txn, &current)
         .await?
         .ok_or(StoreError::NotFound("change"))?;
     txn.commit().await?;
+    cache.put(id, loaded);
     Ok(Applied {
         document,
         position: Some(position),
@@ -327,7 +432,7 @@ pub async fn needs_history(db: &impl ConnectionTrait, id: i64) -> Result<bool, S
 async fn fold_outside_write(
     db: &impl ConnectionTrait,
     current: document::Model,
-    loaded: Loaded,
+    mut loaded: Loaded,
 ) -> Result<(document::Model, Loaded), StoreError> {
     if loaded.last_update_id == 0 {
         return Ok((current, loaded));
@@ -348,13 +453,13 @@ async fn fold_outside_write(
         current
     };
     let encoded = edit(&loaded.doc, &old, &current.body);
-    insert_update(db, &current, current.version, &encoded).await?;
+    insert_update(db, &current, current.version, &encoded, &mut loaded).await?;
     tracing::debug!(
         document = current.id,
         version = current.version,
         "folded a text written outside the CRDT into the document's history"
     );
-    Ok((current.clone(), load(db, current.id).await?))
+    Ok((current, loaded))
 }
 
 /// What a new subscriber of document `id` starts from, read in one snapshot: its Yjs
@@ -434,7 +539,7 @@ async fn lock(db: &impl ConnectionTrait, id: i64) -> Result<document::Model, Sto
 async fn ensure_started(
     db: &impl ConnectionTrait,
     current: &document::Model,
-    loaded: Loaded,
+    mut loaded: Loaded,
 ) -> Result<Loaded, StoreError> {
     if loaded.last_update_id > 0 || current.body.is_empty() {
         return Ok(loaded);
@@ -445,8 +550,8 @@ async fn ensure_started(
         text.insert(&mut t, 0, &current.body);
         t.encode_update_v1()
     };
-    insert_update(db, current, current.version, &encoded).await?;
-    load(db, current.id).await
+    insert_update(db, current, current.version, &encoded, &mut loaded).await?;
+    Ok(loaded)
 }
 
 /// Starts document `document`'s Yjs history with its text (at creation).
@@ -457,14 +562,20 @@ pub async fn start(
     if document.body.is_empty() {
         return Ok(());
     }
-    let doc = Doc::new();
+    let mut started = Loaded {
+        doc: Doc::new(),
+        since_snapshot: 0,
+        last_update_id: 0,
+        last_version: 0,
+        last_update: None,
+    };
     let encoded = {
-        let text = doc.get_or_insert_text(TEXT);
-        let mut t = doc.transact_mut();
+        let text = started.doc.get_or_insert_text(TEXT);
+        let mut t = started.doc.transact_mut();
         text.insert(&mut t, 0, &document.body);
         t.encode_update_v1()
     };
-    insert_update(db, document, document.version, &encoded).await
+    insert_update(db, document, document.version, &encoded, &mut started).await
 }
 
 /// Turns a whole-text write into a Yjs edit of the stored document: the smallest
@@ -475,20 +586,18 @@ pub async fn record_text_edit(
     document: &document::Model,
     new_text: &str,
 ) -> Result<(), StoreError> {
-    let loaded = load(db, document.id).await?;
-    let loaded = if loaded.last_update_id == 0 {
+    let mut loaded = load(db, document.id).await?;
+    if loaded.last_update_id == 0 {
         // Not started: its history begins with the new text.
         return start(db, document).await;
-    } else {
-        loaded
-    };
+    }
     let old = loaded.text();
     if old == new_text {
         return Ok(());
     }
     let encoded = edit(&loaded.doc, &old, new_text);
-    insert_update(db, document, document.version, &encoded).await?;
-    roll_snapshot(db, document, &loaded).await
+    insert_update(db, document, document.version, &encoded, &mut loaded).await?;
+    roll_snapshot(db, document, &mut loaded).await
 }
 
 /// Stores an update (and the text and version it produced).
@@ -498,6 +607,7 @@ async fn store_update(
     encoded: &[u8],
     text: &str,
     text_changed: bool,
+    loaded: &mut Loaded,
 ) -> Result<document::Model, StoreError> {
     let mut update = super::document::next_version(db.get_database_backend());
     if text_changed {
@@ -510,47 +620,57 @@ async fn store_update(
         .into_iter()
         .next()
         .ok_or(StoreError::NotFound("document"))?;
-    insert_update(db, &updated, updated.version, encoded).await?;
+    insert_update(db, &updated, updated.version, encoded, loaded).await?;
     Ok(updated)
 }
 
+/// Stores an update of `document` (already applied to `loaded`'s document) as `version`,
+/// and records it in `loaded`.
 async fn insert_update(
     db: &impl ConnectionTrait,
     document: &document::Model,
     version: i32,
     encoded: &[u8],
+    loaded: &mut Loaded,
 ) -> Result<(), StoreError> {
     let backend = db.get_database_backend();
-    db.execute_raw(Statement::from_sql_and_values(
-        backend,
-        placeholders(
+    let stored = STANDARD.encode(encoded);
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
             backend,
-            "INSERT INTO document_updates (document_id, channel_id, version, update_data) VALUES (?, ?, ?, ?)",
-        ),
-        [
-            Value::from(document.id),
-            Value::from(document.channel_id),
-            Value::from(version),
-            Value::from(STANDARD.encode(encoded)),
-        ],
-    ))
-    .await?;
+            placeholders(
+                backend,
+                "INSERT INTO document_updates (document_id, channel_id, version, update_data) VALUES (?, ?, ?, ?) RETURNING id",
+            ),
+            [
+                Value::from(document.id),
+                Value::from(document.channel_id),
+                Value::from(version),
+                Value::from(stored.clone()),
+            ],
+        ))
+        .await?
+        .ok_or(StoreError::NotFound("document update"))?;
+    loaded.last_update_id = row.try_get("", "id")?;
+    loaded.last_version = version.into();
+    loaded.last_update = Some(stored);
+    loaded.since_snapshot += 1;
     Ok(())
 }
 
 /// Past `SNAPSHOT_EVERY` updates after the snapshot, stores the merged state through the
-/// last update (the updates themselves stay, for replay, until retention prunes them).
+/// last update (`loaded` holds everything through it; the updates themselves stay until
+/// retention prunes them).
 async fn roll_snapshot(
     db: &impl ConnectionTrait,
     document: &document::Model,
-    loaded: &Loaded,
+    loaded: &mut Loaded,
 ) -> Result<(), StoreError> {
-    if loaded.since_snapshot + 1 < SNAPSHOT_EVERY {
+    if loaded.since_snapshot < SNAPSHOT_EVERY {
         return Ok(());
     }
-    let reloaded = load(db, document.id).await?;
     let state = STANDARD.encode(
-        reloaded
+        loaded
             .doc
             .transact()
             .encode_state_as_update_v1(&StateVector::default()),
@@ -565,11 +685,12 @@ async fn roll_snapshot(
         ),
         [
             Value::from(document.id),
-            Value::from(reloaded.last_update_id),
+            Value::from(loaded.last_update_id),
             Value::from(state),
         ],
     ))
     .await?;
+    loaded.since_snapshot = 0;
     Ok(())
 }
 

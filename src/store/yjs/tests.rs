@@ -125,3 +125,82 @@ fn garbage_is_refused_before_anything_runs() {
     assert!(matches!(decode("AAEC/w=="), Err(BadUpdate::NotYjs)));
     assert!(decode_state_vector("%%").is_err());
 }
+
+/// A client's update inserting `chunk` at byte `at` of `doc`'s text.
+fn typed(doc: &Doc, at: u32, chunk: &str) -> Update {
+    let text = doc.get_or_insert_text(TEXT);
+    let mut t = doc.transact_mut();
+    text.insert(&mut t, at, chunk);
+    Update::decode_v1(&t.encode_update_v1()).unwrap()
+}
+
+#[tokio::test]
+async fn a_cached_document_whose_last_update_was_replaced_is_loaded_again() {
+    let (_dir, db, _) = crate::db::test_database().await;
+    let created = crate::store::document::create(&db, 1, 7, "t", "hello")
+        .await
+        .unwrap();
+    let cache = Cache::default();
+    let client = Doc::new();
+    client
+        .transact_mut()
+        .apply_update(
+            Update::decode_v1(
+                &STANDARD
+                    .decode(load(&db, created.id).await.unwrap().diff(None))
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let applied = apply(&db, 1, created.id, typed(&client, 5, " world"), &cache)
+        .await
+        .unwrap();
+    assert_eq!(applied.document.body, "hello world");
+    let cached_id = cache
+        .0
+        .lock()
+        .unwrap()
+        .peek(&created.id)
+        .unwrap()
+        .last_update_id;
+
+    // As after a rollback that the cache did not see: the update under that id is another
+    // one (an SQLite id can be taken again), here an edit of the text as it was before.
+    let before = {
+        // `other` as of "hello": a fresh document from the first update only.
+        let first = db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Sqlite,
+                format!("SELECT update_data FROM document_updates WHERE document_id = {} ORDER BY id LIMIT 1", created.id),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<String>("", "update_data")
+            .unwrap();
+        let doc = Doc::new();
+        apply_stored(&doc, &first).unwrap();
+        doc
+    };
+    let replacement = {
+        let text = before.get_or_insert_text(TEXT);
+        let mut t = before.transact_mut();
+        text.insert(&mut t, 5, "!");
+        STANDARD.encode(t.encode_update_v1())
+    };
+    db.execute_unprepared(&format!(
+        "DELETE FROM document_updates WHERE id = {cached_id}; \
+         INSERT INTO document_updates (id, document_id, channel_id, version, update_data) VALUES ({cached_id}, {}, 7, 2, '{replacement}'); \
+         UPDATE documents SET body = 'hello!' WHERE id = {}",
+        created.id, created.id
+    ))
+    .await
+    .unwrap();
+
+    // The next write builds on what is stored, not on the cached copy.
+    let next = typed(&before, 0, ">");
+    let applied = apply(&db, 1, created.id, next, &cache).await.unwrap();
+    assert_eq!(applied.document.body, ">hello!");
+    assert_eq!(load(&db, created.id).await.unwrap().text(), ">hello!");
+}
