@@ -1,14 +1,33 @@
-// The demo: sign in, pick a channel, chat live, and edit a shared document with
-// optimistic concurrency. The channel list, a channel's members and its documents are live
-// queries (`@live`): they change on screen when anyone's change alters them. Everything shown comes from one snapshot query plus the live feed
-// that starts at that snapshot's `feedCursor`, so nothing committed after the snapshot is
-// missed; events are applied by `version`, so one seen twice changes nothing.
+// The demo: sign in, pick a channel, chat live, and edit a shared document together: its
+// text is a Yjs document that everyone types into at once (over /yjs), its title is saved
+// with optimistic concurrency. The channel list, a channel's members and its documents are
+// live queries (`@live`): they change on screen when anyone's change alters them. Everything
+// else shown comes from one snapshot query plus the live feed that starts at that snapshot's
+// `feedCursor`, so nothing committed after the snapshot is missed; events are applied by
+// `version`, so one seen twice changes nothing.
 import { ApiError, connect, follow, live, request } from '/assets/demo/api.js';
+import {
+  EditorState,
+  EditorView,
+  WebsocketProvider,
+  Y,
+  defaultKeymap,
+  drawSelection,
+  highlightSpecialChars,
+  keymap,
+  placeholder,
+  yCollab,
+  yUndoManagerKeymap,
+} from '/assets/vendor/yjs-editor-13.6.33-2b2ebeef/yjs-editor.mjs';
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'syncgraph.demo.token';
 const MESSAGE = 'id body version createdAt author { id name }';
-const DOCUMENT = 'id title body version updatedAt';
+// No body: the text comes from the document's Yjs state, and the feed sends an event for
+// every keystroke of anyone, which need not carry the whole text each time.
+const DOCUMENT = 'id title version updatedAt';
+/** y-websocket's server URL; it appends `/{documentId}`. */
+const YJS_URL = new URL('/yjs', window.location.href).href.replace(/^http/, 'ws');
 
 const state = {
   token: null,
@@ -27,11 +46,16 @@ const state = {
   documents: new Map(),
   documentId: null,
   documentFeed: null,
-  /** The document version the editor's text is based on, and whether it was changed. */
+  /** The open document's co-editor: its Y.Doc, WebsocketProvider and CodeMirror view. */
+  editor: null,
+  /** The document (id, title, version) the title field is based on, and whether it was changed. */
   base: null,
   dirty: false,
-  /** The version that beat our save, while the conflict box is open. */
-  conflictVersion: null,
+  /** The latest version seen, and what the page last said about the title. */
+  version: null,
+  titleNote: '',
+  /** The document that beat our title's save, while the conflict box is open. */
+  conflict: null,
   /** Counts channel and document openings: a reply to an older one is dropped. */
   openings: 0,
   /** Whether the snapshot holds the channel's oldest message (else older ones are not shown). */
@@ -181,13 +205,11 @@ function closeChannel() {
   state.openings += 1; // a reply to an opening still in flight is dropped
   state.channelFeed?.stop();
   state.channelParts?.stop();
-  state.documentFeed?.stop();
+  closeDocument();
   Object.assign(state, {
     channelId: null,
     channelFeed: null,
     channelParts: null,
-    documentFeed: null,
-    documentId: null,
   });
   state.messages.clear();
   state.items.clear();
@@ -476,8 +498,7 @@ function showDocumentList() {
 }
 
 async function openDocument(id) {
-  state.documentFeed?.stop();
-  state.documentFeed = null;
+  closeDocument();
   const opening = ++state.openings;
   state.documentId = id;
   $('document-list').value = id;
@@ -493,9 +514,11 @@ async function openDocument(id) {
     return;
   }
   if (opening !== state.openings || !data.document) return;
-  setEditor(data.document, 'Up to date');
+  setTitle(data.document, '');
   $('document').hidden = false;
-  state.documentFeed?.stop();
+  openEditor(id);
+  // The feed brings the title and version of every change, and the deletion. The text's
+  // changes come through Yjs instead.
   state.documentFeed = follow({
     client: state.client,
     query: `subscription Doc($documentId: ID!, $after: String) {
@@ -507,67 +530,217 @@ async function openDocument(id) {
     onEvent: ({ kind, document: latest }) => {
       if (kind === 'DELETED') {
         // The server ends the stream after a deletion: stop here rather than resubscribe.
-        state.documentFeed?.stop();
-        state.documentFeed = null;
         state.documents.delete(latest.id);
-        state.documentId = null;
-        showDocumentList();
-        $('document').hidden = true;
-        showError('channel-error', new ApiError([{ message: `“${latest.title}” was deleted.` }]));
+        documentGone(`“${latest.title}” was deleted.`);
         return;
       }
-      state.documents.set(latest.id, latest);
-      showDocumentList();
-      if (latest.version <= state.base.version) return;
-      if (state.dirty) {
-        $('document-state').textContent = `Someone saved version ${latest.version}; your unsaved text is kept.`;
-      } else {
-        setEditor(latest, `Updated live to version ${latest.version}`);
-      }
+      const known = state.documents.get(latest.id);
+      state.documents.set(latest.id, { ...known, ...latest });
+      // Most events are someone's keystroke; only a new title changes the list.
+      if (known?.title !== latest.title) showDocumentList();
+      documentChanged(latest);
     },
     onError: feedError,
     onRetry: () => setStatus('reconnecting'),
   });
 }
 
-function setEditor(doc, note) {
-  const form = $('document');
-  form.elements.title.value = doc.title;
-  form.elements.body.value = doc.body;
-  state.base = doc;
-  state.dirty = false;
+/** Stops everything of the open document: its feed, its editor and its Yjs connection. */
+function closeDocument() {
+  state.documentFeed?.stop();
+  const editor = state.editor;
+  if (editor) {
+    editor.view?.destroy();
+    // The provider tells the others that this cursor is gone; the doc takes its awareness along.
+    editor.provider.destroy();
+    editor.doc.destroy();
+  }
+  Object.assign(state, {
+    documentFeed: null,
+    documentId: null,
+    editor: null,
+    base: null,
+    dirty: false,
+    version: null,
+    titleNote: '',
+    conflict: null,
+  });
+  $('editor').replaceChildren();
   $('conflict').hidden = true;
-  $('document-state').textContent = `${note} · version ${doc.version}`;
+  $('document-state').textContent = '';
 }
 
-async function saveDocument(expectedVersion) {
-  const form = $('document');
+/** The open document was deleted, or is no longer open to this user: say so and stop. */
+function documentGone(message) {
+  closeDocument();
+  showDocumentList();
+  $('document').hidden = true;
+  showError('channel-error', new ApiError([{ message }]));
+}
+
+// ---- the co-editor ----------------------------------------------------------------------
+
+/**
+ * Colours for other people's cursors, one per user, the same on every page. Six-digit hex:
+ * y-codemirror makes the selection's shade by appending an alpha to it.
+ */
+const COLORS = ['#c0392b', '#2e86c1', '#239b56', '#b9770e', '#7d3c98', '#148f77', '#cb4335', '#2c3e9e'];
+
+function colorOf(userId) {
+  let hash = 0;
+  for (const c of String(userId)) hash = (hash * 31 + c.charCodeAt(0)) >>> 0;
+  return COLORS[hash % COLORS.length];
+}
+
+/**
+ * Joins the document's Yjs room: a Y.Doc whose root Y.Text `body` is the text, kept in step
+ * with the server (and through it with everyone else) by y-websocket's provider, which
+ * reconnects by itself and sends what was typed meanwhile. The editor appears once the
+ * server's text has arrived, so that nothing typed lands in an empty document before it.
+ */
+function openEditor(id) {
+  const doc = new Y.Doc();
+  const provider = new WebsocketProvider(YJS_URL, id, doc, {
+    params: { access_token: state.token },
+    // Two tabs of one browser would otherwise also sync directly over a BroadcastChannel;
+    // every edit goes through the server instead, as it does between two computers.
+    disableBc: true,
+  });
+  // Who this is, for the others' editors: their view of this cursor carries the name.
+  provider.awareness.setLocalStateField('user', { name: state.user.name, color: colorOf(state.user.id) });
+  const editor = { doc, provider, view: null };
+  state.editor = editor;
+  const current = () => state.editor === editor;
+  provider.on('status', () => current() && showDocumentState());
+  provider.on('sync', (synced) => {
+    if (!current()) return;
+    if (synced && !editor.view) editor.view = createView(doc.getText('body'), provider.awareness);
+    showDocumentState();
+  });
+  // y-websocket gives up on a 44xx close by itself (it would be refused again); the page
+  // stops too, and says why.
+  provider.on('closed', ({ code }) => {
+    if (!current()) return;
+    if (code === 4401) signOut('Your session has ended; sign in again.');
+    else if (code === 4403) documentGone('This document is no longer open to you: it was deleted, or you were removed from its channel.');
+    else documentGone(`The document's connection was refused (${code}).`);
+  });
+  showDocumentState();
+}
+
+function createView(ytext, awareness) {
+  return new EditorView({
+    parent: $('editor'),
+    state: EditorState.create({
+      doc: ytext.toString(),
+      extensions: [
+        // Undo is Yjs's: it takes back one's own typing, never someone else's.
+        keymap.of([...yUndoManagerKeymap, ...defaultKeymap]),
+        drawSelection(),
+        highlightSpecialChars(),
+        EditorView.lineWrapping,
+        EditorView.contentAttributes.of({ 'aria-label': 'Content' }),
+        placeholder('Write here: everyone in the channel sees it as you type.'),
+        // The text both ways, others' cursors and selections with their names, and undo.
+        yCollab(ytext, awareness),
+      ],
+    }),
+  });
+}
+
+/** The connection, the latest version and the title's state, under the editor. */
+function showDocumentState() {
+  const provider = state.editor?.provider;
+  let connection = '';
+  if (provider?.synced) connection = 'Synced';
+  else if (provider?.wsconnected) connection = 'Connected, syncing…';
+  else if (provider?.wsconnecting) connection = 'Connecting…';
+  else if (provider) connection = 'Offline: what you type is kept and sent when the connection is back';
+  const version = state.version === null ? '' : `version ${state.version}`;
+  $('document-state').textContent = [connection, version, state.titleNote].filter(Boolean).join(' · ');
+}
+
+// ---- the title --------------------------------------------------------------------------
+
+function setTitle(doc, note) {
+  $('document-title').elements.title.value = doc.title;
+  state.base = { id: doc.id, title: doc.title, version: doc.version };
+  state.version = Math.max(state.version ?? 0, doc.version);
+  state.dirty = false;
+  state.conflict = null;
+  state.titleNote = note;
+  $('conflict').hidden = true;
+  showDocumentState();
+}
+
+/** A change of the open document from the feed: mostly someone's typing, now and then a title. */
+function documentChanged(latest) {
+  if (!state.base || latest.id !== state.base.id) return;
+  state.version = Math.max(state.version ?? 0, latest.version);
+  if (latest.version > state.base.version) {
+    if (latest.title === state.base.title) {
+      // The version counts every change, each keystroke in the text included. This one left
+      // the title alone, so a title being edited is still based on the current one: its
+      // save names this version.
+      state.base = { ...state.base, version: latest.version };
+    } else if (state.dirty) {
+      state.titleNote = `Someone renamed it “${latest.title}”; your unsaved title is kept.`;
+    } else {
+      setTitle(latest, 'Renamed live');
+      return;
+    }
+  }
+  showDocumentState();
+}
+
+/**
+ * Saves the title if the document is still at `expectedVersion`. A CONFLICT is a conflict of
+ * titles only when the title is no longer `basedOn`: anyone's typing raises the version too,
+ * and then the save is simply tried again on the new version (a few times, as long as the
+ * title stays the same).
+ */
+async function saveTitle(expectedVersion, basedOn, attempts = 3) {
+  const title = $('document-title').elements.title.value;
+  const id = state.documentId;
   try {
     const data = await request(
       state.token,
-      `mutation Save($input: UpdateDocumentInput!) { updateDocument(input: $input) { ${DOCUMENT} } }`,
-      {
-        input: {
-          id: state.documentId,
-          title: form.elements.title.value,
-          body: form.elements.body.value,
-          expectedVersion,
-        },
-      },
+      `mutation Rename($input: UpdateDocumentInput!) { updateDocument(input: $input) { ${DOCUMENT} } }`,
+      { input: { id, title, expectedVersion } },
     );
+    if (state.documentId !== id) return;
     state.documents.set(data.updateDocument.id, data.updateDocument);
     showDocumentList();
-    setEditor(data.updateDocument, 'Saved');
+    setTitle(data.updateDocument, 'Title saved');
   } catch (error) {
-    if (error.code === 'CONFLICT') {
-      state.conflictVersion = error.extensions.currentVersion;
-      $('conflict-message').textContent =
-        `Conflict: someone else saved version ${state.conflictVersion} before you. ` +
-        'Your text is still here and was not saved.';
-      $('conflict').hidden = false;
-    } else {
-      $('document-state').textContent = describe(error);
+    if (state.documentId !== id) return;
+    if (error.code !== 'CONFLICT') {
+      state.titleNote = describe(error);
+      showDocumentState();
+      return;
     }
+    let latest;
+    try {
+      ({ document: latest } = await request(
+        state.token,
+        `query Doc($id: ID!) { document(id: $id) { ${DOCUMENT} } }`,
+        { id },
+      ));
+    } catch (fetchError) {
+      state.titleNote = describe(fetchError);
+      showDocumentState();
+      return;
+    }
+    if (state.documentId !== id || !latest) return;
+    if (latest.title === basedOn && attempts > 1) {
+      await saveTitle(latest.version, basedOn, attempts - 1);
+      return;
+    }
+    state.conflict = latest;
+    $('conflict-message').textContent =
+      `Conflict: someone else renamed this document “${latest.title}” before you saved. ` +
+      'Your title is still here and was not saved.';
+    $('conflict').hidden = false;
   }
 }
 
@@ -578,9 +751,10 @@ async function loadTheirs() {
       `query Doc($id: ID!) { document(id: $id) { ${DOCUMENT} } }`,
       { id: state.documentId },
     );
-    if (latest) setEditor(latest, 'Loaded their version');
+    if (latest) setTitle(latest, 'Loaded their title');
   } catch (error) {
-    $('document-state').textContent = describe(error);
+    state.titleNote = describe(error);
+    showDocumentState();
   }
 }
 
@@ -612,14 +786,16 @@ $('add-member').addEventListener('submit', addMember);
 $('post').addEventListener('submit', postMessage);
 $('new-document').addEventListener('submit', createDocument);
 $('document-list').addEventListener('change', (event) => openDocument(event.target.value));
-$('document').addEventListener('input', () => {
+$('document-title').elements.title.addEventListener('input', () => {
   state.dirty = true;
-  $('document-state').textContent = `Unsaved changes · based on version ${state.base.version}`;
+  state.titleNote = 'Unsaved title';
+  showDocumentState();
 });
-$('document').addEventListener('submit', (event) => {
+$('document-title').addEventListener('submit', (event) => {
   event.preventDefault();
-  saveDocument(state.base.version);
+  saveTitle(state.base.version, state.base.title);
 });
 $('load-theirs').addEventListener('click', loadTheirs);
-$('overwrite').addEventListener('click', () => saveDocument(state.conflictVersion));
+// Replaces the title that won, and only that one: a later rename is a conflict again.
+$('overwrite').addEventListener('click', () => saveTitle(state.conflict.version, state.conflict.title));
 resumeSession();

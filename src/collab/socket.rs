@@ -21,8 +21,6 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use yrs::Update;
-use yrs::updates::decoder::Decode;
 
 use super::awareness::{self, Rooms};
 use super::protocol::{self, Incoming};
@@ -311,13 +309,12 @@ impl Peer {
                         "the update is not a Yjs v1 update",
                     ))
                 };
-                let update = std::panic::catch_unwind(|| Update::decode_v1(&bytes))
-                    .map_err(|_| not_yjs())?
-                    .map_err(|_| not_yjs())?;
-                if update.is_empty() {
+                // Decoded here first, so that garbage never reaches a write.
+                let decoded = store::yjs::decode_v1(&bytes).map_err(|_| not_yjs())?;
+                if decoded.is_empty() {
                     return Ok(());
                 }
-                self.apply(endpoint, sink, update).await
+                self.apply(endpoint, sink, bytes).await
             }
             Incoming::Awareness(update) => {
                 if size > awareness::MAX_UPDATE_BYTES {
@@ -342,17 +339,10 @@ impl Peer {
         &mut self,
         endpoint: &Endpoint,
         sink: &mut Sink,
-        update: Update,
+        update: Vec<u8>,
     ) -> Result<(), Option<Close>> {
         let (viewer, id) = (self.viewer, self.document);
-        let cache = endpoint.api.yjs_cache().clone();
-        let applied = endpoint
-            .api
-            .committed()
-            .write(move |db| {
-                Box::pin(async move { store::yjs::apply(&db, viewer, id, update, &cache).await })
-            })
-            .await;
+        let applied = endpoint.api.yjs_writes().apply(viewer, id, update).await;
         match applied {
             Ok(_) => Ok(()),
             // It builds on something the server lacks (an edit made offline, sent before the

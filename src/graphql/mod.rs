@@ -22,6 +22,7 @@ mod replies;
 mod shared;
 pub mod subscription;
 pub mod types;
+mod yjs_writes;
 
 use std::sync::Arc;
 
@@ -47,6 +48,7 @@ pub use replies::Replies;
 use replies::{AbortOnDrop, Finished};
 pub use subscription::SubscriptionRoot;
 use tracing::Instrument as _;
+pub use yjs_writes::YjsWrites;
 
 /// The executable schema.
 pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
@@ -102,7 +104,7 @@ fn build_schema(
     live: Live,
     limits: &SchemaLimits,
     quota: Arc<SubscriptionQuota>,
-    yjs: crate::store::yjs::Cache,
+    yjs: YjsWrites,
 ) -> AppSchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(yjs)
@@ -170,8 +172,8 @@ pub struct ApiParts {
     quota: Arc<SubscriptionQuota>,
     /// Writes outside a request (the y-websocket endpoint's), ringing the feed.
     writes: crate::store::Writes,
-    /// Documents as this process last wrote them (`store::yjs::Cache`).
-    yjs: crate::store::yjs::Cache,
+    /// Yjs updates, written together per document (`yjs_writes`).
+    yjs: YjsWrites,
     live: Live,
     /// The pool's connections (the start permits' number, read before any is taken).
     pool_connections: usize,
@@ -225,7 +227,11 @@ impl Api {
         limits: &SchemaLimits,
     ) -> Self {
         let quota = SubscriptionQuota::new(limits.max_subscriptions_per_user);
-        let yjs = crate::store::yjs::Cache::default();
+        let yjs = YjsWrites::new(
+            writes.clone(),
+            live.clone(),
+            crate::store::yjs::Cache::default(),
+        );
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
             persisted: persisted::PersistedQueries::default(),
@@ -258,8 +264,8 @@ impl Api {
         Committed::with(Some(&self.live), &self.writes)
     }
 
-    /// Documents as this process last wrote them.
-    pub fn yjs_cache(&self) -> &crate::store::yjs::Cache {
+    /// Yjs updates, written together per document.
+    pub fn yjs_writes(&self) -> &YjsWrites {
         &self.yjs
     }
 

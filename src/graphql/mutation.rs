@@ -354,18 +354,15 @@ impl MutationRoot {
         }
         // Decoded here first, so that garbage never reaches a write.
         store::yjs::decode(&input.update).map_err(store::StoreError::from)?;
-        let update = input.update;
-        let cache = ctx
-            .data::<store::yjs::Cache>()
-            .map_err(|_| missing("yjs::Cache"))?
-            .clone();
-        let applied = Committed::new(ctx)?
-            .write(move |db| {
-                Box::pin(async move {
-                    let update = store::yjs::decode(&update)?;
-                    store::yjs::apply(&db, viewer, id, update, &cache).await
-                })
-            })
+        let update = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            input.update.trim(),
+        )
+        .map_err(|_| store::StoreError::from(store::yjs::BadUpdate::NotBase64))?;
+        let applied = ctx
+            .data::<super::YjsWrites>()
+            .map_err(|_| missing("YjsWrites"))?
+            .apply(viewer, id, update)
             .await?;
         let position = match applied.position {
             Some(position) => position,

@@ -19,7 +19,7 @@ use tokio::process::Command;
 use crate::helpers::{Backend, TestServer, data, fresh_database, run};
 
 /// How many tests `browser.test.mjs` holds.
-const BROWSER_TESTS: usize = 7;
+const BROWSER_TESTS: usize = 8;
 
 /// How many tests `yjs-providers.test.mjs` holds.
 const PROVIDER_TESTS: usize = 3;

@@ -280,6 +280,51 @@ both_backends! {
     }
 }
 
+both_backends! {
+    async fn concurrent_updates_of_one_document_each_get_their_own_version_and_cursor(server: TestServer) {
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "").await;
+        // Twenty editors type at once (one character each, from the same empty state), and
+        // one sends an update of another type among them: it alone is refused.
+        let mut updates: Vec<String> = (0..20u8)
+            .map(|n| Client::new().insert(0, &char::from(b'a' + n).to_string()))
+            .collect();
+        let bad = {
+            let doc = Doc::new();
+            let map = doc.get_or_insert_map("other");
+            let mut t = doc.transact_mut();
+            map.insert(&mut t, "k", "v");
+            STANDARD.encode(t.encode_update_v1())
+        };
+        updates.insert(10, bad);
+        let answers = futures_util::future::join_all(updates.iter().map(|update| {
+            server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update }))
+        }))
+        .await;
+        let mut versions = Vec::new();
+        let mut cursors = std::collections::HashSet::new();
+        for (n, answer) in answers.iter().enumerate() {
+            if n == 10 {
+                assert_eq!(error_code(answer), "BAD_USER_INPUT", "{answer}");
+                continue;
+            }
+            let applied = data(answer, "applyDocumentUpdate");
+            versions.push(applied["version"].as_i64().unwrap());
+            assert!(cursors.insert(applied["cursor"].as_str().unwrap().to_owned()), "one cursor each");
+        }
+        versions.sort();
+        assert_eq!(versions, (2..=21).collect::<Vec<i64>>());
+        let document = Client::new().sync(&server, &ada, &id).await;
+        let mut body: Vec<char> = document["body"].as_str().unwrap().chars().collect();
+        body.sort();
+        assert_eq!(body.into_iter().collect::<String>(), "abcdefghijklmnopqrst");
+        assert_eq!(document["version"], 21);
+        let stored = count(&server, &format!("SELECT COUNT(*) AS n FROM document_updates WHERE document_id = {id}")).await;
+        assert_eq!(stored, 20);
+    }
+}
+
 const UPDATES: &str = "subscription($id: ID!, $sv: String, $after: String) { documentUpdates(documentId: $id, stateVector: $sv, after: $after) { cursor update version } }";
 
 /// The next `documentUpdates` event of operation `op`.

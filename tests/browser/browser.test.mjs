@@ -11,6 +11,9 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
+import WebSocket from 'ws';
+import * as Y from 'yjs';
+import { WebsocketProvider } from 'y-websocket';
 
 const BIN = process.env.SYNCGRAPH_BIN;
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -23,10 +26,8 @@ if (!BIN) throw new Error('set SYNCGRAPH_BIN to the syncgraph binary');
 // ---- the server -------------------------------------------------------------------------
 
 const dir = mkdtempSync(join(tmpdir(), 'syncgraph-browser-'));
-const serverArgs = [
-  '--database-url', process.env.SYNCGRAPH_DATABASE_URL ?? `sqlite://${join(dir, 'browser.db')}`,
-  '--ws-keep-alive-secs', '2',
-];
+const databaseUrl = process.env.SYNCGRAPH_DATABASE_URL ?? `sqlite://${join(dir, 'browser.db')}`;
+const serverArgs = ['--database-url', databaseUrl, '--ws-keep-alive-secs', '2'];
 
 /** Everything the servers logged, printed when a test fails. */
 const serverLog = [];
@@ -70,6 +71,8 @@ function stopServer(child) {
 }
 
 let server;
+/** A second process on the same database, while a test runs one; pages may load from it too. */
+let otherServer = null;
 let browser;
 
 before(async () => {
@@ -133,9 +136,8 @@ async function withPages(name, count, body) {
     // Everything a page loads comes from syncgraph itself: it must work with no internet.
     page.on('request', (request) => {
       const url = request.url();
-      if (!url.startsWith(server.url) && !url.startsWith(server.url.replace('http', 'ws')) && !url.startsWith('data:')) {
-        elsewhere.push(url);
-      }
+      const local = [server, otherServer].filter(Boolean).flatMap((s) => [s.url, s.url.replace('http', 'ws')]);
+      if (!local.some((base) => url.startsWith(base)) && !url.startsWith('data:')) elsewhere.push(url);
     });
   });
   try {
@@ -168,9 +170,9 @@ async function graphql(token, query, variables = {}) {
   return body.data;
 }
 
-/** Signs up through the demo's form and returns the new user's id. */
-async function signUp(page, name) {
-  await page.goto(`${server.url}/demo`);
+/** Signs up through the demo's form (served by `base`) and returns the new user's id. */
+async function signUp(page, name, base = server.url) {
+  await page.goto(`${base}/demo`);
   await page.locator('#auth [name=name]').fill(name);
   await page.locator('#auth [name=email]').fill(email(name.toLowerCase()));
   await page.locator('#auth [name=password]').fill('correct horse battery');
@@ -182,10 +184,13 @@ async function signUp(page, name) {
   return id;
 }
 
-/** A signs up and creates a channel, B signs up, A adds B, and both open the channel. */
-async function twoUsersInAChannel(a, b, channel) {
+/**
+ * A signs up and creates a channel, B signs up, A adds B, and both open the channel. B's page
+ * comes from `baseB`, another server process, if given.
+ */
+async function twoUsersInAChannel(a, b, channel, { baseB } = {}) {
   await signUp(a, 'Ada');
-  const bob = await signUp(b, 'Bob');
+  const bob = await signUp(b, 'Bob', baseB);
   // Signed in, the channel list is a live query: the badge says so.
   for (const page of [a, b]) await page.locator('#status.live', { hasText: 'live' }).waitFor();
   await a.getByLabel('New channel name').fill(channel);
@@ -257,31 +262,187 @@ test("the demo's lists are live: a channel, a member and a document appear witho
   });
 });
 
-test('a document saved by someone else first shows the conflict message', async () => {
+// ---- shared documents --------------------------------------------------------------------
+
+/** The text in a page's co-editor, from CodeMirror's state (its DOM also holds others' names). */
+async function editorText(page) {
+  return page.evaluate(async () => {
+    // The same module the page loaded, so its EditorView knows the page's editor.
+    const bundle = performance
+      .getEntriesByType('resource')
+      .map((entry) => entry.name)
+      .find((url) => url.endsWith('/yjs-editor.mjs'));
+    const { EditorView } = await import(bundle);
+    const dom = document.querySelector('#editor .cm-editor');
+    return dom ? EditorView.findFromDOM(dom).state.doc.toString() : null;
+  });
+}
+
+/** Polls `check` until it returns something truthy; fails with `what` and `state()` at the deadline. */
+async function waitUntil(what, check, state = async () => '') {
+  const end = Date.now() + DEADLINE;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > end) assert.fail(`timed out waiting for ${what}: ${await state()}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+const titleField = (page) => page.locator('#document-title [name=title]');
+
+/** A creates a document in the open channel; B reopens the channel to open it too. */
+async function openNewDocument(a, b, channel, title) {
+  await a.getByLabel('New document title').fill(title);
+  await a.getByRole('button', { name: 'Create' }).last().click();
+  await a.locator('#document-state', { hasText: 'Synced' }).waitFor();
+  await b.locator('#document-list option', { hasText: title }).waitFor({ state: 'attached' });
+  await b.locator('#channels button', { hasText: channel }).click();
+  await b.locator('#document-state', { hasText: 'Synced' }).waitFor();
+  assert.equal(await titleField(b).inputValue(), title);
+}
+
+test('a title renamed by someone else first shows the conflict message; typing in the text is none', async () => {
   await withPages('demo-conflict', 2, async (a, b) => {
     await twoUsersInAChannel(a, b, 'docs');
-    await a.getByLabel('New document title').fill('Plan');
-    await a.getByRole('button', { name: 'Create' }).last().click();
-    await a.locator('#document-state', { hasText: 'version 1' }).waitFor();
-    // Bob reopens the channel to see the new document, and starts typing.
-    await b.locator('#channels button', { hasText: 'docs' }).click();
-    await b.locator('#document-state', { hasText: 'version 1' }).waitFor();
-    await b.getByLabel('Content').fill("Bob's plan");
-    // Ada saves first.
-    await a.getByLabel('Content').fill("Ada's plan");
-    await a.getByRole('button', { name: 'Save', exact: true }).click();
-    await a.locator('#document-state', { hasText: 'Saved · version 2' }).waitFor();
-    // Bob's save is refused with a visible conflict, and his text is kept.
-    await b.getByRole('button', { name: 'Save', exact: true }).click();
-    await b.locator('#conflict-message', { hasText: 'someone else saved version 2' }).waitFor();
+    await openNewDocument(a, b, 'docs', 'Plan');
+
+    // Bob starts renaming; meanwhile Ada types in the text, which raises the version with
+    // every keystroke but leaves the title alone: Bob's title saves without a conflict.
+    await titleField(b).fill('Plan B');
+    await a.locator('#editor .cm-content').click();
+    await a.keyboard.type('first steps');
+    await waitUntil("Ada's text at Bob's", async () => (await editorText(b)) === 'first steps');
+    await b.getByRole('button', { name: 'Save title' }).click();
+    await b.locator('#document-state', { hasText: 'Title saved' }).waitFor();
+    await waitUntil('the new title at Ada', async () => (await titleField(a).inputValue()) === 'Plan B');
+    assert.equal(await b.locator('#conflict').isHidden(), true);
+
+    // Both rename; Ada saves first. Bob's save is refused with a visible conflict, and his
+    // title is kept.
+    await titleField(b).fill("Bob's plan");
+    await titleField(a).fill("Ada's plan");
+    await a.getByRole('button', { name: 'Save title' }).click();
+    await a.locator('#document-state', { hasText: 'Title saved' }).waitFor();
+    await b.getByRole('button', { name: 'Save title' }).click();
+    await b.locator('#conflict-message', { hasText: "someone else renamed this document “Ada's plan”" }).waitFor();
     if (process.env.SCREENSHOT_ALL) await screenshots('demo-conflict-shown', [b]);
-    assert.equal(await b.getByLabel('Content').inputValue(), "Bob's plan");
-    // Keeping his text saves version 3, which reaches Ada live.
+    assert.equal(await titleField(b).inputValue(), "Bob's plan");
+    // Keeping his title saves it, and it reaches Ada live; the text was never at stake.
     await b.getByRole('button', { name: 'Keep mine and save' }).click();
-    await b.locator('#document-state', { hasText: 'Saved · version 3' }).waitFor();
-    await a.locator('#document-state', { hasText: 'version 3' }).waitFor();
-    assert.equal(await a.getByLabel('Content').inputValue(), "Bob's plan");
+    await b.locator('#document-state', { hasText: 'Title saved' }).waitFor();
+    await waitUntil("Bob's title at Ada", async () => (await titleField(a).inputValue()) === "Bob's plan");
+    await a.locator('#document-list option', { hasText: "Bob's plan" }).waitFor({ state: 'attached' });
+    assert.equal(await editorText(a), 'first steps');
+    assert.equal(await editorText(b), 'first steps');
   });
+});
+
+test('two pages co-edit one document: concurrent typing at the same place converges, survives a reload, and a Node WebsocketProvider joining later sees it', async () => {
+  // On PostgreSQL, Bob's page is served by a second process of the same database, so every
+  // keystroke and cursor has to cross from one process to the other.
+  if (/^postgres(ql)?:/.test(databaseUrl)) otherServer = await startServer();
+  try {
+    await withPages('demo-co-edit', 2, async (a, b) => {
+      await twoUsersInAChannel(a, b, 'co-edit', { baseB: otherServer?.url });
+      if (otherServer) assert.ok(b.url().startsWith(otherServer.url), `Bob's page is on the second process: ${b.url()}`);
+      await openNewDocument(a, b, 'co-edit', 'Notes');
+      const documentId = await a.locator('#document-list').inputValue();
+      const token = await a.evaluate(() => sessionStorage.getItem('syncgraph.demo.token'));
+
+      // Each page types characters of its own, so the result can be taken apart again.
+      const charsA = 'abcdefghijklmnopqrstuvwxyz';
+      const charsB = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ';
+      const only = (text, chars) => [...text].filter((c) => chars.includes(c)).join('');
+      const rest = (text) => [...text].filter((c) => !charsA.includes(c) && !charsB.includes(c)).join('');
+      await a.locator('#editor .cm-content').click();
+      await a.keyboard.type('[]');
+      await waitUntil("Ada's first text at Bob's", async () => (await editorText(b)) === '[]');
+
+      // Both at the start, typing at the same moment, then both at the end. Neither has seen
+      // the other's first keystroke when typing its own.
+      const typed = { a: [], b: [] };
+      for (const [key, place] of [['Control+Home', 'start'], ['Control+End', 'end']]) {
+        for (const page of [a, b]) {
+          await page.locator('#editor .cm-content').click();
+          await page.keyboard.press(key);
+        }
+        const textA = place === 'start' ? 'adatypesfirst' : 'thenattheend';
+        const textB = place === 'start' ? '0123456789' : 'BOBENDS42';
+        await Promise.all([a.keyboard.type(textA, { delay: 12 }), b.keyboard.type(textB, { delay: 17 })]);
+        typed.a.push(textA);
+        typed.b.push(textB);
+      }
+      const expectedA = typed.a.join('');
+      const expectedB = typed.b.join('');
+      const length = 2 + expectedA.length + expectedB.length;
+      const final = await waitUntil(
+        'both editors to hold every keystroke of both',
+        async () => {
+          const [textA, textB] = [await editorText(a), await editorText(b)];
+          return textA === textB && textA.length === length ? textA : null;
+        },
+        async () => `Ada's ${JSON.stringify(await editorText(a))}, Bob's ${JSON.stringify(await editorText(b))}`,
+      );
+      console.log(`converged on ${JSON.stringify(final)}`);
+      // Yjs never reorders what exists: each one's keystrokes are there in the order typed,
+      // the start's before the brackets and the end's after them.
+      assert.equal(only(final, charsA), expectedA, "Ada's keystrokes, in order");
+      assert.equal(only(final, charsB), expectedB, "Bob's keystrokes, in order");
+      assert.equal(rest(final), '[]', 'the text typed before');
+      assert.ok(final.indexOf('[') >= typed.a[0].length + typed.b[0].length, 'what was typed at the start is before it');
+
+      // Bob's cursor shows in Ada's editor, under his name (y-codemirror's remote cursor).
+      await a.locator('#editor .cm-ySelectionInfo', { hasText: 'Bob' }).waitFor({ state: 'attached' });
+      await b.locator('#editor .cm-ySelectionInfo', { hasText: 'Ada' }).waitFor({ state: 'attached' });
+
+      // Reloaded, Bob's page shows the same text, from the server (stored in SQL).
+      await b.reload();
+      await b.locator('#document-state', { hasText: 'Synced' }).waitFor();
+      await waitUntil('the same text after the reload', async () => (await editorText(b)) === final,
+        async () => JSON.stringify(await editorText(b)));
+      let stored;
+      await waitUntil(
+        'the stored body to equal the text',
+        async () => {
+          stored = (await graphql(token, 'query($id: ID!) { document(id: $id) { body } }', { id: documentId })).document;
+          return stored?.body === final;
+        },
+        async () => JSON.stringify(stored),
+      );
+
+      // A late joiner, the unmodified y-websocket client in Node, gets it all from the server.
+      const sockets = [];
+      const doc = new Y.Doc();
+      const provider = new WebsocketProvider(`${server.url.replace('http', 'ws')}/yjs`, documentId, doc, {
+        params: { access_token: token },
+        WebSocketPolyfill: class extends WebSocket {
+          constructor(...args) {
+            super(...args);
+            sockets.push(this);
+          }
+        },
+        // Node has a BroadcastChannel too; only the server must be the source.
+        disableBc: true,
+      });
+      try {
+        await waitUntil('the Node provider to sync', () => provider.synced);
+        assert.equal(doc.getText('body').toString(), final);
+      } finally {
+        provider.destroy();
+        doc.destroy();
+        // The ws client would otherwise keep the test process alive while a close lingers.
+        await waitUntil('the Node provider to close its socket', () => sockets.every((s) => s.readyState === WebSocket.CLOSED))
+          .catch((error) => {
+            for (const socket of sockets) socket.terminate();
+            throw error;
+          });
+      }
+    });
+  } finally {
+    if (otherServer) await stopServer(otherServer.child);
+    otherServer = null;
+  }
 });
 
 /** Records a page's messageEvents traffic: each `subscribe` sent, each event received. */

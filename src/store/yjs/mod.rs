@@ -55,8 +55,12 @@ pub fn decode(update: &str) -> Result<Update, BadUpdate> {
     let bytes = STANDARD
         .decode(update.trim())
         .map_err(|_| BadUpdate::NotBase64)?;
-    // Inside `catch_unwind`: a decoder panic on some input is a refusal, not a lost request.
-    std::panic::catch_unwind(|| Update::decode_v1(&bytes))
+    decode_v1(&bytes)
+}
+
+/// Decodes a Yjs v1 update (a refusal, never a panic, on any input).
+pub fn decode_v1(bytes: &[u8]) -> Result<Update, BadUpdate> {
+    std::panic::catch_unwind(|| Update::decode_v1(bytes))
         .map_err(|_| BadUpdate::NotYjs)?
         .map_err(|_| BadUpdate::NotYjs)
 }
@@ -286,6 +290,7 @@ fn apply_stored(doc: &Doc, update: &str) -> Result<(), StoreError> {
 }
 
 /// What applying an update did.
+#[derive(Debug)]
 pub struct Applied {
     pub document: document::Model,
     /// The stored update's place in the change feed; `None` when the update added nothing
@@ -303,46 +308,159 @@ pub async fn apply<C: ConnectionTrait + TransactionTrait>(
     update: Update,
     cache: &Cache,
 ) -> Result<Applied, StoreError> {
+    match apply_all(db, id, vec![(viewer, update)], cache).await {
+        Ok(mut applied) => applied.pop().unwrap_or(Err(StoreError::NotFound("update"))),
+        Err(BatchError::Refused(_, err) | BatchError::Failed(err)) => Err(err),
+    }
+}
+
+/// Why `apply_all` stored nothing.
+#[derive(Debug)]
+pub enum BatchError {
+    /// The update at this index was refused (it stays out; the others may be tried again).
+    Refused(usize, StoreError),
+    /// The write failed for all of them.
+    Failed(StoreError),
+}
+
+impl From<sea_orm::DbErr> for BatchError {
+    fn from(err: sea_orm::DbErr) -> Self {
+        BatchError::Failed(err.into())
+    }
+}
+
+impl From<StoreError> for BatchError {
+    fn from(err: StoreError) -> Self {
+        BatchError::Failed(err)
+    }
+}
+
+/// Applies several updates of document `id`, each on behalf of its viewer, in one
+/// transaction under one lock of the row, in order: each that adds something is stored as
+/// its own update with its own version (so its subscribers get one event per update), and
+/// the row's `body` is set once, to the text after the last. An update of a viewer who is not
+/// a member is answered with that error and the others go on. An update the document cannot
+/// take (see `integrate`, or a text past `MAX_TEXT_CHARS`) stores nothing of any of them:
+/// `BatchError::Refused` names it, so that the caller answers it and tries the others again.
+pub async fn apply_all<C: ConnectionTrait + TransactionTrait>(
+    db: &C,
+    id: i64,
+    updates: Vec<(i64, Update)>,
+    cache: &Cache,
+) -> Result<Vec<Result<Applied, StoreError>>, BatchError> {
     let txn = begin(db).await?;
     let current = lock(&txn, id).await?;
-    channel::require_member(&txn, current.channel_id, viewer).await?;
+    let mut members = std::collections::HashMap::new();
+    for (viewer, _) in &updates {
+        if !members.contains_key(viewer) {
+            let member = channel::require_member(&txn, current.channel_id, *viewer).await;
+            members.insert(*viewer, member);
+        }
+    }
     let loaded = catch_up(&txn, id, cache.take(id)).await?;
     let loaded = ensure_started(&txn, &current, loaded).await?;
     let (current, mut loaded) = fold_outside_write(&txn, current, loaded).await?;
     let before_text = loaded.text();
-    let Some(encoded) = integrate(&loaded.doc, update)? else {
+    // Per update: refused (not a member), added nothing, or the update to store.
+    let mut outcomes = Vec::with_capacity(updates.len());
+    for (index, (viewer, update)) in updates.into_iter().enumerate() {
+        if let Some(Err(err)) = members.get(&viewer) {
+            outcomes.push(Err(copy_of(err)));
+            continue;
+        }
+        match integrate(&loaded.doc, update) {
+            Err(err) => return Err(BatchError::Refused(index, err)),
+            Ok(None) => outcomes.push(Ok(None)),
+            Ok(Some(encoded)) => {
+                if too_long(&loaded) {
+                    return Err(BatchError::Refused(index, BadUpdate::TooLong.into()));
+                }
+                outcomes.push(Ok(Some(encoded)));
+            }
+        }
+    }
+    let stored = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Ok(Some(_))))
+        .count();
+    if stored == 0 {
         txn.commit().await?;
         cache.put(id, loaded);
-        return Ok(Applied {
-            document: current,
-            position: None,
-        });
-    };
-    let text = loaded.text();
-    if text.chars().count() > MAX_TEXT_CHARS {
-        return Err(StoreError::BadUpdate(BadUpdate::TooLong));
+        return Ok(outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.map(|_| Applied {
+                    document: current.clone(),
+                    position: None,
+                })
+            })
+            .collect());
     }
-    let document = store_update(
-        &txn,
-        &current,
-        &encoded,
-        &text,
-        text != before_text,
-        &mut loaded,
-    )
-    .await?;
+    let text = loaded.text();
+    let mut document = current.clone();
+    let mut versions = Vec::with_capacity(stored);
+    let mut left = stored;
+    for outcome in &outcomes {
+        let Ok(Some(encoded)) = outcome else { continue };
+        left -= 1;
+        // The row's version rises by one per update (its triggers allow no other step); its
+        // text is set with the last.
+        let body = (left == 0 && text != before_text).then_some(text.as_str());
+        document = store_update(&txn, &document, encoded, body, &mut loaded).await?;
+        versions.push(document.version);
+    }
     roll_snapshot(&txn, &current, &mut loaded).await?;
-    // The row the capture trigger just wrote: the newest of this document's updates (the
-    // row's lock keeps others out until this commits).
-    let position = last_update_position(&txn, &current)
-        .await?
-        .ok_or(StoreError::NotFound("change"))?;
+    // The rows the capture trigger just wrote: the newest of this document's updates (the
+    // row's lock keeps others out until this commits), newest first.
+    let mut positions = update_positions(&txn, &current, stored).await?;
+    positions.reverse();
+    if positions.len() != stored {
+        return Err(BatchError::Failed(StoreError::NotFound("change")));
+    }
     txn.commit().await?;
     cache.put(id, loaded);
-    Ok(Applied {
-        document,
-        position: Some(position),
-    })
+    let mut stored = versions.into_iter().zip(positions);
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| {
+            outcome.map(|encoded| match encoded {
+                None => Applied {
+                    document: document.clone(),
+                    position: None,
+                },
+                Some(_) => {
+                    let (version, position) = stored.next().unwrap_or((document.version, 0));
+                    Applied {
+                        document: document::Model {
+                            version,
+                            ..document.clone()
+                        },
+                        position: Some(position),
+                    }
+                }
+            })
+        })
+        .collect())
+}
+
+/// The same refusal again, for another update of a batch (a database error becomes an
+/// internal one: it is logged once, with the first).
+pub fn copy_of(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::NotFound(what) => StoreError::NotFound(what),
+        StoreError::Forbidden(why) => StoreError::Forbidden(why),
+        _ => StoreError::Db(sea_orm::DbErr::Custom(
+            "a write of this document failed".to_owned(),
+        )),
+    }
+}
+
+/// True when the text is past `MAX_TEXT_CHARS` (its bytes bound its characters, so the
+/// characters are counted only past that many bytes).
+fn too_long(loaded: &Loaded) -> bool {
+    let text = loaded.doc.get_or_insert_text(TEXT);
+    let t = loaded.doc.transact();
+    text.len(&t) as usize > MAX_TEXT_CHARS && text.get_string(&t).chars().count() > MAX_TEXT_CHARS
 }
 
 /// Integrates `update` into `doc`: the update of what it added, `None` when it added
@@ -505,18 +623,34 @@ async fn last_update_position(
     db: &impl ConnectionTrait,
     document: &document::Model,
 ) -> Result<Option<i64>, StoreError> {
+    Ok(update_positions(db, document, 1).await?.pop())
+}
+
+/// The feed positions of document `document`'s `count` newest updates, newest first.
+async fn update_positions(
+    db: &impl ConnectionTrait,
+    document: &document::Model,
+    count: usize,
+) -> Result<Vec<i64>, StoreError> {
     let backend = db.get_database_backend();
-    let row = db
-        .query_one_raw(Statement::from_sql_and_values(
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
             backend,
             placeholders(
                 backend,
-                "SELECT position FROM change_log WHERE scope_key = ? AND table_name = 'document_updates' AND row_id = ? ORDER BY position DESC LIMIT 1",
+                "SELECT position FROM change_log WHERE scope_key = ? AND table_name = 'document_updates' AND row_id = ? ORDER BY position DESC LIMIT ?",
             ),
-            [Value::from(document.channel_id), Value::from(document.id)],
+            [
+                Value::from(document.channel_id),
+                Value::from(document.id),
+                Value::from(count as i64),
+            ],
         ))
         .await?;
-    Ok(row.map(|row| row.try_get("", "position")).transpose()?)
+    Ok(rows
+        .iter()
+        .map(|row| row.try_get("", "position"))
+        .collect::<Result<_, _>>()?)
 }
 
 /// Locks document `id`'s row for this transaction (PostgreSQL; SQLite writes one at a time).
@@ -600,18 +734,17 @@ pub async fn record_text_edit(
     roll_snapshot(db, document, &mut loaded).await
 }
 
-/// Stores an update (and the text and version it produced).
+/// Stores an update (and the version it produced, and `body` when given).
 async fn store_update(
     db: &impl ConnectionTrait,
     current: &document::Model,
     encoded: &[u8],
-    text: &str,
-    text_changed: bool,
+    body: Option<&str>,
     loaded: &mut Loaded,
 ) -> Result<document::Model, StoreError> {
     let mut update = super::document::next_version(db.get_database_backend());
-    if text_changed {
-        update = update.col_expr(document::Column::Body, Expr::value(text.to_owned()));
+    if let Some(body) = body {
+        update = update.col_expr(document::Column::Body, Expr::value(body.to_owned()));
     }
     let updated = update
         .filter(document::Column::Id.eq(current.id))

@@ -204,3 +204,67 @@ async fn a_cached_document_whose_last_update_was_replaced_is_loaded_again() {
     assert_eq!(applied.document.body, ">hello!");
     assert_eq!(load(&db, created.id).await.unwrap().text(), ">hello!");
 }
+
+#[tokio::test]
+async fn a_batch_stores_each_update_with_its_version_or_nothing_when_one_is_refused() {
+    let (_dir, db, _) = crate::db::test_database().await;
+    let created = crate::store::document::create(&db, 1, 7, "t", "")
+        .await
+        .unwrap();
+    let cache = Cache::default();
+    let (a, b) = (Doc::new(), Doc::new());
+    let other_type = {
+        let doc = Doc::new();
+        let map = doc.get_or_insert_map("other");
+        let mut t = doc.transact_mut();
+        yrs::Map::insert(&map, &mut t, "k", "v");
+        Update::decode_v1(&t.encode_update_v1()).unwrap()
+    };
+    let count = || async {
+        db.query_one_raw(Statement::from_string(
+            DatabaseBackend::Sqlite,
+            "SELECT COUNT(*) AS n FROM document_updates".to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap()
+    };
+    let batch = vec![
+        (1, typed(&a, 0, "a")),
+        (1, other_type),
+        (1, typed(&b, 0, "b")),
+    ];
+    match apply_all(&db, created.id, batch, &cache).await {
+        Err(BatchError::Refused(1, StoreError::BadUpdate(BadUpdate::OtherTypes))) => {}
+        other => panic!("the second is refused: {other:?}"),
+    }
+    assert_eq!(count().await, 0, "nothing of the batch was stored");
+    // Two updates again, with a non-member's between: each stored with its own version
+    // and position, the non-member's answered alone.
+    db.execute_unprepared(
+        "INSERT INTO users (id, name, email, password_hash) VALUES (2, 'Bob', 'bob@example.com', 'x')",
+    )
+    .await
+    .unwrap();
+    let batch = vec![
+        (1, typed(&Doc::new(), 0, "a")),
+        (2, typed(&Doc::new(), 0, "x")),
+        (1, typed(&Doc::new(), 0, "c")),
+    ];
+    let outcomes = apply_all(&db, created.id, batch, &cache).await.unwrap();
+    let first = outcomes[0].as_ref().unwrap();
+    assert!(matches!(outcomes[1], Err(StoreError::Forbidden(_))));
+    let last = outcomes[2].as_ref().unwrap();
+    assert_eq!((first.document.version, last.document.version), (2, 3));
+    assert!(first.position.unwrap() < last.position.unwrap());
+    assert_eq!(count().await, 2);
+    let text = load(&db, created.id).await.unwrap().text();
+    assert!(text == "ac" || text == "ca", "{text}");
+    let row = crate::store::document::find(&db, created.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((row.body.as_str(), row.version), (text.as_str(), 3));
+}
