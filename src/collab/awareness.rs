@@ -36,6 +36,12 @@ pub const CHANNEL: &str = "syncgraph_awareness";
 /// 8,000 bytes; its base64 must fit). Cursors and names take a few hundred.
 pub const MAX_UPDATE_BYTES: usize = 4 * 1024;
 
+/// The Yjs clients one socket may speak for (a page has one; a few tabs' worth is allowed).
+const MAX_CLIENTS_PER_SOCKET: usize = 8;
+
+/// The largest NOTIFY payload sent (PostgreSQL takes up to 8,000 bytes).
+const MAX_NOTIFY_BYTES: usize = 7_900;
+
 /// The payload part that asks the other processes for a document's states.
 const QUERY: &str = "?";
 
@@ -66,16 +72,45 @@ struct Entry {
     renewed: Instant,
 }
 
-/// An awareness message for a room's peers: the y-protocols message, and the socket it came
-/// from (which does not get it back; 0 for another process).
+/// An awareness message for every peer of a room (its sender too).
 pub struct Relayed {
-    pub from: u64,
     pub message: Arc<Vec<u8>>,
 }
 
 struct Room {
     states: HashMap<u64, Entry>,
     peers: broadcast::Sender<Arc<Relayed>>,
+    /// When states and tombstones not renewed for `OUTDATED` were last dropped.
+    swept: Instant,
+}
+
+impl Room {
+    fn new() -> Self {
+        Room {
+            states: HashMap::new(),
+            peers: broadcast::channel(ROOM_CAPACITY).0,
+            swept: Instant::now(),
+        }
+    }
+
+    /// Drops states and tombstones not renewed for `OUTDATED` (peers forget them too), at
+    /// most once per `OUTDATED`: the map holds what was said in the last minute, at most.
+    fn sweep(&mut self, now: Instant) {
+        if now.duration_since(self.swept) < OUTDATED {
+            return;
+        }
+        self.states
+            .retain(|_, entry| now.duration_since(entry.renewed) < OUTDATED);
+        self.swept = now;
+    }
+
+    /// The clients whose states `socket` sent (and has not removed).
+    fn clients_of(&self, socket: u64) -> usize {
+        self.states
+            .values()
+            .filter(|entry| entry.owner == Owner::Socket(socket) && &*entry.json != "null")
+            .count()
+    }
 }
 
 /// The rooms of this process, by document.
@@ -129,10 +164,7 @@ impl Rooms {
         let mut created = false;
         let room = rooms.entry(document).or_insert_with(|| {
             created = true;
-            Room {
-                states: HashMap::new(),
-                peers: broadcast::channel(ROOM_CAPACITY).0,
-            }
+            Room::new()
         });
         let membership = Membership {
             receiver: room.peers.subscribe(),
@@ -157,7 +189,7 @@ impl Rooms {
             return;
         };
         self.relay(document, &fresh);
-        self.send(document, socket, fresh);
+        self.send(document, fresh);
     }
 
     /// Another process's awareness update (a NOTIFY payload).
@@ -189,7 +221,7 @@ impl Rooms {
             return;
         };
         if let Some(fresh) = self.merge(document, Owner::Remote, update) {
-            self.send(document, 0, fresh);
+            self.send(document, fresh);
         }
     }
 
@@ -225,7 +257,7 @@ impl Rooms {
         }
         let update = AwarenessUpdate { clients: removed };
         self.relay(document, &update);
-        self.send(document, socket, update);
+        self.send(document, update);
     }
 
     /// Keeps what is newer in `update` than the states known, by y-protocols' rule (a
@@ -242,9 +274,21 @@ impl Rooms {
         let mut rooms = self.rooms();
         let room = rooms.get_mut(&document)?;
         let now = Instant::now();
+        room.sweep(now);
         let mut fresh = HashMap::new();
         for (client, entry) in update.clients {
             let removal = &*entry.json == "null";
+            // Relayed to other clients' JSON.parse: it must be JSON.
+            if !removal && serde_json::from_str::<serde::de::IgnoredAny>(&entry.json).is_err() {
+                continue;
+            }
+            let new_client = !room.states.contains_key(&client.get());
+            if new_client
+                && let Owner::Socket(socket) = owner
+                && room.clients_of(socket) >= MAX_CLIENTS_PER_SOCKET
+            {
+                continue;
+            }
             let known = room.states.get(&client.get());
             let current = known.map_or(0, |known| known.clock);
             let present = known.is_some_and(|known| &*known.json != "null");
@@ -265,12 +309,12 @@ impl Rooms {
         (!fresh.is_empty()).then_some(AwarenessUpdate { clients: fresh })
     }
 
-    fn send(&self, document: i64, from: u64, update: AwarenessUpdate) {
+    fn send(&self, document: i64, update: AwarenessUpdate) {
         let rooms = self.rooms();
         if let Some(room) = rooms.get(&document) {
             let message = Arc::new(Message::Awareness(update).encode_v1());
             // No receiver is fine: nobody else is here.
-            let _ = room.peers.send(Arc::new(Relayed { from, message }));
+            let _ = room.peers.send(Arc::new(Relayed { message }));
         }
     }
 
@@ -299,12 +343,33 @@ impl Rooms {
         }
     }
 
+    /// Relays `update` to the other processes, in as many NOTIFYs as its size needs (one
+    /// client's state is at most `MAX_UPDATE_BYTES`, so each fits).
     fn relay(&self, document: i64, update: &AwarenessUpdate) {
-        self.notify(format!(
-            "{}:{document}:{}",
-            self.process,
-            STANDARD.encode(update.encode_v1())
-        ));
+        if self.relay.is_none() {
+            return;
+        }
+        let prefix = format!("{}:{document}:", self.process);
+        let mut chunk = HashMap::new();
+        let mut size = 0;
+        for (client, entry) in &update.clients {
+            // Base64 of the client's part: its id and clock (at most 15 bytes) and its JSON.
+            let part = (entry.json.len() + 16).div_ceil(3) * 4;
+            if !chunk.is_empty() && prefix.len() + size + part > MAX_NOTIFY_BYTES {
+                self.notify_update(&prefix, std::mem::take(&mut chunk));
+                size = 0;
+            }
+            chunk.insert(*client, entry.clone());
+            size += part;
+        }
+        if !chunk.is_empty() {
+            self.notify_update(&prefix, chunk);
+        }
+    }
+
+    fn notify_update(&self, prefix: &str, clients: HashMap<ClientID, AwarenessUpdateEntry>) {
+        let update = AwarenessUpdate { clients };
+        self.notify(format!("{prefix}{}", STANDARD.encode(update.encode_v1())));
     }
 
     fn notify(&self, payload: String) {
@@ -370,5 +435,72 @@ async fn notify(
         if let Err(err) = db.execute_raw(statement).await {
             tracing::warn!(error = %err, "cannot relay awareness to the other processes");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rooms_with_relay() -> (Rooms, mpsc::Receiver<String>) {
+        let (sender, receiver) = mpsc::channel(RELAY_QUEUE);
+        let rooms = Rooms {
+            rooms: Mutex::default(),
+            process: 1,
+            relay: Some(sender),
+        };
+        (rooms, receiver)
+    }
+
+    fn update(clients: impl IntoIterator<Item = (u64, u32, String)>) -> AwarenessUpdate {
+        AwarenessUpdate {
+            clients: clients
+                .into_iter()
+                .map(|(client, clock, json)| {
+                    let entry = AwarenessUpdateEntry {
+                        clock,
+                        json: json.into(),
+                    };
+                    (ClientID::new(client), entry)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_socket_speaks_for_a_few_clients_and_only_json_passes() {
+        let (rooms, _relay) = rooms_with_relay();
+        let _member = rooms.join(5);
+        let many = (1..=20).map(|client| (client, 1, format!("{{\"n\":{client}}}")));
+        rooms.publish(5, 1, update(many));
+        rooms.publish(5, 1, update([(100, 1, "{oops".to_owned())]));
+        let rooms = rooms.rooms();
+        let room = rooms.get(&5).expect("the room");
+        assert_eq!(room.clients_of(1), MAX_CLIENTS_PER_SOCKET);
+        assert!(!room.states.contains_key(&100));
+    }
+
+    #[test]
+    fn the_states_another_process_asks_for_come_in_notifies_that_fit() {
+        let (rooms, mut relay) = rooms_with_relay();
+        let _member = rooms.join(5);
+        let state = format!("{{\"user\":\"{}\"}}", "x".repeat(240));
+        for socket in 1..=6u64 {
+            let clients = (0..8).map(|n| (socket * 100 + n, 1, state.clone()));
+            rooms.publish(5, socket, update(clients));
+        }
+        while relay.try_recv().is_ok() {}
+        rooms.receive_remote("2:5:?");
+        let mut answered = 0;
+        while let Ok(payload) = relay.try_recv() {
+            assert!(payload.len() <= MAX_NOTIFY_BYTES, "{} bytes", payload.len());
+            let encoded = payload.rsplit(':').next().expect("the update");
+            let bytes = STANDARD.decode(encoded).expect("base64");
+            answered += super::super::protocol::decode_awareness(&bytes)
+                .expect("an update")
+                .clients
+                .len();
+        }
+        assert_eq!(answered, 48, "every state, over several NOTIFYs");
     }
 }

@@ -19,8 +19,9 @@ pub const FORBIDDEN: u16 = 4403;
 pub const BAD_MESSAGE: u16 = 4400;
 /// The user has too many open subscriptions (a y-websocket socket counts as one).
 pub const TOO_MANY: u16 = 4429;
-/// A message over the size limit.
-pub const TOO_BIG: u16 = 1009;
+/// A message over the size limit. In the 44xx range, which y-websocket does not retry: its
+/// next connection would send the same state again (1009 would make it try for ever).
+pub const TOO_BIG: u16 = 4413;
 /// The server failed; try again.
 pub const INTERNAL: u16 = 1011;
 /// The server is restarting; reconnect.

@@ -33,6 +33,9 @@ use crate::store::{self, StoreError, yjs::BadUpdate};
 const RATE: f64 = 50.0;
 const BURST: f64 = 100.0;
 
+/// Messages one WebSocket frame may hold.
+const MAX_MESSAGES_PER_FRAME: usize = 16;
+
 /// Tells sockets apart in a room (an awareness message does not go back to its sender).
 static NEXT_SOCKET: AtomicU64 = AtomicU64::new(1);
 
@@ -49,9 +52,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// The largest WebSocket message a peer may send: an update at the limit, or an
-    /// awareness update.
+    /// awareness update, with room to see one past it.
     pub fn max_message_bytes(&self) -> usize {
-        self.max_update_base64.max(awareness::MAX_UPDATE_BYTES) + 64
+        // Room to read one over the limit and refuse it with 4413 (a message past this
+        // is cut off by the WebSocket layer, which y-websocket retries).
+        2 * self.max_update_base64.max(awareness::MAX_UPDATE_BYTES) + 64
     }
 }
 
@@ -248,10 +253,13 @@ impl Peer {
                     None => return Some(Close(protocol::FORBIDDEN, "the document was deleted")),
                 },
                 relayed = self.room.receiver.recv() => match relayed {
-                    Ok(relayed) if relayed.from != self.socket => {
+                    // The sender's own states come back too: y-websocket closes a connection
+                    // that hears nothing for 30 s, and a lone peer's renewals (every 15 s)
+                    // are all it would hear. y-websocket's own server does the same.
+                    Ok(relayed) => {
                         send(sink, relayed.message.to_vec()).await.ok()?;
                     }
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return None,
                 },
                 received = stream.next() => {
@@ -263,11 +271,15 @@ impl Peer {
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                         Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
                     };
-                    self.bucket.take().await;
                     let Some(messages) = protocol::decode(&bytes) else {
                         return Some(Close(protocol::BAD_MESSAGE, "not a y-protocols message"));
                     };
+                    // y-websocket sends one message per frame; a few more are tolerated.
+                    if messages.len() > MAX_MESSAGES_PER_FRAME {
+                        return Some(Close(protocol::BAD_MESSAGE, "too many messages in one frame"));
+                    }
                     for message in messages {
+                        self.bucket.take().await;
                         if let Err(close) = self.handle(endpoint, sink, message, bytes.len()).await {
                             return close;
                         }
@@ -354,6 +366,10 @@ impl Peer {
             Err(StoreError::BadUpdate(BadUpdate::TooLong)) => Err(Some(Close(
                 protocol::BAD_MESSAGE,
                 "the text would be longer than 100000 characters",
+            ))),
+            Err(StoreError::BadUpdate(BadUpdate::Nul)) => Err(Some(Close(
+                protocol::BAD_MESSAGE,
+                "the text would contain a NUL character",
             ))),
             Err(StoreError::BadUpdate(_)) => Err(Some(Close(
                 protocol::BAD_MESSAGE,

@@ -30,6 +30,21 @@ struct Inner {
     cache: yjs::Cache,
 }
 
+/// Removes a document's entry when its writer ends, however it ends.
+struct Running<'a> {
+    inner: &'a Inner,
+    id: i64,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut waiting = self.inner.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.remove(&self.id);
+        }
+    }
+}
+
 struct Job {
     viewer: i64,
     /// The update, Yjs v1 (decoded again for each try: a yrs `Update` cannot be copied).
@@ -88,6 +103,10 @@ impl YjsWrites {
 impl Inner {
     /// Writes document `id`'s waiting updates, batch after batch, until none are left.
     async fn run(self: Arc<Self>, id: i64) {
+        // Should a write panic, the document is not left blocked: the guard removes its
+        // entry, and the updates waiting there are answered with an error (their senders
+        // are dropped).
+        let _running = Running { inner: &self, id };
         loop {
             let jobs = {
                 let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
@@ -106,6 +125,11 @@ impl Inner {
     /// Writes `jobs` in one transaction; a refused one is answered and the rest tried again.
     async fn write(&self, id: i64, mut jobs: Vec<Job>) {
         while !jobs.is_empty() {
+            tracing::debug!(
+                document = id,
+                updates = jobs.len(),
+                "writing Yjs updates together"
+            );
             let updates: Vec<(i64, Vec<u8>)> = jobs
                 .iter()
                 .map(|job| (job.viewer, job.update.clone()))

@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use futures_util::{SinkExt, StreamExt};
 use sea_orm::ConnectionTrait;
 use serde_json::json;
@@ -279,12 +277,20 @@ both_backends! {
         a.until_text("rewritten by SQL").await;
         b.until_text("rewritten by SQL").await;
 
-        // Awareness: A's cursor reaches B; when A's socket closes B is told at once.
+        // Awareness: A's cursor reaches B, and A too (y-websocket closes a connection that
+        // hears nothing for 30 s: a lone peer hears its own renewals); when A's socket closes
+        // B is told at once.
         a.say(7, 1, r#"{"user":{"name":"Ada"},"cursor":3}"#).await;
         b.until_awareness(7, Some(r#"{"user":{"name":"Ada"},"cursor":3}"#)).await;
+        a.until_awareness(7, Some(r#"{"user":{"name":"Ada"},"cursor":3}"#)).await;
+        // A state that is not JSON is not passed on (it would throw in the others' clients).
+        a.say(8, 1, "{not json").await;
+        a.say(7, 2, r#"{"user":{"name":"Ada"},"cursor":4}"#).await;
+        b.until_awareness(7, Some(r#"{"user":{"name":"Ada"},"cursor":4}"#)).await;
+        assert!(!b.seen.contains_key(&8), "the state that is not JSON was dropped");
         // A later peer is told who is here when it joins.
         let mut c = YPeer::join(server.addr, &id, &ada).await;
-        c.until_awareness(7, Some(r#"{"user":{"name":"Ada"},"cursor":3}"#)).await;
+        c.until_awareness(7, Some(r#"{"user":{"name":"Ada"},"cursor":4}"#)).await;
         assert_eq!(c.text(), "rewritten by SQL");
         drop(a);
         b.until_awareness(7, None).await;
@@ -325,7 +331,18 @@ both_backends! {
             yrs::Map::insert(&map, &mut t, "k", "v");
             t.encode_update_v1()
         };
+        let many_in_one_frame: Vec<u8> = (0..17).flat_map(|_| Message::AwarenessQuery.encode_v1()).collect();
+        let nul = {
+            let doc = Doc::new();
+            let text = doc.get_or_insert_text("body");
+            let mut t = doc.transact_mut();
+            text.insert(&mut t, 0, "\0");
+            t.encode_update_v1()
+        };
         let cases: Vec<(WsMessage, u16)> = vec![
+            (WsMessage::Binary(many_in_one_frame.into()), 4400),
+            (WsMessage::Binary(Message::Sync(SyncMessage::Update(nul)).encode_v1().into()), 4400),
+            (WsMessage::Binary(Message::Sync(SyncMessage::Update(vec![0; 300 * 1024])).encode_v1().into()), 4413),
             (WsMessage::Binary(vec![0, 9, 9].into()), 4400),
             (WsMessage::Binary(Message::Sync(SyncMessage::Update(vec![1, 2, 3])).encode_v1().into()), 4400),
             (WsMessage::Text("hello".into()), 4400),
@@ -396,7 +413,6 @@ async fn awareness_and_edits_cross_processes() {
         here.until_awareness(12, Some(r#"{"user":"there"}"#)).await;
         drop(here);
         there.until_awareness(11, None).await;
-        let _ = STANDARD.encode([0u8]);
         other.stop().await;
     })
     .await;

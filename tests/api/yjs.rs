@@ -155,11 +155,18 @@ both_backends! {
             map.insert(&mut t, "k", "v");
             STANDARD.encode(t.encode_update_v1())
         };
+        // A NUL character, which PostgreSQL cannot store in the text.
+        let nul = {
+            let typist = Client::new();
+            typist.apply(&client_state(&client));
+            typist.insert(0, "\0")
+        };
         for (update, what) in [
             ("not base64!".to_owned(), "not base64"),
             (STANDARD.encode([0u8, 1, 2, 255]), "not an update"),
             (dependent, "missing dependencies"),
             (map_update, "another type"),
+            (nul, "a NUL character"),
         ] {
             let response = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
             assert_eq!(error_code(&response), "BAD_USER_INPUT", "{what}: {response}");

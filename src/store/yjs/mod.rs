@@ -48,6 +48,8 @@ pub enum BadUpdate {
     NotText,
     #[error("the text would be longer than 100000 characters")]
     TooLong,
+    #[error("the text would contain a NUL character")]
+    Nul,
 }
 
 /// Decodes a base64 Yjs v1 update, checking that it decodes.
@@ -368,11 +370,12 @@ pub async fn apply_all<C: ConnectionTrait + TransactionTrait>(
             outcomes.push(Err(copy_of(err)));
             continue;
         }
+        let before = text_size(&loaded);
         match integrate(&loaded.doc, update) {
             Err(err) => return Err(BatchError::Refused(index, err)),
             Ok(None) => outcomes.push(Ok(None)),
             Ok(Some(encoded)) => {
-                if too_long(&loaded) {
+                if too_long(&loaded, before) {
                     return Err(BatchError::Refused(index, BadUpdate::TooLong.into()));
                 }
                 outcomes.push(Ok(Some(encoded)));
@@ -455,12 +458,21 @@ pub fn copy_of(err: &StoreError) -> StoreError {
     }
 }
 
-/// True when the text is past `MAX_TEXT_CHARS` (its bytes bound its characters, so the
-/// characters are counted only past that many bytes).
-fn too_long(loaded: &Loaded) -> bool {
+/// The text's length in bytes (this document's offset kind).
+fn text_size(loaded: &Loaded) -> usize {
     let text = loaded.doc.get_or_insert_text(TEXT);
-    let t = loaded.doc.transact();
-    text.len(&t) as usize > MAX_TEXT_CHARS && text.get_string(&t).chars().count() > MAX_TEXT_CHARS
+    text.len(&loaded.doc.transact()) as usize
+}
+
+/// True when an update took the text past `MAX_TEXT_CHARS` characters and made it longer
+/// than it was (`before` bytes): a text already past it (written by SQL) can still be cut.
+/// Bytes bound characters, so characters are counted only past that many bytes.
+fn too_long(loaded: &Loaded, before: usize) -> bool {
+    let after = text_size(loaded);
+    if after <= MAX_TEXT_CHARS || after <= before {
+        return false;
+    }
+    loaded.text().chars().count() > MAX_TEXT_CHARS
 }
 
 /// Integrates `update` into `doc`: the update of what it added, `None` when it added
@@ -484,10 +496,15 @@ fn integrate(doc: &Doc, update: Update) -> Result<Option<Vec<u8>>, StoreError> {
         // Text counts its bytes (this document's offset kind), an embed or a nested type
         // counts one: any difference is something other than text.
         // (From the transaction: asking the document would wait for this transaction.)
-        if let Some(text) = t.get_text(TEXT)
-            && text.len(&t) as usize != text.get_string(&t).len()
-        {
-            return Err(BadUpdate::NotText);
+        if let Some(text) = t.get_text(TEXT) {
+            let string = text.get_string(&t);
+            if text.len(&t) as usize != string.len() {
+                return Err(BadUpdate::NotText);
+            }
+            // PostgreSQL cannot store it in `body` (nor in the change's JSON image).
+            if string.contains('\0') {
+                return Err(BadUpdate::Nul);
+            }
         }
         Ok(Some(t.encode_update_v1()))
     });

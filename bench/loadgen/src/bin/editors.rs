@@ -152,7 +152,8 @@ async fn editor(
     barrier: Arc<tokio::sync::Barrier>,
     deadline: Instant,
 ) -> anyhow::Result<(String, usize)> {
-    let (socket, _) = tokio_tungstenite::connect_async(url)
+    // TCP_NODELAY, as a browser's WebSocket has it.
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .with_context(|| format!("editor {n} connects"))?;
     let (mut sink, mut stream) = socket.split();
