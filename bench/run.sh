@@ -5,7 +5,8 @@
 # core 1. Every scenario gets a fresh server (and database).
 #
 #   bench/run.sh [scenario ...]     scenarios: fanout saturation sustained memory mutations
-#                                   shapes topics sse live (default: all of them)
+#                                   shapes topics sse live editors yjs-history
+#                                   (default: all of them)
 #   TARGETS="ceiling sqlite postgres" DURATION=10 bench/run.sh fanout
 #
 # Each run's JSON line is appended to bench/results/<target>.jsonl;
@@ -13,7 +14,7 @@
 # PostgreSQL runs use a fresh database `syncgraph_bench` on SYNCGRAPH_TEST_POSTGRES's server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse live}")
+scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse live editors yjs-history}")
 read -r -a scenarios <<< "${scenarios[*]}"
 read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
 duration="${DURATION:-10}"
@@ -22,6 +23,8 @@ cargo build --release -p syncgraph -p loadgen
 server_bin="$CARGO_TARGET_DIR/release/syncgraph"
 ceiling_bin="$CARGO_TARGET_DIR/release/ceiling"
 loadgen_bin="$CARGO_TARGET_DIR/release/loadgen"
+editors_bin="$CARGO_TARGET_DIR/release/editors"
+history_bin="$CARGO_TARGET_DIR/release/yjs-history"
 admin="${SYNCGRAPH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
 results=bench/results
 mkdir -p "$results"
@@ -100,6 +103,18 @@ loadgen() {
         | jq -c --arg target "$target" --arg commit "$commit" '. + {target: $target, commit: $commit, at: (now | todate)}' \
         >> "$results/$target.jsonl"
     last_json="$(echo "$out" | sed -n 's/^JSON //p')"
+}
+
+# record <target> <command...>: runs a benchmark binary that prints a `JSON {...}` line and
+# keeps that line in the target's results.
+record() {
+    local target="$1"; shift
+    local out
+    out="$("$@")"
+    echo "$out" | grep -v '^JSON '
+    echo "$out" | sed -n 's/^JSON //p' \
+        | jq -c --arg target "$target" --arg commit "$commit" '. + {target: $target, commit: $commit, at: (now | todate)}' \
+        >> "$results/$target.jsonl"
 }
 
 # write_ceiling: the database's own limit for postMessage's statement, in the same run, on
@@ -190,6 +205,29 @@ for scenario in "${scenarios[@]}"; do
                 start "$target"
                 loadgen "$target" idle-live-queries 1000 --connections 100 --subscriptions 10000 \
                     --subscription "$live_query" --live --idle
+                stop ;;
+            editors) # co-editing: 100 y-websocket peers on one document, 5 updates/s each
+                if [ "$target" = ceiling ]; then
+                    echo "the ceiling server has no documents"
+                    continue
+                fi
+                start "$target"
+                record "$target" taskset -c 1 "$editors_bin" --url "http://127.0.0.1:$port" \
+                    --pid "$server_pid" --editors 100 --rate 5 --duration "$duration"
+                stop ;;
+            yjs-history) # loading a document of 100,000 updates, with and without its snapshot
+                if [ "$target" = ceiling ]; then
+                    continue
+                fi
+                if [ "$target" = sqlite ]; then
+                    data_dir="$(mktemp -d)"
+                    url="sqlite://$data_dir/history.db"
+                else
+                    psql "$admin" -qc "DROP DATABASE IF EXISTS syncgraph_bench WITH (FORCE)" \
+                        -c "CREATE DATABASE syncgraph_bench" >/dev/null
+                    url="${admin%/*}/syncgraph_bench"
+                fi
+                record "$target" taskset -c 0 "$history_bin" --database-url "$url" --updates 100000
                 stop ;;
             topics) # (g) saturation with 10,000 subscriptions over 100 topics
                 start "$target"
