@@ -107,6 +107,8 @@ const CLOSING: Duration = Duration::from_secs(2);
 /// A checked peer of a document.
 struct Peer {
     document: i64,
+    /// The document's channel.
+    channel: i64,
     viewer: i64,
     socket: u64,
     follower: Follower,
@@ -191,6 +193,7 @@ impl Peer {
         Ok((
             Peer {
                 document: id,
+                channel: found.channel_id,
                 viewer,
                 socket: NEXT_SOCKET.fetch_add(1, Ordering::Relaxed),
                 follower,
@@ -384,8 +387,21 @@ impl Peer {
     }
 
     /// The document as stored now.
+    /// The document as stored now, for a member still (a removal not yet seen on the feed
+    /// must not be answered with what was written after it).
     async fn read(&self, endpoint: &Endpoint) -> Result<store::yjs::Loaded, Option<Close>> {
-        match store::yjs::load_for_sync(endpoint.api.db(), self.document).await {
+        let db = endpoint.api.db();
+        match store::channel::is_member(db, self.channel, self.viewer).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Some(Close(
+                    protocol::FORBIDDEN,
+                    "you are no longer a member of this channel",
+                )));
+            }
+            Err(err) => return Err(self.failed(err)),
+        }
+        match store::yjs::load_for_sync(db, self.document).await {
             Ok(sync) => Ok(sync.loaded),
             Err(StoreError::NotFound(_)) => {
                 Err(Some(Close(protocol::FORBIDDEN, "the document was deleted")))

@@ -226,12 +226,19 @@ both_backends! {
         let client = Client::new();
         client.sync(&server, &ada, &id).await;
         let mut at = 0;
-        for n in 0..(syncgraph::store::yjs::SNAPSHOT_EVERY + 20) {
+        let total = syncgraph::store::yjs::SNAPSHOT_EVERY + 20;
+        // A reader that stopped after the 10th update, and that update's cursor.
+        let (early, mut early_cursor) = (Client::new(), String::new());
+        for n in 0..total {
             let chunk = format!("{} ", n % 10);
             let update = client.insert(at, &chunk);
             at += chunk.len() as u32;
             let applied = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
             assert_eq!(data(&applied, "applyDocumentUpdate")["version"], n + 2);
+            if n < 10 {
+                early.apply(&update);
+                early_cursor = data(&applied, "applyDocumentUpdate")["cursor"].as_str().unwrap().to_owned();
+            }
         }
         let snapshots = count(&server, &format!("SELECT COUNT(*) AS n FROM document_snapshots WHERE document_id = {id}")).await;
         assert_eq!(snapshots, 1);
@@ -239,6 +246,19 @@ both_backends! {
         let document = fresh.sync(&server, &ada, &id).await;
         assert_eq!(fresh.text(), client.text());
         assert_eq!(document["body"], client.text());
+
+        // Compaction keeps cursors valid: resuming after the 10th update's cursor brings every
+        // later update once, in order, though the snapshot now holds most of them.
+        caught_up(&server).await;
+        let mut ws = WsClient::connect_as(&server, Some(&ada)).await;
+        ws.subscribe("r", UPDATES, json!({ "id": id, "after": early_cursor })).await;
+        for version in 12..=(total + 1) {
+            let event = next_update(&mut ws, "r").await;
+            assert_eq!(event["version"], version);
+            early.apply(event["update"].as_str().unwrap());
+        }
+        assert_eq!(early.text(), client.text());
+        ws.close().await;
     }
 }
 
