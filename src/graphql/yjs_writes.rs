@@ -125,11 +125,7 @@ impl Inner {
     /// Writes `jobs` in one transaction; a refused one is answered and the rest tried again.
     async fn write(&self, id: i64, mut jobs: Vec<Job>) {
         while !jobs.is_empty() {
-            tracing::debug!(
-                document = id,
-                updates = jobs.len(),
-                "writing Yjs updates together"
-            );
+            let started = std::time::Instant::now();
             let updates: Vec<(i64, Vec<u8>)> = jobs
                 .iter()
                 .map(|job| (job.viewer, job.update.clone()))
@@ -151,6 +147,12 @@ impl Inner {
                     })
                 })
                 .await;
+            tracing::debug!(
+                document = id,
+                updates = jobs.len(),
+                micros = started.elapsed().as_micros() as u64,
+                "wrote Yjs updates together"
+            );
             match written {
                 Ok(Ok(outcomes)) => {
                     for (job, outcome) in jobs.drain(..).zip(outcomes) {

@@ -819,6 +819,7 @@ async fn roll_snapshot(
     if loaded.since_snapshot < SNAPSHOT_EVERY {
         return Ok(());
     }
+    let began = std::time::Instant::now();
     let state = STANDARD.encode(
         loaded
             .doc
@@ -841,6 +842,11 @@ async fn roll_snapshot(
     ))
     .await?;
     loaded.since_snapshot = 0;
+    tracing::debug!(
+        document = document.id,
+        micros = began.elapsed().as_micros() as u64,
+        "rolled a snapshot"
+    );
     Ok(())
 }
 
