@@ -22,6 +22,7 @@ use yrs::{ClientID, Doc, GetString, ReadTxn, Text, Transact, Update};
 
 use crate::both_backends;
 use crate::helpers::{Backend, TestServer, data};
+use crate::yjs::create_document;
 
 /// How long a test waits for any one message.
 const DEADLINE: Duration = Duration::from_secs(15);
@@ -200,17 +201,6 @@ impl YPeer {
             }
         }
     }
-}
-
-async fn create_document(server: &TestServer, token: &str, channel: &str, body: &str) -> String {
-    let create = "mutation($c: ID!, $b: String!) { createDocument(input: { channelId: $c, title: \"notes\", body: $b }) { id } }";
-    let created = server
-        .graphql_as(token, create, json!({ "c": channel, "b": body }))
-        .await;
-    data(&created, "createDocument")["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 async fn stored_body(server: &TestServer, token: &str, id: &str) -> String {

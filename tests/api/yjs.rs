@@ -64,7 +64,12 @@ impl Client {
     }
 }
 
-async fn create_document(server: &TestServer, token: &str, channel: &str, body: &str) -> String {
+pub(crate) async fn create_document(
+    server: &TestServer,
+    token: &str,
+    channel: &str,
+    body: &str,
+) -> String {
     let create = "mutation($c: ID!, $b: String!) { createDocument(input: { channelId: $c, title: \"notes\", body: $b }) { id } }";
     let created = server
         .graphql_as(token, create, json!({ "c": channel, "b": body }))

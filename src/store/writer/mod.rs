@@ -192,10 +192,33 @@ where
         Err(_) => savepoint.rollback().await,
     };
     match closed {
+        // A failed write may have been a database error that rolled the whole transaction
+        // back (SQLITE_FULL, IOERR). sqlx 0.9.1 then answers the savepoint's rollback with
+        // Ok, and would answer the group's commit with Ok without running it: ask SQLite.
+        Ok(()) if result.is_err() => {
+            let sound = still_in_transaction(group).await;
+            if !sound {
+                tracing::error!("the database rolled the group's transaction back");
+            }
+            (result, sound)
+        }
         Ok(()) => (result, true),
         Err(err) => {
             tracing::error!(error = %err, "a write's savepoint could not be closed");
             (Err(err.into()), false)
+        }
+    }
+}
+
+/// Whether `group`'s connection is still inside a transaction: SQLite refuses `BEGIN` inside
+/// one; a `BEGIN` that succeeds (there was none) is rolled back at once.
+async fn still_in_transaction(group: &DatabaseTransaction) -> bool {
+    use sea_orm::ConnectionTrait;
+    match group.execute_unprepared("BEGIN").await {
+        Err(_) => true,
+        Ok(_) => {
+            let _ = group.execute_unprepared("ROLLBACK").await;
+            false
         }
     }
 }
