@@ -47,6 +47,10 @@ pub struct Endpoint {
     pub rooms: Arc<Rooms>,
     /// The largest Yjs update taken, in bytes of base64 (`--max-document-update-bytes`).
     pub max_update_base64: usize,
+    /// How often the server pings (`--ws-keep-alive-secs`); a peer that sends nothing,
+    /// not even a pong, for three of these is gone (a half-open connection), and its socket
+    /// ends, giving back its subscription slot and its awareness.
+    pub keep_alive: Duration,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -226,10 +230,21 @@ impl Peer {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600)),
         );
         tokio::pin!(expiry);
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + endpoint.keep_alive, endpoint.keep_alive);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
                     return Some(Close(protocol::RESTARTING, "the server is restarting"));
+                }
+                _ = ping.tick() => {
+                    if heard.elapsed() >= endpoint.keep_alive * 3 {
+                        tracing::debug!(document = self.document, "a y-websocket peer stopped answering; its socket ends");
+                        return None;
+                    }
+                    sink.send(Message::Ping(Default::default())).await.ok()?;
                 }
                 _ = &mut expiry => {
                     return Some(Close(protocol::UNAUTHORIZED, "the token expired"));
@@ -266,6 +281,7 @@ impl Peer {
                     Err(RecvError::Closed) => return None,
                 },
                 received = stream.next() => {
+                    heard = Instant::now();
                     let bytes = match received {
                         Some(Ok(Message::Binary(bytes))) => bytes,
                         Some(Ok(Message::Text(_))) => {

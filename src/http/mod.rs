@@ -420,6 +420,7 @@ async fn yjs_socket(
         keys: state.keys.clone(),
         rooms: state.rooms.clone(),
         max_update_base64: state.max_document_update_bytes,
+        keep_alive: state.ws.keep_alive,
         shutdown: state.shutdown.clone(),
     };
     let max = endpoint.max_message_bytes();

@@ -347,6 +347,27 @@ both_backends! {
         assert_eq!(stored_body(&server, &ada, &id).await, "text");
     }
 
+    async fn a_peer_that_stops_answering_is_dropped_and_the_others_are_told(server: TestServer) {
+        // The test servers ping every second (`--ws-keep-alive-secs 1`); a peer that answers
+        // nothing for three pings is gone.
+        let (ada, _) = server.sign_up("Ada").await;
+        let channel = server.create_channel(&ada, "docs").await;
+        let id = create_document(&server, &ada, &channel, "").await;
+        let mut silent = YPeer::join(server.addr, &id, &ada).await;
+        let mut b = YPeer::join(server.addr, &id, &ada).await;
+        silent.say(21, 1, r#"{"user":"silent"}"#).await;
+        b.until_awareness(21, Some(r#"{"user":"silent"}"#)).await;
+        // `silent` reads nothing from now on, so it answers no ping (its socket stays open
+        // on its side: a half-open connection, as after a lost network). B reads, so it
+        // answers every ping, and stays.
+        let started = std::time::Instant::now();
+        b.until_awareness(21, None).await;
+        assert!(started.elapsed() >= std::time::Duration::from_secs(2), "not before three pings");
+        b.type_at(0, "still here").await;
+        b.until_text("still here").await;
+        drop(silent);
+    }
+
     async fn a_flooding_peer_is_slowed_and_cannot_starve_the_others(server: TestServer) {
         let (ada, _) = server.sign_up("Ada").await;
         let channel = server.create_channel(&ada, "docs").await;
