@@ -90,6 +90,7 @@ mod tests {
             "graphiql/graphiql.js",
             "vendor/graphiql-3.9.0/graphiql.min.js",
             "vendor/graphql-ws-6.4.2/client.js",
+            "vendor/yjs-editor-13.6.33-2b2ebeef/yjs-editor.mjs",
         ] {
             assert!(Assets::get(path).is_some(), "{path} is not embedded");
         }
