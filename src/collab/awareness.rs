@@ -6,7 +6,8 @@
 //! its clock is newer than the one known (y-protocols' rule), so echoes and stale relays stop.
 //! When a socket closes, its clients' states are removed and every peer is told at once
 //! (a `null` state with the next clock), here and on the other processes. Removed states
-//! are kept as tombstones (their clock) while the room lives.
+//! are kept as tombstones (their clock) until they expire with the states not renewed for
+//! 30 s.
 //!
 //! Across processes (PostgreSQL): `NOTIFY syncgraph_awareness` carries
 //! `<process>:<document>:<base64 update>`, or `<process>:<document>:?` when a document's room
@@ -36,7 +37,8 @@ pub const CHANNEL: &str = "syncgraph_awareness";
 /// 8,000 bytes; its base64 must fit). Cursors and names take a few hundred.
 pub const MAX_UPDATE_BYTES: usize = 4 * 1024;
 
-/// The Yjs clients one socket may speak for (a page has one; a few tabs' worth is allowed).
+/// The Yjs clients one socket may speak for at once, removed ones included until they
+/// expire (a page has one; a few reloads' worth is allowed).
 const MAX_CLIENTS_PER_SOCKET: usize = 8;
 
 /// The largest NOTIFY payload sent (PostgreSQL takes up to 8,000 bytes).
@@ -104,11 +106,12 @@ impl Room {
         self.swept = now;
     }
 
-    /// The clients whose states `socket` sent (and has not removed).
+    /// The clients whose states `socket` sent, its removals (tombstones) included, until
+    /// they expire: what one socket may add to the room is bounded.
     fn clients_of(&self, socket: u64) -> usize {
         self.states
             .values()
-            .filter(|entry| entry.owner == Owner::Socket(socket) && &*entry.json != "null")
+            .filter(|entry| entry.owner == Owner::Socket(socket))
             .count()
     }
 }
@@ -183,7 +186,7 @@ impl Rooms {
     }
 
     /// A socket's awareness update: the states newer than those known are kept and passed
-    /// on to the room's other peers, here and on the other processes.
+    /// on to the room's peers (the sender too), here and on the other processes.
     pub fn publish(&self, document: i64, socket: u64, update: AwarenessUpdate) {
         let Some(fresh) = self.merge(document, Owner::Socket(socket), update) else {
             return;
@@ -283,6 +286,11 @@ impl Rooms {
                 continue;
             }
             let new_client = !room.states.contains_key(&client.get());
+            // The removal of a client nobody knows changes nothing (y-protocols ignores it
+            // too); keeping it as a tombstone would let a peer fill the room with them.
+            if new_client && removal {
+                continue;
+            }
             if new_client
                 && let Owner::Socket(socket) = owner
                 && room.clients_of(socket) >= MAX_CLIENTS_PER_SOCKET

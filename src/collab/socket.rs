@@ -5,7 +5,7 @@
 //! 4403, before any content is sent. A member's socket then follows the document's updates
 //! on the feed (`live::documents`: ordered, once each, ended by the document's deletion or the
 //! member's removal, which closes with 4403), answers the peer's state vector with what it
-//! lacks, stores every update it sends (`store::yjs::apply`, so every writer, process and
+//! lacks, stores every update it sends (`graphql::YjsWrites`, so every writer, process and
 //! transport sees it in the feed), and relays awareness (`awareness`). Each socket reads at
 //! most `RATE` messages a second: a flooding peer only slows itself.
 
@@ -22,6 +22,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use yrs::updates::encoder::Encode as _;
+
 use super::awareness::{self, Rooms};
 use super::protocol::{self, Incoming};
 use crate::auth::{JwtKeys, Viewer};
@@ -36,7 +38,7 @@ const BURST: f64 = 100.0;
 /// Messages one WebSocket frame may hold.
 const MAX_MESSAGES_PER_FRAME: usize = 16;
 
-/// Tells sockets apart in a room (an awareness message does not go back to its sender).
+/// Tells sockets apart in a room (whose awareness states are whose).
 static NEXT_SOCKET: AtomicU64 = AtomicU64::new(1);
 
 /// What every y-websocket socket shares.
@@ -244,7 +246,8 @@ impl Peer {
                         tracing::debug!(document = self.document, "a y-websocket peer stopped answering; its socket ends");
                         return None;
                     }
-                    sink.send(Message::Ping(Default::default())).await.ok()?;
+                    let ping = sink.send(Message::Ping(Default::default()));
+                    tokio::time::timeout(SEND_PATIENCE, ping).await.ok()?.ok()?;
                 }
                 _ = &mut expiry => {
                     return Some(Close(protocol::UNAUTHORIZED, "the token expired"));
@@ -299,10 +302,13 @@ impl Peer {
                     }
                     for message in messages {
                         self.bucket.take().await;
-                        if let Err(close) = self.handle(endpoint, sink, message, bytes.len()).await {
+                        if let Err(close) = self.handle(endpoint, sink, message).await {
                             return close;
                         }
                     }
+                    // Nothing was read while this frame was handled (a write can wait on the
+                    // document's lock): the silence counts from here.
+                    heard = Instant::now();
                 }
             }
         }
@@ -315,7 +321,6 @@ impl Peer {
         endpoint: &Endpoint,
         sink: &mut Sink,
         message: Incoming,
-        size: usize,
     ) -> Result<(), Option<Close>> {
         match message {
             Incoming::SyncStep1(vector) => {
@@ -348,7 +353,7 @@ impl Peer {
                 self.apply(endpoint, sink, bytes).await
             }
             Incoming::Awareness(update) => {
-                if size > awareness::MAX_UPDATE_BYTES {
+                if update.encode_v1().len() > awareness::MAX_UPDATE_BYTES {
                     return Err(Some(Close(
                         protocol::TOO_BIG,
                         "the awareness update is over 4096 bytes",
@@ -432,12 +437,18 @@ impl Peer {
     }
 }
 
-/// Sends a binary message; `Err(None)` when the peer is gone.
+/// Sends a binary message; `Err(None)` when the peer is gone, or has taken nothing for
+/// `SEND_PATIENCE` (a half-open connection in a busy room fills its buffer and would hold
+/// the socket's loop, pings included, until TCP gave up).
 async fn send(sink: &mut Sink, message: Vec<u8>) -> Result<(), Option<Close>> {
-    sink.send(Message::Binary(message.into()))
-        .await
-        .map_err(|_| None)
+    match tokio::time::timeout(SEND_PATIENCE, sink.send(Message::Binary(message.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(None),
+    }
 }
+
+/// How long a send may wait for the peer to take it.
+const SEND_PATIENCE: Duration = Duration::from_secs(30);
 /// A token bucket: `RATE` messages a second, `BURST` at once. Taking from an empty bucket
 /// waits, so the socket reads no further until it refills.
 struct Bucket {

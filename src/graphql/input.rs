@@ -63,6 +63,18 @@ pub fn limited_text<'a>(field: &str, value: &'a str, max: usize) -> AppResult<&'
     Ok(value)
 }
 
+/// A document's text: at most `DOCUMENT_BODY_MAX` characters and no NUL character (a Yjs
+/// edit cannot add one: PostgreSQL cannot store it).
+pub fn document_body<'a>(field: &str, value: &'a str) -> AppResult<&'a str> {
+    if value.contains('\0') {
+        return Err(AppError::bad_input(
+            field,
+            format!("{field}: must not contain a NUL character"),
+        ));
+    }
+    limited_text(field, value, DOCUMENT_BODY_MAX)
+}
+
 /// A plausible email address, lower-cased: one `@`, a non-empty local part, a dotted domain,
 /// no whitespace.
 pub fn email(field: &str, value: &str) -> AppResult<String> {

@@ -317,7 +317,7 @@ impl MutationRoot {
         let viewer = viewer_id(ctx)?;
         let channel_id = input::id("input.channelId", &input.channel_id)?;
         let title = required_text("input.title", &input.title, DOCUMENT_TITLE_MAX)?.to_owned();
-        let body = limited_text("input.body", &input.body, DOCUMENT_BODY_MAX)?.to_owned();
+        let body = input::document_body("input.body", &input.body)?.to_owned();
         let written = Document(
             Committed::new(ctx)?
                 .write(move |db| {
@@ -390,7 +390,7 @@ impl MutationRoot {
         let body = input
             .body
             .as_deref()
-            .map(|b| limited_text("input.body", b, DOCUMENT_BODY_MAX))
+            .map(|b| input::document_body("input.body", b))
             .transpose()?;
         if title.is_none() && body.is_none() {
             return Err(AppError::bad_input(

@@ -30,7 +30,7 @@ struct Inner {
     cache: yjs::Cache,
 }
 
-/// Removes a document's entry when its writer ends, however it ends.
+/// Removes a document's entry when its writer panics (it removes it itself otherwise).
 struct Running<'a> {
     inner: &'a Inner,
     id: i64,

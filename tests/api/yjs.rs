@@ -176,6 +176,11 @@ both_backends! {
             let response = server.graphql_as(&ada, APPLY, json!({ "id": id, "u": update })).await;
             assert_eq!(error_code(&response), "BAD_USER_INPUT", "{what}: {response}");
         }
+        // Nor can a whole-text write bring one in.
+        let create = "mutation($c: ID!) { createDocument(input: { channelId: $c, title: \"t\", body: \"a\\u0000b\" }) { id } }";
+        let response = server.graphql_as(&ada, create, json!({ "c": channel })).await;
+        assert_eq!(error_code(&response), "BAD_USER_INPUT", "{response}");
+        assert_eq!(response["errors"][0]["extensions"]["field"], "input.body");
         // A non-member, and a document that does not exist.
         let typed = client.insert(0, "x");
         let response = server.graphql_as(&bob, APPLY, json!({ "id": id, "u": typed })).await;

@@ -192,16 +192,6 @@ where
         Err(_) => savepoint.rollback().await,
     };
     match closed {
-        // A failed write may have been a database error that rolled the whole transaction
-        // back (SQLITE_FULL, IOERR). sqlx 0.9.1 then answers the savepoint's rollback with
-        // Ok, and would answer the group's commit with Ok without running it: ask SQLite.
-        Ok(()) if result.is_err() => {
-            let sound = still_in_transaction(group).await;
-            if !sound {
-                tracing::error!("the database rolled the group's transaction back");
-            }
-            (result, sound)
-        }
         Ok(()) => (result, true),
         Err(err) => {
             tracing::error!(error = %err, "a write's savepoint could not be closed");
@@ -217,7 +207,9 @@ async fn still_in_transaction(group: &DatabaseTransaction) -> bool {
     match group.execute_unprepared("BEGIN").await {
         Err(_) => true,
         Ok(_) => {
-            let _ = group.execute_unprepared("ROLLBACK").await;
+            if let Err(err) = group.execute_unprepared("ROLLBACK").await {
+                tracing::error!(error = %err, "cannot end the transaction that probed the group's");
+            }
             false
         }
     }
@@ -305,6 +297,14 @@ impl SqliteWriter {
                     answers.extend(ran);
                     sound = still_sound;
                 }
+            }
+            // A database error may have rolled the whole transaction back (SQLITE_FULL,
+            // IOERR) while the work itself saw Ok (sqlx 0.9.1 then answers savepoint
+            // rollbacks and releases, and the group's COMMIT, with Ok without running
+            // them): ask SQLite after every work.
+            if sound && !still_in_transaction(&transaction).await {
+                tracing::error!("the database rolled the group's transaction back");
+                sound = false;
             }
             if !sound {
                 break;

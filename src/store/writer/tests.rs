@@ -177,8 +177,23 @@ fn rolls_back_all()
     }
 }
 
+/// A write that ends the transaction under the group (as SQLite does on SQLITE_FULL) and yet
+/// answers Ok (as a write that reports its failure as a value does).
+fn rolls_back_all_quietly()
+-> impl for<'a> FnOnce(DatabaseExecutor<'a>) -> BoxFuture<'a, Result<i64, StoreError>> + Send + 'static
+{
+    move |db| {
+        Box::pin(async move {
+            db.execute_unprepared("ROLLBACK").await?;
+            Ok(7)
+        })
+    }
+}
+
 /// A job of `run_group`.
 enum Kind {
+    /// `rolls_back_all_quietly()`.
+    RollsBackAllQuietly,
     /// `post(body, fail)`.
     Post(&'static str, bool),
     /// `panics()`.
@@ -205,6 +220,7 @@ async fn run_group(jobs: Vec<Kind>) -> (Vec<Result<i64, StoreError>>, Vec<String
                 Kind::Post(body, fail) => writes.run(post(body, fail)).await,
                 Kind::Panics => writes.run(panics()).await,
                 Kind::RollsBackAll => writes.run(rolls_back_all()).await,
+                Kind::RollsBackAllQuietly => writes.run(rolls_back_all_quietly()).await,
                 Kind::Message(channel, body) => writes
                     .post_message(channel, 1, body.to_owned())
                     .await
@@ -287,4 +303,19 @@ async fn posts_in_a_group_are_inserted_together_each_answered_for_itself() {
     );
     assert!(matches!(results[3], Err(StoreError::Conflict { .. })));
     assert_eq!(committed, ["a", "a", "b", "with \0 NUL", "c"]);
+}
+
+/// The same when the write that lost the transaction answers Ok: SQLite is asked after
+/// every write, so nothing before it is answered as committed.
+#[tokio::test]
+async fn a_transaction_lost_under_a_write_that_answers_ok_cuts_the_group_short() {
+    let (results, committed) = run_group(vec![
+        Kind::Post("rolled back by the database", false),
+        Kind::RollsBackAllQuietly,
+        Kind::Post("next group", false),
+    ])
+    .await;
+    assert!(results[0].is_err() && results[1].is_err(), "{results:?}");
+    assert!(results[2].is_ok(), "{results:?}");
+    assert_eq!(committed, ["next group"]);
 }

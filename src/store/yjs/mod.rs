@@ -363,6 +363,7 @@ pub async fn apply_all<C: ConnectionTrait + TransactionTrait>(
     let loaded = ensure_started(&txn, &current, loaded).await?;
     let (current, mut loaded) = fold_outside_write(&txn, current, loaded).await?;
     let before_text = loaded.text();
+    let mut stats = TextStats::of(&before_text);
     // Per update: refused (not a member), added nothing, or the update to store.
     let mut outcomes = Vec::with_capacity(updates.len());
     for (index, (viewer, update)) in updates.into_iter().enumerate() {
@@ -370,14 +371,11 @@ pub async fn apply_all<C: ConnectionTrait + TransactionTrait>(
             outcomes.push(Err(copy_of(err)));
             continue;
         }
-        let before = text_size(&loaded);
-        match integrate(&loaded.doc, update) {
+        match integrate(&loaded.doc, update, stats) {
             Err(err) => return Err(BatchError::Refused(index, err)),
-            Ok(None) => outcomes.push(Ok(None)),
-            Ok(Some(encoded)) => {
-                if too_long(&loaded, before) {
-                    return Err(BatchError::Refused(index, BadUpdate::TooLong.into()));
-                }
+            Ok((None, _)) => outcomes.push(Ok(None)),
+            Ok((Some(encoded), after)) => {
+                stats = after;
                 outcomes.push(Ok(Some(encoded)));
             }
         }
@@ -458,21 +456,20 @@ pub fn copy_of(err: &StoreError) -> StoreError {
     }
 }
 
-/// The text's length in bytes (this document's offset kind).
-fn text_size(loaded: &Loaded) -> usize {
-    let text = loaded.doc.get_or_insert_text(TEXT);
-    text.len(&loaded.doc.transact()) as usize
+/// What `integrate` checks of a text: its characters, and its NUL characters.
+#[derive(Clone, Copy, Debug, Default)]
+struct TextStats {
+    chars: usize,
+    nuls: usize,
 }
 
-/// True when an update took the text past `MAX_TEXT_CHARS` characters and made it longer
-/// than it was (`before` bytes): a text already past it (written by SQL) can still be cut.
-/// Bytes bound characters, so characters are counted only past that many bytes.
-fn too_long(loaded: &Loaded, before: usize) -> bool {
-    let after = text_size(loaded);
-    if after <= MAX_TEXT_CHARS || after <= before {
-        return false;
+impl TextStats {
+    fn of(text: &str) -> Self {
+        Self {
+            chars: text.chars().count(),
+            nuls: text.bytes().filter(|&byte| byte == 0).count(),
+        }
     }
-    loaded.text().chars().count() > MAX_TEXT_CHARS
 }
 
 /// Integrates `update` into `doc`: the update of what it added, `None` when it added
@@ -480,7 +477,15 @@ fn too_long(loaded: &Loaded, before: usize) -> bool {
 /// that does not integrate, depends on what `doc` lacks, writes a root other than `body`,
 /// or puts anything but text into it. yrs runs inside `catch_unwind`, so a panic on some
 /// input is a refusal, not a lost request.
-fn integrate(doc: &Doc, update: Update) -> Result<Option<Vec<u8>>, StoreError> {
+/// Also refused: an update that makes the text longer than `MAX_TEXT_CHARS` characters and
+/// longer than it was (`before`: a text already past it, written by SQL, can still be cut),
+/// or adds a NUL character (PostgreSQL cannot store one; one already there, written to
+/// SQLite by SQL, does not stop other edits). Returns the text's measures after it.
+fn integrate(
+    doc: &Doc,
+    update: Update,
+    before: TextStats,
+) -> Result<(Option<Vec<u8>>, TextStats), StoreError> {
     let run = std::panic::AssertUnwindSafe(|| {
         let mut t = doc.transact_mut();
         t.apply_update(update).map_err(|_| BadUpdate::NotYjs)?;
@@ -488,7 +493,7 @@ fn integrate(doc: &Doc, update: Update) -> Result<Option<Vec<u8>>, StoreError> {
             return Err(BadUpdate::MissingDependencies);
         }
         if t.before_state() == t.after_state() && t.delete_set().is_empty() {
-            return Ok(None);
+            return Ok((None, before));
         }
         if t.root_refs().any(|(name, _)| name != TEXT) {
             return Err(BadUpdate::OtherTypes);
@@ -496,17 +501,23 @@ fn integrate(doc: &Doc, update: Update) -> Result<Option<Vec<u8>>, StoreError> {
         // Text counts its bytes (this document's offset kind), an embed or a nested type
         // counts one: any difference is something other than text.
         // (From the transaction: asking the document would wait for this transaction.)
-        if let Some(text) = t.get_text(TEXT) {
-            let string = text.get_string(&t);
-            if text.len(&t) as usize != string.len() {
-                return Err(BadUpdate::NotText);
+        let after = match t.get_text(TEXT) {
+            Some(text) => {
+                let string = text.get_string(&t);
+                if text.len(&t) as usize != string.len() {
+                    return Err(BadUpdate::NotText);
+                }
+                TextStats::of(&string)
             }
-            // PostgreSQL cannot store it in `body` (nor in the change's JSON image).
-            if string.contains('\0') {
-                return Err(BadUpdate::Nul);
-            }
+            None => TextStats::default(),
+        };
+        if after.nuls > before.nuls {
+            return Err(BadUpdate::Nul);
         }
-        Ok(Some(t.encode_update_v1()))
+        if after.chars > MAX_TEXT_CHARS && after.chars > before.chars {
+            return Err(BadUpdate::TooLong);
+        }
+        Ok((Some(t.encode_update_v1()), after))
     });
     match std::panic::catch_unwind(run) {
         Ok(result) => result.map_err(StoreError::BadUpdate),

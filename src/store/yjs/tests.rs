@@ -83,7 +83,11 @@ fn embeds_are_refused() {
         text.insert_embed(&mut t, 1, yrs::Any::from("image"));
         t.encode_update_v1()
     };
-    let refused = integrate(&Doc::new(), Update::decode_v1(&embed).unwrap());
+    let refused = integrate(
+        &Doc::new(),
+        Update::decode_v1(&embed).unwrap(),
+        TextStats::default(),
+    );
     assert!(matches!(
         refused,
         Err(StoreError::BadUpdate(BadUpdate::NotText))
@@ -96,7 +100,7 @@ proptest::proptest! {
     fn any_bytes_are_refused_or_integrated(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
         let encoded = STANDARD.encode(&bytes);
         if let Ok(update) = decode(&encoded) {
-            let _ = integrate(&Doc::new(), update);
+            let _ = integrate(&Doc::new(), update, TextStats::default());
         }
     }
 
@@ -114,7 +118,7 @@ proptest::proptest! {
         // yrs's decoder panics on some of these (an assertion in its block ids):
         // `decode` turns that into a refusal.
         if let Ok(update) = decode(&STANDARD.encode(&update)) {
-            let _ = integrate(&Doc::new(), update);
+            let _ = integrate(&Doc::new(), update, TextStats::default());
         }
     }
 }
@@ -267,4 +271,69 @@ async fn a_batch_stores_each_update_with_its_version_or_nothing_when_one_is_refu
         .unwrap()
         .unwrap();
     assert_eq!((row.body.as_str(), row.version), (text.as_str(), 3));
+}
+
+/// A document whose text is `text`, and its measures.
+fn document_of(text: &str) -> (Doc, TextStats) {
+    let doc = Doc::new();
+    {
+        let body = doc.get_or_insert_text(TEXT);
+        let mut t = doc.transact_mut();
+        body.insert(&mut t, 0, text);
+    }
+    (doc, TextStats::of(text))
+}
+
+/// An update from a copy of `doc` that does `edit` to the copy's text.
+fn edited(doc: &Doc, edit: impl FnOnce(&yrs::TextRef, &mut yrs::TransactionMut)) -> Update {
+    let copy = Doc::new();
+    let state = doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
+    copy.transact_mut()
+        .apply_update(Update::decode_v1(&state).unwrap())
+        .unwrap();
+    let text = copy.get_or_insert_text(TEXT);
+    let mut t = copy.transact_mut();
+    edit(&text, &mut t);
+    Update::decode_v1(&t.encode_diff_v1(&doc.transact().state_vector())).unwrap()
+}
+
+#[test]
+fn a_nul_cannot_be_added_but_one_already_there_stops_no_edit() {
+    let (doc, stats) = document_of("a\0b");
+    let typed = edited(&doc, |text, t| text.insert(t, 3, "c"));
+    assert!(integrate(&doc, typed, stats).unwrap().0.is_some());
+    let stats = TextStats::of("a\0bc");
+    let nul = edited(&doc, |text, t| text.insert(t, 0, "\0"));
+    assert!(matches!(
+        integrate(&doc, nul, stats),
+        Err(StoreError::BadUpdate(BadUpdate::Nul))
+    ));
+}
+
+#[test]
+fn past_the_limit_a_text_can_be_cut_but_not_grown_even_by_narrower_characters() {
+    let over = "x".repeat(MAX_TEXT_CHARS + 1);
+    let (doc, stats) = document_of(&over);
+    let cut = edited(&doc, |text, t| text.remove_range(t, 0, 1));
+    let (stored, after) = integrate(&doc, cut, stats).unwrap();
+    assert!(stored.is_some());
+    let grown = edited(&doc, |text, t| text.insert(t, 0, "y"));
+    assert!(matches!(
+        integrate(&doc, grown, after),
+        Err(StoreError::BadUpdate(BadUpdate::TooLong))
+    ));
+    // 60,000 two-byte characters become 120,000 one-byte ones: as many bytes, more
+    // characters than allowed.
+    let wide = "é".repeat(60_000);
+    let (doc, stats) = document_of(&wide);
+    let narrow = edited(&doc, |text, t| {
+        text.remove_range(t, 0, wide.len() as u32);
+        text.insert(t, 0, &"a".repeat(120_000));
+    });
+    assert!(matches!(
+        integrate(&doc, narrow, stats),
+        Err(StoreError::BadUpdate(BadUpdate::TooLong))
+    ));
 }
