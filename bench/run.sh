@@ -38,6 +38,19 @@ server_pid=""
 port=""
 data_dir=""
 
+# fresh_database <target>: sets db_url to a new, empty database for sqlite or postgres (a
+# SQLite file in a new $data_dir, which `stop` removes). Not in a subshell: it sets both.
+fresh_database() {
+    if [ "$1" = sqlite ]; then
+        data_dir="$(mktemp -d)"
+        db_url="sqlite://$data_dir/bench.db"
+    else
+        psql "$admin" -qc "DROP DATABASE IF EXISTS syncgraph_bench WITH (FORCE)" \
+            -c "CREATE DATABASE syncgraph_bench" >/dev/null
+        db_url="${admin%/*}/syncgraph_bench"
+    fi
+}
+
 start() { # start <target>
     local target="$1"
     port=$((20000 + RANDOM % 20000))
@@ -46,15 +59,8 @@ start() { # start <target>
             taskset -c 0 "$ceiling_bin" --listen "127.0.0.1:$port" 2> "$results/$target-server.log" &
             ;;
         sqlite|postgres)
-            local url
-            if [ "$target" = sqlite ]; then
-                data_dir="$(mktemp -d)"
-                url="sqlite://$data_dir/bench.db"
-            else
-                psql "$admin" -qc "DROP DATABASE IF EXISTS syncgraph_bench WITH (FORCE)" \
-                    -c "CREATE DATABASE syncgraph_bench" >/dev/null
-                url="${admin%/*}/syncgraph_bench"
-            fi
+            fresh_database "$target"
+            local url="$db_url"
             # One user holds every subscription and sends every write: lift the per-user,
             # per-socket and per-address limits, and the connection cap.
             RUST_LOG=warn taskset -c 0 "$server_bin" --listen "127.0.0.1:$port" --database-url "$url" \
@@ -219,15 +225,9 @@ for scenario in "${scenarios[@]}"; do
                 if [ "$target" = ceiling ]; then
                     continue
                 fi
-                if [ "$target" = sqlite ]; then
-                    data_dir="$(mktemp -d)"
-                    url="sqlite://$data_dir/history.db"
-                else
-                    psql "$admin" -qc "DROP DATABASE IF EXISTS syncgraph_bench WITH (FORCE)" \
-                        -c "CREATE DATABASE syncgraph_bench" >/dev/null
-                    url="${admin%/*}/syncgraph_bench"
-                fi
-                record "$target" taskset -c 0 "$history_bin" --database-url "$url" --updates 100000
+                fresh_database "$target"
+                record "$target" taskset -c 0 "$history_bin" --database-url "$db_url" \
+                    --updates 100000
                 stop ;;
             topics) # (g) saturation with 10,000 subscriptions over 100 topics
                 start "$target"
