@@ -234,6 +234,24 @@ impl Collector for FeedCollector {
         )?;
         Self::gauge(
             &mut encoder,
+            "yjs_peers",
+            "y-websocket peers connected to documents (/yjs)",
+            stats.yjs_peers.load(Ordering::Relaxed) as f64,
+        )?;
+        Self::counter(
+            &mut encoder,
+            "yjs_updates_stored",
+            "Yjs updates stored, each with its own version",
+            stats.yjs_updates.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            &mut encoder,
+            "yjs_writes",
+            "Transactions that stored Yjs updates (a document's updates that arrive together share one)",
+            stats.yjs_writes.load(Ordering::Relaxed),
+        )?;
+        Self::gauge(
+            &mut encoder,
             "feed_published_position",
             "Log position through which the feed has published every change",
             self.broker.published() as f64,

@@ -149,6 +149,12 @@ pub struct FeedStats {
     pub lagged: std::sync::atomic::AtomicU64,
     /// When the tailer last finished a read of the log (ms since the Unix epoch).
     pub tailer_heartbeat_ms: std::sync::atomic::AtomicU64,
+    /// Yjs updates stored (each its own row and version), and the transactions that stored
+    /// them (updates of one document that arrive together share one).
+    pub yjs_updates: std::sync::atomic::AtomicU64,
+    pub yjs_writes: std::sync::atomic::AtomicU64,
+    /// y-websocket peers connected (past their checks).
+    pub yjs_peers: std::sync::atomic::AtomicI64,
 }
 
 impl FeedStats {

@@ -125,6 +125,24 @@ struct Peer {
     /// (the follower passes over what it holds), then is dropped.
     opened_with: Option<store::yjs::Loaded>,
     bucket: Bucket,
+    /// Counts the peer in `/metrics` while it lives.
+    _counted: Counted,
+}
+
+/// One y-websocket peer in the broker's `yjs_peers`, until dropped.
+struct Counted(Arc<crate::pubsub::Broker>);
+
+impl Counted {
+    fn new(broker: &Arc<crate::pubsub::Broker>) -> Self {
+        broker.stats.yjs_peers.fetch_add(1, Ordering::Relaxed);
+        Self(broker.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.stats.yjs_peers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Peer {
@@ -207,6 +225,7 @@ impl Peer {
                 expires,
                 opened_with: Some(sync.loaded),
                 bucket: Bucket::new(),
+                _counted: Counted::new(api.broker()),
             },
             first,
         ))

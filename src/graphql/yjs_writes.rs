@@ -155,6 +155,17 @@ impl Inner {
             );
             match written {
                 Ok(Ok(outcomes)) => {
+                    let stats = &self.live.broker.stats;
+                    let stored = outcomes
+                        .iter()
+                        .filter(
+                            |outcome| matches!(outcome, Ok(applied) if applied.position.is_some()),
+                        )
+                        .count();
+                    if stored > 0 {
+                        crate::pubsub::FeedStats::add(&stats.yjs_writes, 1);
+                        crate::pubsub::FeedStats::add(&stats.yjs_updates, stored as u64);
+                    }
                     for (job, outcome) in jobs.drain(..).zip(outcomes) {
                         let _ = job.answer.send(outcome);
                     }

@@ -7,7 +7,7 @@ use crate::subscriptions::MESSAGE_EVENTS;
 use crate::ws_client::{WsClient, caught_up, wait_for_subscribers};
 
 /// The value of the sample `name` (with its labels, if any) in an OpenMetrics text.
-fn sample(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

@@ -256,6 +256,13 @@ both_backends! {
         assert!(merged == "ABhello" || merged == "BAhello", "{merged}");
         b.until_text(&merged).await;
         assert_eq!(stored_body(&server, &ada, &id).await, merged, "stored in SQL");
+        // What an operator sees: two peers, and the updates stored (one write may hold several).
+        let metrics = server.metrics().await;
+        let sample = |name| crate::observability::sample(&metrics, name).unwrap_or_else(|| panic!("{name}: {metrics}"));
+        assert_eq!(sample("syncgraph_yjs_peers"), 2.0);
+        assert_eq!(sample("syncgraph_yjs_updates_stored_total"), 2.0);
+        let writes = sample("syncgraph_yjs_writes_total");
+        assert!((1.0..=2.0).contains(&writes), "{writes}");
 
         // An API write and an SQL write reach the peers as edits.
         let apply = "mutation($id: ID!, $b: String!, $v: Int!) { updateDocument(input: { id: $id, body: $b, expectedVersion: $v }) { version } }";
