@@ -2,7 +2,8 @@
 //! WebSocket upgrade on the same path (protocols in `ws`), subscriptions over HTTP (graphql-sse
 //! on `/graphql/stream`, and on `/graphql` for a client that accepts an event stream; Apollo's
 //! multipart subscriptions on `/graphql`; their routes in `event_streams`, their framing in
-//! `crate::streams`), GraphiQL on `/` and
+//! `crate::streams`), y-websocket on `/yjs/{documentId}` (its upgrade in `yjs`, the socket in
+//! `crate::collab`), GraphiQL on `/` and
 //! `/graphiql`, the demo on `/demo` with their embedded files under `/assets/` (see `assets`),
 //! and `/healthz`.
 //!
@@ -14,7 +15,7 @@ use async_graphql::parser::types::OperationType;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -36,6 +37,7 @@ use crate::streams::{Reservations, StreamConfig, multipart, sse};
 use crate::ws::{self, Protocol, WsConfig};
 
 mod event_streams;
+mod yjs;
 use event_streams::{
     event_stream, multipart_stream, refused_stream, stream_delete, stream_get, stream_post,
     stream_put,
@@ -89,7 +91,7 @@ pub fn router(state: HttpState) -> Router {
                 .put(stream_put)
                 .delete(stream_delete),
         )
-        .route("/yjs/{document}", get(yjs_socket))
+        .route("/yjs/{document}", get(yjs::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -391,45 +393,6 @@ async fn websocket(state: HttpState, request: Request, client: ClientAddr) -> Re
                 state.shutdown,
             )
             .await;
-            drop(permit);
-        })
-}
-
-/// y-websocket's `WebsocketProvider` on `/yjs/{documentId}?access_token=...` (see
-/// `collab::socket`). The token may come as an `Authorization: Bearer` header instead.
-async fn yjs_socket(
-    State(state): State<HttpState>,
-    Path(document): Path<String>,
-    Query(params): Query<std::collections::HashMap<String, String>>,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    // Taken before the upgrade, released when the connection ends.
-    let Ok(permit) = state.connections.clone().try_acquire_owned() else {
-        return too_many_connections(&state);
-    };
-    let token = params.get("access_token").cloned().or_else(|| {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::to_owned)
-    });
-    let endpoint = crate::collab::Endpoint {
-        api: state.api.clone(),
-        keys: state.keys.clone(),
-        rooms: state.rooms.clone(),
-        max_update_base64: state.max_document_update_bytes,
-        keep_alive: state.ws.keep_alive,
-        shutdown: state.shutdown.clone(),
-    };
-    let max = endpoint.max_message_bytes();
-    upgrade
-        .max_message_size(max)
-        .max_frame_size(max)
-        .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| async move {
-            crate::collab::serve(socket, endpoint, document, token).await;
             drop(permit);
         })
 }
