@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{self, JwtKeys};
+use crate::bus::{Bus, BusStats};
 use crate::changes::{self, Announcer, Doorbell, PostgresDoorbell, Pruner, Tailer};
 use crate::collab::awareness::{self, Rooms};
 use crate::config::Config;
@@ -51,6 +52,13 @@ impl App {
     /// Connects to the database, applies migrations, starts the change feed and binds
     /// `config.listen`: the steps below, in this order.
     pub async fn build(config: &Config) -> anyhow::Result<App> {
+        if config.bus().is_some() && !config.database_url.starts_with("postgres") {
+            anyhow::bail!(
+                "--bus needs PostgreSQL: the processes that share a bus share one PostgreSQL \
+                 database (its advisory lock elects the relay); a SQLite file serves one \
+                 process, which needs no bus"
+            );
+        }
         let databases = open_databases(config).await?;
         let keys = token_keys(config, &databases.db).await?;
         let (stop, stopped) = watch::channel(false);
@@ -89,6 +97,7 @@ impl App {
         ));
         let health = Arc::new(Health::new(
             feed.broker.clone(),
+            feed.bus.clone(),
             databases.feed_db.clone(),
             connections.clone(),
             config.limits.max_connections as usize,
@@ -265,7 +274,9 @@ async fn open_databases(config: &Config) -> anyhow::Result<Databases> {
     .await
     .context("opening the database")?;
     migrate(&db).await?;
-    let (feed_db, feed_statements) = db::connect(&config.database_url, 3)
+    // The tailer (with a bus: the relay and the follower's fallback), the pruner, health.
+    let feed_connections = if config.bus().is_some() { 5 } else { 3 };
+    let (feed_db, feed_statements) = db::connect(&config.database_url, feed_connections)
         .await
         .context("opening the database for the change feed")?;
     Ok(Databases {
@@ -295,6 +306,8 @@ async fn token_keys(config: &Config, db: &DatabaseConnection) -> anyhow::Result<
 /// The running change feed.
 struct Feed {
     broker: Arc<Broker>,
+    /// The bus's counters, when `--bus` is on.
+    bus: Option<Arc<BusStats>>,
     doorbell: Doorbell,
     announcer: Announcer,
     tasks: Vec<JoinHandle<()>>,
@@ -315,8 +328,8 @@ impl Feed {
 }
 
 /// Step 3: LISTEN and announce our commits to the others (PostgreSQL), find where the log
-/// stands, and spawn the tailer, the pruner and (SQLite) the WAL checkpoints, each until
-/// `stopped` turns true.
+/// stands, and spawn the tailer (with `--bus`: the relay's election and the stream's
+/// follower), the pruner and (SQLite) the WAL checkpoints, each until `stopped` turns true.
 async fn start_feed(
     config: &Config,
     databases: &Databases,
@@ -359,14 +372,36 @@ async fn start_feed(
             announcing_stopped,
         )));
     }
-    let tailer = Tailer::new(
-        feed_db.clone(),
-        broker.clone(),
-        doorbell.clone(),
-        start,
-        config.poll(),
-    );
-    tasks.push(tokio::spawn(tailer.run(stopped.clone())));
+    let bus = match config.bus() {
+        // Scale-out: the stream feeds the hub, one elected process relays the log to it.
+        Some(bus_config) => {
+            let bus = Bus::connect(bus_config)
+                .await
+                .context("connecting to the bus")?;
+            let stats = bus.stats.clone();
+            tasks.extend(crate::bus::start(
+                bus,
+                &config.database_url,
+                feed_db.clone(),
+                broker.clone(),
+                &doorbell,
+                config.poll(),
+                stopped.clone(),
+            ));
+            Some(stats)
+        }
+        None => {
+            let tailer = Tailer::new(
+                feed_db.clone(),
+                broker.clone(),
+                doorbell.clone(),
+                start,
+                config.poll(),
+            );
+            tasks.push(tokio::spawn(tailer.run(stopped.clone())));
+            None
+        }
+    };
     let pruner = Pruner::new(feed_db.clone(), broker.clone(), config.retention());
     tasks.push(tokio::spawn(pruner.run(stopped.clone())));
     if feed_db.get_database_backend() == DatabaseBackend::Sqlite {
@@ -378,6 +413,7 @@ async fn start_feed(
     }
     Ok(Feed {
         broker,
+        bus,
         doorbell,
         announcer,
         tasks,

@@ -126,6 +126,25 @@ pub struct Config {
     /// SQLite; a safety net on PostgreSQL).
     #[arg(long, env = "SYNCGRAPH_POLL_MS", default_value_t = 100, global = true, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub poll_ms: u64,
+    /// A NATS server with JetStream (`nats://HOST:PORT`): the processes of one PostgreSQL
+    /// database share the change feed through a stream on it instead of each reading the log
+    /// (one relay per database appends; every process follows). PostgreSQL only.
+    #[arg(long, env = "SYNCGRAPH_BUS", global = true, hide_env_values = true)]
+    pub bus: Option<String>,
+    /// The JetStream stream that carries the feed (letters, digits, `-`, `_`); one per
+    /// database. Its subject is `<stream>.changes`.
+    #[arg(long, env = "SYNCGRAPH_BUS_STREAM", default_value = "SYNCGRAPH", global = true, value_parser = parse_stream_name)]
+    pub bus_stream: String,
+    /// The stream keeps changes at most this long, in seconds (older ones are read from the
+    /// log by a process that needs them).
+    #[arg(long, env = "SYNCGRAPH_BUS_MAX_AGE_SECS", default_value_t = 86_400, global = true, value_parser = clap::value_parser!(u64).range(60..=315_360_000))]
+    pub bus_max_age_secs: u64,
+    /// The stream keeps at most this many bytes.
+    #[arg(long, env = "SYNCGRAPH_BUS_MAX_BYTES", default_value_t = 1_073_741_824, global = true, value_parser = clap::value_parser!(u64).range(1_048_576..=i64::MAX as u64))]
+    pub bus_max_bytes: u64,
+    /// Copies of the stream in the NATS cluster (1 for a single server; 3 or 5 in a cluster).
+    #[arg(long, env = "SYNCGRAPH_BUS_REPLICAS", default_value_t = 1, global = true, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub bus_replicas: u8,
     /// Log line format (filter with RUST_LOG).
     #[arg(long, env = "SYNCGRAPH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -238,6 +257,11 @@ impl Config {
             retention_rows: 1_000_000,
             prune_interval_secs: 60,
             poll_ms: 100,
+            bus: None,
+            bus_stream: "SYNCGRAPH".to_owned(),
+            bus_max_age_secs: 86_400,
+            bus_max_bytes: 1_073_741_824,
+            bus_replicas: 1,
             limits: Limits::DEFAULT,
         }
     }
@@ -266,6 +290,18 @@ impl Config {
         }
     }
 
+    /// The bus, when `--bus` names one.
+    pub fn bus(&self) -> Option<crate::bus::BusConfig> {
+        let url = self.bus.as_deref().filter(|url| !url.is_empty())?;
+        Some(crate::bus::BusConfig {
+            url: url.to_owned(),
+            stream: self.bus_stream.clone(),
+            max_age: Duration::from_secs(self.bus_max_age_secs),
+            max_bytes: i64::try_from(self.bus_max_bytes).unwrap_or(i64::MAX),
+            replicas: usize::from(self.bus_replicas),
+        })
+    }
+
     /// The event streams' timing.
     pub fn streams(&self) -> crate::streams::StreamConfig {
         crate::streams::StreamConfig {
@@ -280,5 +316,19 @@ impl Config {
             keep_alive: Duration::from_secs(self.ws_keep_alive_secs.max(1)),
             max_operations: self.limits.max_operations_per_connection as usize,
         }
+    }
+}
+
+/// A JetStream stream name: what NATS accepts in a name and in a subject token.
+fn parse_stream_name(name: &str) -> Result<String, String> {
+    if !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(name.to_owned())
+    } else {
+        Err("1 to 64 letters, digits, '-' or '_'".to_owned())
     }
 }

@@ -14,6 +14,9 @@
 //!   transport, no GraphQL.
 //! - `changes`: the tailer that follows `change_log` gap-free and publishes to the hub, its
 //!   doorbell (Postgres LISTEN, in-process rings), retention pruning, log replay reads.
+//! - `bus`: scale-out over NATS JetStream (`--bus`): the relay elected per database that
+//!   appends the log to a stream, and the follower that feeds the hub from it (falling back
+//!   to the log).
 //! - `http`: the axum router: GraphQL over HTTP, WebSocket upgrade, GraphiQL, health.
 //! - `ws`: the graphql-transport-ws and legacy graphql-ws protocols over one socket.
 //! - `streams`: subscriptions over HTTP: graphql-sse (both modes) and Apollo multipart.
@@ -22,6 +25,7 @@
 pub mod app;
 pub mod assets;
 pub mod auth;
+pub mod bus;
 pub mod changes;
 pub mod collab;
 pub mod config;

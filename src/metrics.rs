@@ -17,9 +17,10 @@ use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use crate::bus::{BusState, BusStats};
 use crate::changes;
 use crate::graphql::error::ErrorCounts;
-use crate::pubsub::Broker;
+use crate::pubsub::{Broker, now_ms};
 
 /// The `code` label of `syncgraph_errors_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +43,7 @@ pub struct Health {
     registry: Registry,
     lag: Arc<Lag>,
     broker: Arc<Broker>,
+    bus: Option<Arc<BusStats>>,
     /// The change feed's pool, so a scrape never waits behind requests.
     db: DatabaseConnection,
     /// A tailer silent for longer than this is not running (stuck, or dead).
@@ -51,8 +53,10 @@ pub struct Health {
 }
 
 impl Health {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         broker: Arc<Broker>,
+        bus: Option<Arc<BusStats>>,
         db: DatabaseConnection,
         connections: Arc<Semaphore>,
         max_connections: usize,
@@ -65,6 +69,7 @@ impl Health {
         registry.register_collector(Box::new(FeedCollector {
             errors,
             broker: broker.clone(),
+            bus: bus.clone(),
             connections,
             max_connections,
             lag: lag.clone(),
@@ -73,6 +78,7 @@ impl Health {
             registry,
             lag,
             broker,
+            bus,
             db,
             // The tailer reads at least every `poll`; allow ten misses, and never less than
             // 5 s, so one slow read is not an outage.
@@ -127,7 +133,7 @@ impl Health {
         let tailer = since_beat.is_some_and(|age| age < self.tailer_stale_after);
         let stopping = *self.shutdown.borrow();
         let ready = database && feed && tailer && !stopping;
-        let report = json!({
+        let mut report = json!({
             "ready": ready,
             "database": database,
             "feed_caught_up": feed,
@@ -137,6 +143,18 @@ impl Health {
             "tailer_last_read_ms_ago": since_beat.map(|age| age.as_millis() as u64),
             "shutting_down": stopping,
         });
+        // With a bus: where the feed comes from (a process reading the log is still ready:
+        // it delivers everything, at a cost to the database).
+        if let Some(bus) = &self.bus {
+            let fell_back = bus.fell_back_at_ms.load(Ordering::Relaxed);
+            report["bus"] = json!({
+                "state": bus.state().as_str(),
+                "relay": bus.relay.load(Ordering::Relaxed),
+                "behind_messages": bus.behind.load(Ordering::Relaxed),
+                "fallbacks": bus.fallbacks.load(Ordering::Relaxed),
+                "last_fallback_ms_ago": (fell_back > 0).then(|| now_ms().saturating_sub(fell_back)),
+            });
+        }
         (ready, report)
     }
 }
@@ -151,6 +169,7 @@ impl std::fmt::Debug for FeedCollector {
 struct FeedCollector {
     errors: Arc<ErrorCounts>,
     broker: Arc<Broker>,
+    bus: Option<Arc<BusStats>>,
     connections: Arc<Semaphore>,
     max_connections: usize,
     lag: Arc<Lag>,
@@ -176,6 +195,80 @@ impl FeedCollector {
         let gauge = ConstGauge::new(value);
         gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
     }
+}
+
+impl FeedCollector {
+    /// The bus's gauges and counters (`--bus` only).
+    fn bus(encoder: &mut DescriptorEncoder, bus: &BusStats) -> Result<(), std::fmt::Error> {
+        let mut states = encoder.encode_descriptor(
+            "bus_state",
+            "Where this process's feed comes from: 1 for the current state (stream, postgres, starting)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        let now = bus.state();
+        for state in [BusState::Stream, BusState::Postgres, BusState::Starting] {
+            ConstGauge::new(i64::from(state == now)).encode(states.encode_family(
+                &StateLabel {
+                    state: state.as_str(),
+                },
+            )?)?;
+        }
+        Self::gauge(
+            encoder,
+            "bus_relay",
+            "1 while this process is the relay that appends the log to the stream",
+            f64::from(u8::from(bus.relay.load(Ordering::Relaxed))),
+        )?;
+        Self::counter(
+            encoder,
+            "bus_relay_terms",
+            "Times this process became the relay",
+            bus.relay_terms.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            encoder,
+            "bus_appended",
+            "Changes this process appended to the stream as the relay",
+            bus.appended.load(Ordering::Relaxed),
+        )?;
+        Self::counter(
+            encoder,
+            "bus_received",
+            "Changes this process took from the stream",
+            bus.received.load(Ordering::Relaxed),
+        )?;
+        Self::gauge(
+            encoder,
+            "bus_behind_messages",
+            "Messages the stream held past the last one this process took",
+            bus.behind.load(Ordering::Relaxed) as f64,
+        )?;
+        Self::counter(
+            encoder,
+            "bus_fallbacks",
+            "Times this process fell back to reading the change log",
+            bus.fallbacks.load(Ordering::Relaxed),
+        )?;
+        Self::gauge(
+            encoder,
+            "bus_last_fallback_timestamp_seconds",
+            "When this process last fell back to reading the change log (0: never)",
+            bus.fell_back_at_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        )?;
+        Self::counter(
+            encoder,
+            "bus_log_reads",
+            "Changes read from the change log instead of the stream",
+            bus.log_reads.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The `state` label of `syncgraph_bus_state`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
 }
 
 impl Collector for FeedCollector {
@@ -268,6 +361,9 @@ impl Collector for FeedCollector {
             "Age of the oldest captured change not yet published",
             self.lag.millis.load(Ordering::Relaxed) as f64 / 1000.0,
         )?;
+        if let Some(bus) = &self.bus {
+            Self::bus(&mut encoder, bus)?;
+        }
         let mut errors = encoder.encode_descriptor(
             "errors",
             "GraphQL errors sent, by extensions.code",

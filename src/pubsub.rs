@@ -40,6 +40,15 @@ impl Op {
             _ => None,
         }
     }
+
+    /// The operation as `change_log.op` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "INSERT",
+            Op::Update => "UPDATE",
+            Op::Delete => "DELETE",
+        }
+    }
 }
 
 /// One committed change, as captured in `change_log`.
@@ -378,7 +387,8 @@ impl Broker {
     }
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -3,7 +3,7 @@
 //! retention pruner, and the log reads that subscriptions replay from. No GraphQL here.
 
 mod listener;
-mod log;
+pub(crate) mod log;
 mod prune;
 mod tailer;
 
@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 pub use listener::{PostgresDoorbell, Relay, announce_commits};
 pub use log::{lag, pruned_through, read_scope};
 pub use prune::{Pruner, Retention};
-pub use tailer::Tailer;
+pub use tailer::{Sink, Tailer};
 
 /// What reading or following the change log can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,10 @@ pub enum ChangeError {
     Db(#[from] DbErr),
     #[error("cannot listen for change notifications")]
     Listen(#[source] sea_orm::sqlx::Error),
+    #[error("the relay's lock connection failed")]
+    Lock(#[source] sea_orm::sqlx::Error),
+    #[error("the bus: {0}")]
+    Bus(String),
     #[error("undecodable change_log row at position {position}: {reason}")]
     Decode { position: i64, reason: String },
 }
@@ -31,19 +35,40 @@ pub enum ChangeError {
 /// A bell: `ring` wakes whoever `wait`s, now or at its next wait (a ring with nobody waiting
 /// is kept, so a wake-up between a read and the wait is not lost; rings before the wait
 /// make one wake-up). As the tailer's doorbell it is rung after our own commits (every
-/// backend) and by Postgres NOTIFY; as the `Announcer`, after our own commits.
+/// backend) and by Postgres NOTIFY; as the `Announcer`, after our own commits. A second
+/// waiter gets a `tee` of its own (the bus's relay beside the follower).
 #[derive(Clone, Debug, Default)]
-pub struct Doorbell(Arc<Notify>);
+pub struct Doorbell(Arc<Bell>);
+
+#[derive(Debug, Default)]
+struct Bell {
+    notify: Notify,
+    tees: std::sync::Mutex<Vec<Doorbell>>,
+}
 
 impl Doorbell {
-    /// Wakes the waiter (now, or at its next wait).
+    /// Wakes the waiter (now, or at its next wait), and every tee's.
     pub fn ring(&self) {
-        self.0.notify_one();
+        self.0.notify.notify_one();
+        for tee in self.0.tees.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            tee.ring();
+        }
+    }
+
+    /// Another bell, rung whenever this one is, for another waiter.
+    pub fn tee(&self) -> Doorbell {
+        let tee = Doorbell::default();
+        self.0
+            .tees
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tee.clone());
+        tee
     }
 
     /// Waits for a ring.
     pub async fn wait(&self) {
-        self.0.notified().await;
+        self.0.notify.notified().await;
     }
 }
 

@@ -26,10 +26,30 @@ use crate::pubsub::{Broker, ChangeEvent};
 /// that keeps up lag.
 const BATCH: u64 = crate::pubsub::TOPIC_CAPACITY as u64;
 
-/// Follows the log and publishes to the broker.
-pub struct Tailer {
+/// Where a tailer hands what it decided: the broker (this process's subscribers), or the
+/// bus's relay (the stream every process follows).
+pub trait Sink: Send {
+    /// Takes a gap-free, ordered batch that ends at `through` (`rows` may be empty: a gap
+    /// decided for good). On an error the batch may be partly taken.
+    fn take(
+        &mut self,
+        rows: Vec<ChangeEvent>,
+        through: i64,
+    ) -> impl std::future::Future<Output = Result<(), ChangeError>> + Send;
+}
+
+impl Sink for Arc<Broker> {
+    async fn take(&mut self, rows: Vec<ChangeEvent>, through: i64) -> Result<(), ChangeError> {
+        let events = rows.into_iter().map(Arc::new).collect();
+        self.publish(events, through);
+        Ok(())
+    }
+}
+
+/// Follows the log and hands what it decided to its sink (by default, the broker).
+pub struct Tailer<S = Arc<Broker>> {
     db: DatabaseConnection,
-    broker: Arc<Broker>,
+    sink: S,
     doorbell: Doorbell,
     /// Every position up to here is decided and published.
     last: i64,
@@ -59,24 +79,46 @@ impl Tailer {
         }
         Ok(max)
     }
+}
 
+impl<S: Sink> Tailer<S> {
     /// A tailer that continues after `last` (from `start_position`).
     pub fn new(
         db: DatabaseConnection,
-        broker: Arc<Broker>,
+        sink: S,
         doorbell: Doorbell,
         last: i64,
         poll: Duration,
     ) -> Self {
         Self {
             db,
-            broker,
+            sink,
             doorbell,
             last,
             poll,
         }
     }
 
+    /// Every position up to here is decided and taken by the sink.
+    pub fn last(&self) -> i64 {
+        self.last
+    }
+
+    /// The sink.
+    pub fn sink(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// Waits for a ring of the doorbell, or `poll` at most.
+    pub async fn idle(&self) {
+        tokio::select! {
+            _ = self.doorbell.wait() => {}
+            _ = tokio::time::sleep(self.poll) => {}
+        }
+    }
+}
+
+impl Tailer<Arc<Broker>> {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(50);
@@ -86,7 +128,7 @@ impl Tailer {
             }
             let step = self.step().await;
             if step.is_ok() {
-                self.broker.stats.beat();
+                self.sink.stats.beat();
             }
             match step {
                 Ok(true) => continue,
@@ -109,8 +151,10 @@ impl Tailer {
             }
         }
     }
+}
 
-    /// Reads once and publishes what is decided; true when there may be more to read now.
+impl<S: Sink> Tailer<S> {
+    /// Reads once and hands on what is decided; true when there may be more to read now.
     pub async fn step(&mut self) -> Result<bool, ChangeError> {
         let rows = read_range(&self.db, self.last, None, BATCH).await?;
         let Some(highest) = rows.last().map(|row| row.position) else {
@@ -123,13 +167,13 @@ impl Tailer {
             .take_while(|(row, expected)| row.position == *expected)
             .count();
         if contiguous == rows.len() {
-            self.publish(rows, highest);
+            self.publish(rows, highest).await?;
             return Ok(full);
         }
         let mut rows = rows;
         rows.truncate(contiguous);
         if let Some(through) = rows.last().map(|row| row.position) {
-            self.publish(rows, through);
+            self.publish(rows, through).await?;
         }
         // A gap below `highest`: wait until whoever held it has ended, then everything up
         // to `highest` is decided; what is still missing was rolled back (or pruned: with
@@ -150,7 +194,7 @@ impl Tailer {
             let rows = read_range(&self.db, self.last, Some(highest), BATCH).await?;
             let done = (rows.len() as u64) < BATCH;
             match rows.last().map(|row| row.position) {
-                Some(through) => self.publish(rows, through),
+                Some(through) => self.publish(rows, through).await?,
                 None => break,
             }
             if done {
@@ -158,20 +202,20 @@ impl Tailer {
             }
         }
         // Positions up to `highest` that never appeared are permanent gaps.
-        self.publish(Vec::new(), highest);
+        self.publish(Vec::new(), highest).await?;
         Ok(true)
     }
 
-    fn publish(&mut self, rows: Vec<ChangeEvent>, through: i64) {
-        let events = rows.into_iter().map(Arc::new).collect();
-        self.broker.publish(events, through);
+    async fn publish(&mut self, rows: Vec<ChangeEvent>, through: i64) -> Result<(), ChangeError> {
+        self.sink.take(rows, through).await?;
         self.last = self.last.max(through);
+        Ok(())
     }
 }
 
 /// Waits until every transaction that had an xid when this was called has ended: takes a
 /// fresh xid X in its own transaction, then polls the snapshot horizon until it passes X.
-async fn wait_for_horizon(db: &DatabaseConnection) -> Result<(), ChangeError> {
+pub(crate) async fn wait_for_horizon(db: &DatabaseConnection) -> Result<(), ChangeError> {
     let row = db
         .query_one_raw(Statement::from_string(
             DatabaseBackend::Postgres,

@@ -191,7 +191,7 @@ async fn a_server_started_before_its_database_exists_waits_for_it_postgres() {
 /// A PostgreSQL server of the test's own: `initdb` into a temporary directory, served on a
 /// free port, so the test can stop and start it the way an operator restarts the database
 /// without disturbing the shared server the other tests use.
-struct OwnPostgres {
+pub struct OwnPostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
@@ -201,7 +201,7 @@ struct OwnPostgres {
 
 impl OwnPostgres {
     /// A new server, started (its test runs only where the PostgreSQL runs are on).
-    async fn start_new() -> Self {
+    pub async fn start_new() -> Self {
         let bin = postgres_bin_dir().expect(
             "SYNCGRAPH_TEST_POSTGRES is set, but PostgreSQL's server programs (initdb, pg_ctl) \
              were found neither on PATH nor in /usr/lib/postgresql/*/bin",
@@ -251,7 +251,7 @@ impl OwnPostgres {
         self.dir.path().join("data").display().to_string()
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
@@ -286,7 +286,7 @@ impl OwnPostgres {
     }
 
     /// Starts the server and waits until it accepts connections.
-    async fn start(&self) {
+    pub async fn start(&self) {
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
@@ -304,7 +304,7 @@ impl OwnPostgres {
     }
 
     /// Stops the server the way `systemctl restart` does (fast: open sessions are ended).
-    async fn stop(&self) {
+    pub async fn stop(&self) {
         let data = self.data();
         self.run(
             "pg_ctl",

@@ -1,5 +1,6 @@
 //! syncgraph's integration tests: one binary, a module per feature. Every test runs on SQLite,
-//! and on PostgreSQL when `SYNCGRAPH_TEST_POSTGRES` holds a server URL; the JavaScript
+//! and on PostgreSQL when `SYNCGRAPH_TEST_POSTGRES` holds a server URL; the bus's (NATS
+//! JetStream) when `SYNCGRAPH_TEST_NATS` does too; the JavaScript
 //! clients' tests when `SYNCGRAPH_TEST_CLIENTS=1`. What is not configured is ignored (build.rs
 //! decides when the tests are built), so the runner counts it as ignored, never as passed.
 
@@ -8,6 +9,7 @@ mod ws_client;
 
 mod accounts;
 mod bad_input;
+mod bus;
 mod channels;
 mod cli;
 mod clients;
@@ -37,6 +39,7 @@ fn ci_ignores_nothing() {
         let configured = [
             ("SYNCGRAPH_TEST_POSTGRES", cfg!(postgres_tests)),
             ("SYNCGRAPH_TEST_CLIENTS", cfg!(client_tests)),
+            ("SYNCGRAPH_TEST_NATS", cfg!(nats_tests)),
         ];
         let missing: Vec<&str> = configured
             .iter()

@@ -19,16 +19,15 @@ const BODIES: &str = "subscription($c: ID!, $after: String) { messageEvents(chan
 /// Starts the binary on `database_url` with the test servers' JWT secret; returns it and the
 /// address it serves on.
 async fn spawn_binary(database_url: &str) -> (Child, std::net::SocketAddr) {
+    // A long keep-alive: the stalled test client sends no pongs while it does not read.
+    spawn_binary_with(database_url, &["--ws-keep-alive-secs", "600"]).await
+}
+
+/// `spawn_binary` with more arguments.
+pub async fn spawn_binary_with(database_url: &str, args: &[&str]) -> (Child, std::net::SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_syncgraph"))
-        // A long keep-alive: the stalled test client sends no pongs while it does not read.
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database_url,
-            "--ws-keep-alive-secs",
-            "600",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+        .args(args)
         .env("SYNCGRAPH_JWT_SECRET", "test-secret")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")

@@ -1,0 +1,327 @@
+//! Scale-out over NATS JetStream (`--bus`, PostgreSQL only). Without it every process reads
+//! every change from `change_log`; with it one process per database (the relay, elected by
+//! a PostgreSQL advisory lock: `relay`) tails the log with the gap-free algorithm and
+//! appends each change to a stream, and every process feeds its hub from the stream
+//! (`follow`), reading the log only when the stream is unreachable or lacks what it needs.
+//!
+//! Each message carries its change's position and `after`, the position of the message
+//! before it in the stream (or where the relay started an empty one): every position
+//! between the two is decided and has no change. The relay appends with `Nats-Msg-Id` set
+//! to the position and guarded by the expected last sequence (and, within one run, the
+//! expected last message id), so a failed-over relay, or two that briefly both lead, can
+//! neither skip nor repeat a change in the stream. A follower takes a message only when its
+//! `after` is at or below what it has already published (else it first reads the positions
+//! between from the log) and drops one at or below it: its hub sees every position once, in
+//! order, whatever the stream holds. ARCHITECTURE.md has the whole argument.
+
+mod follow;
+mod relay;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use sea_orm::DatabaseConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::changes::{ChangeError, Doorbell};
+use crate::pubsub::{Broker, ChangeEvent, Memo, Op};
+
+/// What `--bus` and its flags configure.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    /// `nats://HOST:PORT`.
+    pub url: String,
+    /// The stream's name; its subject is `<stream>.changes`.
+    pub stream: String,
+    /// The stream's retention.
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    /// Copies of the stream in a NATS cluster.
+    pub replicas: usize,
+}
+
+impl BusConfig {
+    fn subject(&self) -> String {
+        format!("{}.changes", self.stream)
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![self.subject()],
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+            num_replicas: self.replicas,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            retention: stream::RetentionPolicy::Limits,
+            // Deduplication by position within this window, never longer than the stream
+            // keeps messages (NATS refuses that).
+            duplicate_window: DUPLICATE_WINDOW.min(self.max_age),
+            ..Default::default()
+        }
+    }
+}
+
+/// How long NATS remembers a message id for deduplication.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How long a request to NATS (publish acknowledgement, stream info) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a process's feed comes from right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BusState {
+    /// Not yet following anything.
+    Starting = 0,
+    /// The stream.
+    Stream = 1,
+    /// The log, because the stream is unreachable, behind, or lacks what this process needs.
+    Postgres = 2,
+}
+
+impl BusState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BusState::Starting => "starting",
+            BusState::Stream => "stream",
+            BusState::Postgres => "postgres",
+        }
+    }
+}
+
+/// What the bus has done in this process (read by `/metrics` and `/readyz`).
+#[derive(Debug, Default)]
+pub struct BusStats {
+    state: AtomicU8,
+    /// This process is the relay.
+    pub relay: AtomicBool,
+    /// Times this process became the relay.
+    pub relay_terms: AtomicU64,
+    /// Changes this process appended to the stream (as the relay).
+    pub appended: AtomicU64,
+    /// Changes this process took from the stream.
+    pub received: AtomicU64,
+    /// Messages the stream held past the last one taken, at the last one taken.
+    pub behind: AtomicU64,
+    /// Times this process fell back to reading the log.
+    pub fallbacks: AtomicU64,
+    /// When it last fell back (ms since the Unix epoch; 0: never).
+    pub fell_back_at_ms: AtomicU64,
+    /// Changes read from the log instead of the stream (while falling back, or filling what
+    /// the stream did not hold).
+    pub log_reads: AtomicU64,
+}
+
+impl BusStats {
+    pub fn state(&self) -> BusState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => BusState::Stream,
+            2 => BusState::Postgres,
+            _ => BusState::Starting,
+        }
+    }
+
+    fn set_state(&self, state: BusState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A connection to NATS and the stream's settings.
+pub struct Bus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+    config: BusConfig,
+    subject: String,
+    pub stats: Arc<BusStats>,
+}
+
+impl Bus {
+    /// Connects to `config.url`. A server that is not up yet is retried in the background
+    /// (this process reads the log meanwhile); a malformed URL is an error.
+    pub async fn connect(config: BusConfig) -> Result<Bus, ChangeError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("syncgraph")
+            .connection_timeout(REQUEST_TIMEOUT)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(config.url.as_str())
+            .await
+            .map_err(|err| ChangeError::Bus(format!("cannot connect to NATS: {err}")))?;
+        // Give a server that is up a moment to answer, so a process does not start on the log.
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        while client.connection_state() != async_nats::connection::State::Connected
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client.clone());
+        Ok(Bus {
+            client,
+            jetstream,
+            subject: config.subject(),
+            config,
+            stats: Arc::new(BusStats::default()),
+        })
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The stream, created with the configured settings if it does not exist.
+    async fn stream(&self) -> Result<stream::Stream, ChangeError> {
+        self.jetstream
+            .get_or_create_stream(self.config.stream_config())
+            .await
+            .map_err(|err| {
+                ChangeError::Bus(format!("cannot open stream {}: {err}", self.config.stream))
+            })
+    }
+
+    /// The stream's last sequence and the position of its last message (`None`: it holds
+    /// no message).
+    async fn tail(&self, stream: &stream::Stream) -> Result<(u64, Option<i64>), ChangeError> {
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|err| ChangeError::Bus(format!("cannot read the stream's state: {err}")))?;
+        let last = info.state.last_sequence;
+        if info.state.messages == 0 {
+            return Ok((last, None));
+        }
+        Ok((last, Some(position_at(stream, last).await?)))
+    }
+
+    /// The largest message the server takes.
+    fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+}
+
+/// The position of the message at stream sequence `sequence`.
+async fn position_at(stream: &stream::Stream, sequence: u64) -> Result<i64, ChangeError> {
+    let message = stream
+        .get_raw_message(sequence)
+        .await
+        .map_err(|err| ChangeError::Bus(format!("cannot read stream message {sequence}: {err}")))?;
+    Ok(Incoming::decode(&message.payload)?.position)
+}
+
+/// A change as the relay appends it.
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    position: i64,
+    after: i64,
+    table: &'a str,
+    op: &'static str,
+    row_id: i64,
+    scope: Option<i64>,
+    /// `None` when the row image does not fit in a message: followers read it from the log.
+    row: Option<&'a serde_json::Value>,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(event: &'a ChangeEvent, after: i64) -> Self {
+        Outgoing {
+            position: event.position,
+            after,
+            table: &event.table,
+            op: event.op.as_str(),
+            row_id: event.row_id,
+            scope: event.scope,
+            row: Some(&event.row),
+        }
+    }
+
+    /// The message's bytes, within `max` (without the row image when it does not fit).
+    fn encode(mut self, max: usize) -> Result<Vec<u8>, ChangeError> {
+        let bytes = serde_json::to_vec(&self).map_err(|err| ChangeError::Bus(err.to_string()))?;
+        if bytes.len() <= max {
+            return Ok(bytes);
+        }
+        self.row = None;
+        serde_json::to_vec(&self).map_err(|err| ChangeError::Bus(err.to_string()))
+    }
+}
+
+/// A change as a follower takes it.
+#[derive(Deserialize)]
+struct Incoming {
+    position: i64,
+    after: i64,
+    table: String,
+    op: String,
+    row_id: i64,
+    scope: Option<i64>,
+    row: Option<serde_json::Value>,
+}
+
+impl Incoming {
+    fn decode(payload: &[u8]) -> Result<Incoming, ChangeError> {
+        serde_json::from_slice(payload)
+            .map_err(|err| ChangeError::Bus(format!("undecodable stream message: {err}")))
+    }
+
+    /// The event, when the message holds its row image.
+    fn into_event(self) -> Result<Option<ChangeEvent>, ChangeError> {
+        let position = self.position;
+        let op = Op::parse(&self.op).ok_or_else(|| ChangeError::Decode {
+            position,
+            reason: format!("unknown op {:?}", self.op),
+        })?;
+        Ok(self.row.map(|row| ChangeEvent {
+            position,
+            table: self.table,
+            op,
+            row_id: self.row_id,
+            scope: self.scope,
+            row,
+            memo: Memo::default(),
+        }))
+    }
+}
+
+/// Starts the relay's election and the follower, each until `shutdown` turns true: the
+/// follower feeds `broker` from `start` on, waking on `doorbell` while it reads the log;
+/// the relay, once elected, wakes on a tee of it.
+pub fn start(
+    bus: Bus,
+    database_url: &str,
+    db: DatabaseConnection,
+    broker: Arc<Broker>,
+    doorbell: &Doorbell,
+    poll: Duration,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let bus = Arc::new(bus);
+    vec![
+        tokio::spawn(relay::run(
+            bus.clone(),
+            database_url.to_owned(),
+            db.clone(),
+            doorbell.tee(),
+            poll,
+            shutdown.clone(),
+        )),
+        tokio::spawn(follow::run(
+            bus,
+            db,
+            broker,
+            doorbell.clone(),
+            poll,
+            shutdown,
+        )),
+    ]
+}
