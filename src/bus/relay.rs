@@ -277,3 +277,137 @@ impl Sink for Appender {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::{BusConfig, Incoming};
+    use crate::pubsub::{Memo, Op};
+
+    fn event(position: i64) -> ChangeEvent {
+        ChangeEvent {
+            position,
+            table: "messages".into(),
+            op: Op::Insert,
+            row_id: position,
+            scope: Some(1),
+            row: serde_json::json!({ "id": position, "body": format!("change {position}") }),
+            memo: Memo::default(),
+        }
+    }
+
+    async fn bus() -> Arc<Bus> {
+        let url = std::env::var("SYNCGRAPH_TEST_NATS").expect("SYNCGRAPH_TEST_NATS");
+        let stream = format!(
+            "UNIT_RELAY_{}_{}",
+            std::process::id(),
+            crate::pubsub::now_ms()
+        );
+        let bus = Bus::connect(BusConfig {
+            url,
+            stream,
+            max_age: Duration::from_secs(600),
+            max_bytes: 1 << 26,
+            replicas: 1,
+        })
+        .await
+        .expect("connect");
+        Arc::new(bus)
+    }
+
+    /// (position, after) of every message in the stream, in sequence order.
+    async fn contents(bus: &Bus) -> Vec<(i64, i64)> {
+        let stream = bus.stream().await.unwrap();
+        let info = stream.get_info().await.unwrap();
+        let mut all = Vec::new();
+        for sequence in info.state.first_sequence..=info.state.last_sequence {
+            let message = stream.get_raw_message(sequence).await.unwrap();
+            let incoming = Incoming::decode(&message.payload).unwrap();
+            all.push((incoming.position, incoming.after));
+        }
+        all
+    }
+
+    /// Two relays that both believe they lead (the old one has not yet noticed it lost its
+    /// lock) and both start from the same tail: whatever order their appends arrive in, the
+    /// stream holds each position once, in order, each message's `after` naming the one
+    /// before it; the loser's append fails, and from the tail it reads again it goes on
+    /// without a gap.
+    #[tokio::test]
+    #[cfg_attr(
+        not(nats_tests),
+        ignore = "needs SYNCGRAPH_TEST_NATS (a NATS server with JetStream)"
+    )]
+    async fn two_relays_that_both_believe_they_lead_neither_skip_nor_repeat() {
+        let bus = bus().await;
+        let stream = bus.stream().await.unwrap();
+        let (sequence, position) = bus.tail(&stream).await.unwrap();
+        assert_eq!((sequence, position), (0, None), "a new stream");
+        let appender = |sequence, after| Appender {
+            bus: bus.clone(),
+            sequence,
+            after,
+            fresh: true,
+        };
+        let (mut old, mut new) = (appender(0, 0), appender(0, 0));
+        // Position 3 was rolled back: a decided gap.
+        new.take(vec![event(1), event(2), event(4)], 4)
+            .await
+            .unwrap();
+        let refused = old.take(vec![event(1), event(2)], 2).await;
+        assert!(refused.is_err(), "the stale relay's append is refused");
+        // A stale relay whose sequence happens to match the stream's but whose position
+        // does not: it would claim that 3 and 4 are gaps. The last message id guards it.
+        let mut behind = Appender {
+            bus: bus.clone(),
+            sequence: 3,
+            after: 2,
+            fresh: false,
+        };
+        let refused = behind.take(vec![event(5)], 5).await;
+        assert!(
+            refused.is_err(),
+            "an append after the wrong position is refused"
+        );
+        // The loser reads the tail again and goes on from there.
+        let (sequence, position) = bus.tail(&stream).await.unwrap();
+        assert_eq!((sequence, position), (3, Some(4)));
+        let mut old = appender(sequence, 4);
+        old.take(vec![event(5), event(6)], 6).await.unwrap();
+        // Both race for the next position from the same tail: one wins, once.
+        let (sequence, position) = bus.tail(&stream).await.unwrap();
+        let (mut a, mut b) = (appender(sequence, 6), appender(sequence, 6));
+        let (ra, rb) = tokio::join!(a.take(vec![event(7)], 7), b.take(vec![event(7)], 7));
+        assert!(
+            ra.is_ok() != rb.is_ok(),
+            "exactly one appends: {ra:?} {rb:?}"
+        );
+        assert_eq!(position, Some(6));
+        assert_eq!(
+            contents(&bus).await,
+            [(1, 0), (2, 1), (4, 2), (5, 4), (6, 5), (7, 6)],
+            "each position once, in order, each after the one before"
+        );
+        bus.jetstream
+            .delete_stream(&bus.config.stream)
+            .await
+            .unwrap();
+    }
+
+    /// A row image too large for one message goes without it; the follower reads the log.
+    #[test]
+    fn a_row_too_large_for_a_message_is_sent_without_it() {
+        let mut big = event(9);
+        big.row = serde_json::json!({ "body": "x".repeat(5000) });
+        let small = Outgoing::new(&big, 8).encode(100_000).unwrap();
+        assert!(Incoming::decode(&small).unwrap().row.is_some());
+        let cut = Outgoing::new(&big, 8).encode(1_000).unwrap();
+        assert!(cut.len() < 1_000);
+        let incoming = Incoming::decode(&cut).unwrap();
+        assert_eq!((incoming.position, incoming.after), (9, 8));
+        assert!(
+            incoming.into_event().unwrap().is_none(),
+            "read from the log"
+        );
+    }
+}

@@ -389,6 +389,7 @@ enum Fault {
     StopNats,
     WipeNats,
     RestartPostgres,
+    PurgedWhileAway,
 }
 
 /// Three processes, a subscriber on each, writers, `fault` in the middle; then every
@@ -522,6 +523,44 @@ async fn three_processes_through(fault: Fault) {
             std::fs::remove_dir_all(nats.store()).expect("wipe the store");
             nats.start().await;
         }
+        Fault::PurgedWhileAway => {
+            // A process stops (SIGSTOP) while the stream moves on, then the stream is purged:
+            // when it resumes, the stream no longer holds what it needs.
+            let away = nodes[2].child.id().expect("pid");
+            addrs.lock().unwrap().retain(|addr| *addr != nodes[2].addr);
+            signal(away, "STOP").await;
+            // More than the consumer's pull batches hold (those reach the stopped process's
+            // socket at once).
+            sql.execute_unprepared(&format!(
+                "INSERT INTO messages (channel_id, author_id, body) \
+                 SELECT {channel}, {author}, 'bulk-' || n FROM generate_series(1, 3000) AS n"
+            ))
+            .await
+            .unwrap();
+            until("changes go on while a process is away", || async {
+                bodies(&subscribers[0].0)
+                    .iter()
+                    .any(|body| body == "bulk-3000")
+            })
+            .await;
+            let client = async_nats::connect(nats.as_str())
+                .await
+                .expect("connect to NATS");
+            async_nats::jetstream::new(client)
+                .get_stream(&stream)
+                .await
+                .expect("the stream")
+                .purge()
+                .await
+                .expect("purge the stream");
+            let before = bodies(&subscribers[0].0).len();
+            until("changes go on after the purge", || async {
+                bodies(&subscribers[0].0).len() >= before + 6
+            })
+            .await;
+            signal(away, "CONT").await;
+            addrs.lock().unwrap().push(nodes[2].addr);
+        }
         Fault::RestartPostgres => {
             let pg = own_pg.as_ref().unwrap();
             pg.stop().await;
@@ -537,9 +576,12 @@ async fn three_processes_through(fault: Fault) {
         .filter(|(i, _)| Some(*i) != killed)
         .map(|(_, node)| node.addr)
         .collect();
+    // Each takes changes from the stream again (the restarted, re-seeded or surviving one).
     for addr in &live {
+        let received = metric(*addr, "syncgraph_bus_received_total").await.unwrap();
         until("the process follows the stream again", || async {
             bus_report(*addr).await["state"] == "stream"
+                && metric(*addr, "syncgraph_bus_received_total").await.unwrap() >= received + 20.0
         })
         .await;
     }
@@ -617,6 +659,13 @@ async fn three_processes_through(fault: Fault) {
                 );
             }
         }
+        Fault::PurgedWhileAway => {
+            // The process that was away read what the stream no longer held from the log.
+            let read = metric(nodes[2].addr, "syncgraph_bus_log_reads_total")
+                .await
+                .unwrap();
+            assert!(read >= 1.0, "read from the log: {read}");
+        }
         Fault::WipeNats => {
             // The stream was wiped and seeded anew: it holds fewer changes than were appended.
             let mut appended = 0.0;
@@ -691,6 +740,25 @@ async fn nats_restarted_with_its_store_wiped_loses_nothing() {
 )]
 async fn postgres_restarted_while_the_bus_is_up_loses_nothing() {
     three_processes_through(Fault::RestartPostgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, nats_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+)]
+async fn a_process_back_after_the_stream_was_purged_reads_the_gap_from_the_log() {
+    three_processes_through(Fault::PurgedWhileAway).await;
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+async fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .await
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// `--bus` with SQLite: the process refuses to start and says why.
