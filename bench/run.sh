@@ -5,7 +5,7 @@
 # core 1. Every scenario gets a fresh server (and database).
 #
 #   bench/run.sh [scenario ...]     scenarios: fanout saturation sustained memory mutations
-#                                   shapes topics sse live editors yjs-history
+#                                   shapes topics sse live editors yjs-history bus
 #                                   (default: all of them)
 #   TARGETS="ceiling sqlite postgres" DURATION=10 bench/run.sh fanout
 #
@@ -14,7 +14,7 @@
 # PostgreSQL runs use a fresh database `syncgraph_bench` on SYNCGRAPH_TEST_POSTGRES's server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse live editors yjs-history}")
+scenarios=("${@:-fanout saturation sustained memory mutations shapes topics sse live editors yjs-history bus}")
 read -r -a scenarios <<< "${scenarios[*]}"
 read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
 duration="${DURATION:-10}"
@@ -25,6 +25,8 @@ ceiling_bin="$CARGO_TARGET_DIR/release/ceiling"
 loadgen_bin="$CARGO_TARGET_DIR/release/loadgen"
 editors_bin="$CARGO_TARGET_DIR/release/editors"
 history_bin="$CARGO_TARGET_DIR/release/yjs-history"
+bus_bin="$CARGO_TARGET_DIR/release/bus-load"
+nats="${SYNCGRAPH_TEST_NATS:-nats://127.0.0.1:4222}"
 admin="${SYNCGRAPH_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/postgres}"
 results=bench/results
 mkdir -p "$results"
@@ -229,6 +231,21 @@ for scenario in "${scenarios[@]}"; do
                 record "$target" taskset -c 0 "$history_bin" --database-url "$db_url" \
                     --updates 100000
                 stop ;;
+            bus) # change_log rows read per change and commit-to-subscriber latency with 1,
+                 # 2, 4 and 8 processes, each reading the log or following the bus
+                if [ "$target" != postgres ]; then
+                    continue
+                fi
+                for processes in 1 2 4 8; do
+                    for mode in log bus; do
+                        fresh_database postgres
+                        bus_args=()
+                        [ "$mode" = bus ] && bus_args=(--bus "$nats")
+                        record postgres taskset -c 1 "$bus_bin" --server "$server_bin" \
+                            --database-url "$db_url" --processes "$processes" "${bus_args[@]}" \
+                            --rate 200 --duration "$duration"
+                    done
+                done ;;
             topics) # (g) saturation with 10,000 subscriptions over 100 topics
                 start "$target"
                 loadgen "$target" topics 100 --connections 100 --subscriptions 10000 \
