@@ -267,6 +267,15 @@ async fn fill(
         count: 0,
         last_event: 0,
     };
+    let pruned = crate::changes::pruned_through(db).await?;
+    if pruned > after {
+        tracing::error!(
+            last = after,
+            pruned_through = pruned,
+            "the change log was pruned past this process's position, and the stream does not \
+             hold it either; subscribers here miss those changes (raise retention)"
+        );
+    }
     loop {
         let rows = read_range(db, after, Some(through), BATCH as u64).await?;
         let Some(last) = rows.last().map(|row| row.position) else {
