@@ -1,8 +1,10 @@
 //! The follower: feeds this process's hub from the stream with an ordered consumer, started
 //! at the first message past what the hub has published (found by a binary search over the
 //! stream's sequences: positions rise with them). It falls back to tailing the log itself
-//! when NATS is unreachable, the consumer fails, or the stream falls behind the log, and
-//! returns once the stream has caught up with what it read there.
+//! when NATS is unreachable, the consumer fails, no relay is heard from, or the stream does
+//! not bring what the relay says it appended, and returns once the stream has caught up
+//! with what it read there. (A transaction that holds the log back holds the relay back
+//! too: that is no reason to fall back, and the relay's heartbeat tells it apart.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,17 +16,20 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Bus, BusState, BusStats, Incoming, position_at};
-use crate::changes::log::{max_position, read_range};
+use super::{Bus, BusState, BusStats, Heard, Incoming, position_at};
+use crate::changes::log::read_range;
 use crate::changes::{ChangeError, Doorbell, Sink, Tailer};
 use crate::pubsub::{Broker, ChangeEvent, TOPIC_CAPACITY, now_ms};
 
 /// How often the follower checks the connection, the stream and the log's head.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// A change committed this long ago that the stream has not brought makes the follower read
-/// the log instead (the relay is down, cut off from NATS, or behind).
+/// A position the relay says it appended this long ago that the stream has not brought
+/// makes the follower read the log instead.
 const STALE_AFTER: Duration = Duration::from_secs(2);
+
+/// No relay heard from for this long (none elected, or cut off from NATS): read the log.
+const RELAY_SILENT_AFTER: Duration = Duration::from_secs(3);
 
 /// Messages taken from the consumer at once, and rows read per page from the log.
 const BATCH: usize = TOPIC_CAPACITY;
@@ -42,6 +47,7 @@ enum Outcome {
 /// Feeds `broker` until `shutdown`.
 pub(super) async fn run(
     bus: Arc<Bus>,
+    heard: Arc<Heard>,
     db: DatabaseConnection,
     broker: Arc<Broker>,
     doorbell: Doorbell,
@@ -51,7 +57,7 @@ pub(super) async fn run(
     // The position of the last change this process published (0: none yet).
     let mut last_event = 0;
     loop {
-        match follow_stream(&bus, &db, &broker, &mut last_event, &mut shutdown).await {
+        match follow_stream(&bus, &heard, &db, &broker, &mut last_event, &mut shutdown).await {
             Outcome::Stop => return,
             Outcome::Restart(reason) => {
                 tracing::info!(%reason, "following the bus again from this process's position");
@@ -65,6 +71,7 @@ pub(super) async fn run(
                     .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
                 if !follow_log(
                     &bus,
+                    &heard,
                     &db,
                     &broker,
                     &doorbell,
@@ -85,6 +92,7 @@ pub(super) async fn run(
 /// Follows the stream until it fails, falls behind, or `shutdown`.
 async fn follow_stream(
     bus: &Bus,
+    heard: &Heard,
     db: &DatabaseConnection,
     broker: &Arc<Broker>,
     last_event: &mut i64,
@@ -166,11 +174,8 @@ async fn follow_stream(
                     Ok(_) => {}
                     Err(err) => return Outcome::Fallback(format!("cannot read the stream's state: {err}")),
                 }
-                match staleness.check(db, broker.published()).await {
-                    Ok(Some(reason)) => return Outcome::Fallback(reason),
-                    Ok(None) => {}
-                    // The log cannot be read: neither can the relay; nothing to fall back to.
-                    Err(err) => tracing::debug!(error = %err, "cannot check the log's head"),
+                if let Some(reason) = staleness.check(heard, broker.published()) {
+                    return Outcome::Fallback(reason);
                 }
                 broker.stats.beat();
             }
@@ -305,33 +310,52 @@ async fn read_one(db: &DatabaseConnection, position: i64) -> Result<ChangeEvent,
         })
 }
 
-/// Tells when the stream lags the log: a position seen committed in the log that the hub
-/// still lacks `STALE_AFTER` later.
-#[derive(Default)]
+/// Tells when the stream fails this process: no relay heard from for `RELAY_SILENT_AFTER`,
+/// or a position the relay said it appended still not brought `STALE_AFTER` later.
 struct Staleness {
+    since: Instant,
     waiting: Option<(i64, Instant)>,
 }
 
+impl Default for Staleness {
+    fn default() -> Self {
+        Staleness {
+            since: Instant::now(),
+            waiting: None,
+        }
+    }
+}
+
 impl Staleness {
-    async fn check(
-        &mut self,
-        db: &DatabaseConnection,
-        published: i64,
-    ) -> Result<Option<String>, ChangeError> {
-        if self.waiting.is_some_and(|(head, _)| published >= head) {
+    fn check(&mut self, heard: &Heard, published: i64) -> Option<String> {
+        let last = heard.last();
+        let heard_at = last.map_or(self.since, |(_, at)| at.max(self.since));
+        if heard_at.elapsed() >= RELAY_SILENT_AFTER {
+            return Some(format!(
+                "no relay heard from for {} s",
+                RELAY_SILENT_AFTER.as_secs()
+            ));
+        }
+        if self
+            .waiting
+            .is_some_and(|(through, _)| published >= through)
+        {
             self.waiting = None;
         }
-        let head = max_position(db).await?;
-        if head > published && self.waiting.is_none() {
-            self.waiting = Some((head, Instant::now()));
+        if let Some((through, _)) = last
+            && through > published
+            && self.waiting.is_none()
+        {
+            self.waiting = Some((through, Instant::now()));
         }
-        Ok(match self.waiting {
-            Some((head, since)) if since.elapsed() >= STALE_AFTER => Some(format!(
-                "the bus has not brought position {head} within {} s of seeing it in the log",
+        match self.waiting {
+            Some((through, since)) if since.elapsed() >= STALE_AFTER => Some(format!(
+                "the stream has not brought position {through} within {} s of the relay \
+                 appending it",
                 STALE_AFTER.as_secs()
             )),
             _ => None,
-        })
+        }
     }
 }
 
@@ -354,8 +378,10 @@ impl Sink for FromLog {
 
 /// Tails the log into the hub until the stream has caught up with it (true) or `shutdown`
 /// (false).
+#[allow(clippy::too_many_arguments)]
 async fn follow_log(
     bus: &Bus,
+    heard: &Heard,
     db: &DatabaseConnection,
     broker: &Arc<Broker>,
     doorbell: &Doorbell,
@@ -398,14 +424,18 @@ async fn follow_log(
         *last_event = tailer.sink().last_event;
         if tried.elapsed() >= CHECK_EVERY {
             tried = Instant::now();
-            if stream_caught_up(bus, *last_event).await {
+            let relay_heard = heard
+                .last()
+                .is_some_and(|(_, at)| at.elapsed() < RELAY_SILENT_AFTER);
+            if relay_heard && stream_caught_up(bus, *last_event).await {
                 return true;
             }
         }
     }
 }
 
-/// Whether NATS answers and the stream holds every change this process has read.
+/// Whether NATS answers and the stream holds every change this process has read (that a
+/// relay is heard from, the caller checks).
 async fn stream_caught_up(bus: &Bus, last_event: i64) -> bool {
     if !bus.connected() {
         return false;

@@ -49,6 +49,11 @@ impl BusConfig {
         format!("{}.changes", self.stream)
     }
 
+    /// Where the relay says how far it has appended (plain NATS, not kept by the stream).
+    fn heartbeat_subject(&self) -> String {
+        format!("{}.relay", self.stream)
+    }
+
     fn stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
@@ -142,7 +147,65 @@ pub struct Bus {
     jetstream: jetstream::Context,
     config: BusConfig,
     subject: String,
+    heartbeat_subject: String,
     pub stats: Arc<BusStats>,
+}
+
+/// The relay's last heartbeat as this process heard it: the position of the last change it
+/// appended (or of the stream's last message, or where it seeded an empty stream), and when.
+#[derive(Debug, Default)]
+struct Heard(std::sync::Mutex<Option<(i64, tokio::time::Instant)>>);
+
+impl Heard {
+    fn last(&self) -> Option<(i64, tokio::time::Instant)> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, decided: i64) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((decided, tokio::time::Instant::now()));
+    }
+}
+
+/// A relay's heartbeat.
+#[derive(Serialize, Deserialize)]
+struct Heartbeat {
+    /// The position of the stream's last message, as the relay knows it.
+    appended_through: i64,
+}
+
+/// How often the relay says how far it has appended.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+
+/// Hears the relay's heartbeats until `shutdown` (the subscription is renewed by the client
+/// after a reconnect).
+async fn hear_relay(bus: Arc<Bus>, heard: Arc<Heard>, mut shutdown: watch::Receiver<bool>) {
+    use futures_util::StreamExt as _;
+    loop {
+        let mut heartbeats = match bus.client.subscribe(bus.heartbeat_subject.clone()).await {
+            Ok(subscriber) => subscriber,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot subscribe to the relay's heartbeat yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                next = heartbeats.next() => match next {
+                    Some(message) => {
+                        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&message.payload) {
+                            heard.set(beat.appended_through);
+                        }
+                    }
+                    None => break,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 impl Bus {
@@ -171,6 +234,7 @@ impl Bus {
             client,
             jetstream,
             subject: config.subject(),
+            heartbeat_subject: config.heartbeat_subject(),
             config,
             stats: Arc::new(BusStats::default()),
         })
@@ -293,9 +357,10 @@ impl Incoming {
     }
 }
 
-/// Starts the relay's election and the follower, each until `shutdown` turns true: the
-/// follower feeds `broker` from `start` on, waking on `doorbell` while it reads the log;
-/// the relay, once elected, wakes on a tee of it.
+/// Starts the relay's election, the follower and the ear for the relay's heartbeat, each
+/// until `shutdown` turns true: the follower feeds `broker` from where it has published,
+/// waking on `doorbell` while it reads the log; the relay, once elected, wakes on a tee of
+/// it.
 pub fn start(
     bus: Bus,
     database_url: &str,
@@ -306,7 +371,9 @@ pub fn start(
     shutdown: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let bus = Arc::new(bus);
+    let heard = Arc::new(Heard::default());
     vec![
+        tokio::spawn(hear_relay(bus.clone(), heard.clone(), shutdown.clone())),
         tokio::spawn(relay::run(
             bus.clone(),
             database_url.to_owned(),
@@ -317,6 +384,7 @@ pub fn start(
         )),
         tokio::spawn(follow::run(
             bus,
+            heard,
             db,
             broker,
             doorbell.clone(),

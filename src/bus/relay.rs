@@ -6,6 +6,7 @@
 //! fails, and that relay reads the stream's tail again and continues from there.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
@@ -15,7 +16,7 @@ use sea_orm::sqlx::{self, ConnectOptions as _, Connection as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Bus, BusStats, Outgoing};
+use super::{Bus, BusStats, HEARTBEAT_EVERY, Heartbeat, Outgoing};
 use crate::changes::{ChangeError, Doorbell, Sink, Tailer};
 use crate::pubsub::ChangeEvent;
 
@@ -30,6 +31,11 @@ const LOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// Appends sent before their acknowledgements are awaited.
 const PIPELINE: usize = 256;
+
+/// A relay that has failed to append for this long lets another process relay (one cut off
+/// from NATS, say): it closes its lock's connection and stands again after `STAND_DOWN`.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
+const STAND_DOWN: Duration = Duration::from_secs(1);
 
 /// Takes part in the election until `shutdown`; relays while elected.
 pub(super) async fn run(
@@ -71,10 +77,10 @@ pub(super) async fn run(
                 match outcome {
                     Ok(()) => return,
                     Err(err) => {
-                        tracing::warn!(error = %err, "the relay lost its lock; standing for election again")
+                        tracing::warn!(error = %err, "no longer the relay; standing for election again")
                     }
                 }
-                pause = Duration::from_millis(100);
+                pause = STAND_DOWN;
             }
             Err(err) => {
                 tracing::warn!(error = %err, "cannot stand for the relay's election yet");
@@ -124,11 +130,13 @@ async fn lead(
 ) -> Result<(), ChangeError> {
     let mut checked = Instant::now();
     let mut pause = Duration::from_millis(50);
+    let mut failing_since: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
             lock.close().await.ok();
             return Ok(());
         }
+        let run_began = Instant::now();
         match relay_from_tail(
             bus,
             db,
@@ -148,6 +156,19 @@ async fn lead(
             Err(Lost(err)) => return Err(err),
             Err(Retry(err)) => {
                 tracing::warn!(error = %err, "relaying failed; starting again from the stream's tail");
+                if run_began.elapsed() >= GIVE_UP_AFTER {
+                    // It relayed for a while: a new failure.
+                    failing_since = None;
+                    pause = Duration::from_millis(50);
+                }
+                let since = *failing_since.get_or_insert(run_began);
+                if since.elapsed() >= GIVE_UP_AFTER {
+                    lock.close().await.ok();
+                    return Err(ChangeError::Bus(format!(
+                        "could not append for {} s",
+                        GIVE_UP_AFTER.as_secs()
+                    )));
+                }
             }
         }
         tokio::select! {
@@ -188,13 +209,19 @@ async fn relay_from_tail(
         (None, None) => Tailer::start_position(db).await.map_err(Retry)?,
     };
     tracing::debug!(sequence, after, "relaying from the stream's tail");
+    // The last position appended, for the heartbeat while a step runs (it may wait long
+    // for an open transaction at a gap).
+    let through = Arc::new(AtomicI64::new(after));
     let appender = Appender {
         bus: bus.clone(),
         sequence,
         after,
         fresh: true,
+        through: through.clone(),
     };
     let mut tailer = Tailer::new(db.clone(), appender, doorbell.clone(), after, poll);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if checked.elapsed() >= LOCK_CHECK {
             sqlx::query("SELECT 1")
@@ -203,7 +230,16 @@ async fn relay_from_tail(
                 .map_err(|err| Lost(ChangeError::Lock(err)))?;
             *checked = Instant::now();
         }
-        let step = tailer.step().await;
+        let step = {
+            let step = tailer.step();
+            tokio::pin!(step);
+            loop {
+                tokio::select! {
+                    result = &mut step => break result,
+                    _ = heartbeat.tick() => beat(bus, &through).await,
+                }
+            }
+        };
         if !tailer.sink().fresh {
             *appended = Some(tailer.sink().after);
         }
@@ -211,11 +247,27 @@ async fn relay_from_tail(
             Ok(true) => {}
             Ok(false) => tokio::select! {
                 _ = tailer.idle() => {}
-                _ = tokio::time::sleep(LOCK_CHECK) => {}
+                _ = heartbeat.tick() => beat(bus, &through).await,
                 _ = shutdown.changed() => return Ok(()),
             },
             Err(err) => return Err(Retry(err)),
         }
+    }
+}
+
+/// Tells the followers how far the stream goes: one that has not got that far from the
+/// stream within a while reads the log instead; one that hears no relay does too. (The
+/// last appended position, not the tailer's: positions decided after it with no change are
+/// in no message, so followers never see past it.)
+async fn beat(bus: &Bus, through: &AtomicI64) {
+    let heartbeat = Heartbeat {
+        appended_through: through.load(Ordering::Relaxed),
+    };
+    if let Ok(payload) = serde_json::to_vec(&heartbeat) {
+        let _ = bus
+            .client
+            .publish(bus.heartbeat_subject.clone(), payload.into())
+            .await;
     }
 }
 
@@ -229,6 +281,8 @@ struct Appender {
     /// Nothing appended yet in this run: the stream's last message id is not checked (a
     /// restarted NATS server may not know it; the sequence alone guards the first append).
     fresh: bool,
+    /// `after`, for the heartbeat.
+    through: Arc<AtomicI64>,
 }
 
 impl Sink for Appender {
@@ -271,6 +325,7 @@ impl Sink for Appender {
                 self.sequence = ack.sequence;
                 self.after = position;
                 self.fresh = false;
+                self.through.store(position, Ordering::Relaxed);
                 BusStats::add(&self.bus.stats.appended, 1);
             }
         }
@@ -348,6 +403,7 @@ mod tests {
             sequence,
             after,
             fresh: true,
+            through: Arc::default(),
         };
         let (mut old, mut new) = (appender(0, 0), appender(0, 0));
         // Position 3 was rolled back: a decided gap.
@@ -363,6 +419,7 @@ mod tests {
             sequence: 3,
             after: 2,
             fresh: false,
+            through: Arc::default(),
         };
         let refused = behind.take(vec![event(5)], 5).await;
         assert!(

@@ -751,6 +751,85 @@ async fn a_process_back_after_the_stream_was_purged_reads_the_gap_from_the_log()
     three_processes_through(Fault::PurgedWhileAway).await;
 }
 
+/// A transaction that wrote to a live table and stays open holds the feed back on every
+/// process (its position is a gap not yet decided: ARCHITECTURE.md, "The tailer"); that is
+/// the log's order, not a failing bus, so no process falls back to reading the log, and once
+/// it commits everything arrives in position order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, nats_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+)]
+async fn a_long_transaction_holds_the_feed_back_without_a_fallback() {
+    let (database_url, fresh) = fresh_database(Backend::Postgres).await;
+    let nats = shared_nats();
+    let stream = unique_stream("long_transaction");
+    let nodes = [
+        start_node(&database_url, &nats, &stream).await,
+        start_node(&database_url, &nats, &stream).await,
+    ];
+    let sql = Database::connect(&database_url)
+        .await
+        .expect("SQL connection");
+    let (token, author, channel) = ada_and_channel(nodes[0].addr).await;
+    let from = max_position(&sql).await;
+    let subscribers: Vec<_> = nodes
+        .iter()
+        .map(|node| subscriber(node.addr, token.clone(), channel.clone(), cursor_at(from)))
+        .collect();
+    let insert = |body: &str| {
+        format!(
+            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+        )
+    };
+    sql.execute_unprepared(&insert("before")).await.unwrap();
+    for (received, _) in &subscribers {
+        until("the first change arrives", || async {
+            bodies(received) == ["before"]
+        })
+        .await;
+    }
+    let held = sql.begin().await.unwrap();
+    held.execute_unprepared(&insert("held")).await.unwrap();
+    for n in 0..10 {
+        sql.execute_unprepared(&insert(&format!("behind-{n}")))
+            .await
+            .unwrap();
+    }
+    // Longer than a follower waits for the stream before it reads the log itself.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (received, _) in &subscribers {
+        assert_eq!(
+            bodies(received),
+            ["before"],
+            "nothing passes the open transaction"
+        );
+    }
+    held.commit().await.unwrap();
+    sql.execute_unprepared(&insert(END)).await.unwrap();
+    let expected = logged(&sql, &channel, from).await;
+    assert_eq!(expected[1], "held");
+    for (received, task) in subscribers {
+        tokio::time::timeout(TIMEOUT, task)
+            .await
+            .expect("in time")
+            .expect("subscriber");
+        assert_eq!(bodies(&received), expected);
+    }
+    for node in &nodes {
+        assert_eq!(
+            metric(node.addr, "syncgraph_bus_fallbacks_total").await,
+            Some(0.0)
+        );
+        assert_eq!(bus_report(node.addr).await["state"], "stream");
+    }
+    for mut node in nodes {
+        let _ = node.child.kill().await;
+    }
+    delete_stream(&nats, &stream).await;
+    fresh.drop_database().await;
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
 async fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
