@@ -375,7 +375,11 @@ async fn start_feed(
     let bus = match config.bus() {
         // Scale-out: the stream feeds the hub, one elected process relays the log to it.
         Some(bus_config) => {
-            let bus = Bus::connect(bus_config)
+            // The database's identity, so that a stream is never shared by two databases.
+            let database = db::stored_secret(feed_db, "database-id", auth::random_secret)
+                .await
+                .context("reading the database's identity")?;
+            let bus = Bus::connect(bus_config, database)
                 .await
                 .context("connecting to the bus")?;
             let stats = bus.stats.clone();

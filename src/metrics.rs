@@ -147,10 +147,13 @@ impl Health {
         // it delivers everything, at a cost to the database).
         if let Some(bus) = &self.bus {
             let fell_back = bus.fell_back_at_ms.load(Ordering::Relaxed);
+            let heard = bus.relay_heard_at_ms.load(Ordering::Relaxed);
             report["bus"] = json!({
                 "state": bus.state().as_str(),
                 "relay": bus.relay.load(Ordering::Relaxed),
                 "behind_messages": bus.behind.load(Ordering::Relaxed),
+                "behind_positions": behind_positions(bus, self.broker.published()),
+                "relay_heard_ms_ago": (heard > 0).then(|| now_ms().saturating_sub(heard)),
                 "fallbacks": bus.fallbacks.load(Ordering::Relaxed),
                 "last_fallback_ms_ago": (fell_back > 0).then(|| now_ms().saturating_sub(fell_back)),
             });
@@ -199,7 +202,11 @@ impl FeedCollector {
 
 impl FeedCollector {
     /// The bus's gauges and counters (`--bus` only).
-    fn bus(encoder: &mut DescriptorEncoder, bus: &BusStats) -> Result<(), std::fmt::Error> {
+    fn bus(
+        encoder: &mut DescriptorEncoder,
+        bus: &BusStats,
+        published: i64,
+    ) -> Result<(), std::fmt::Error> {
         let mut states = encoder.encode_descriptor(
             "bus_state",
             "Where this process's feed comes from: 1 for the current state (stream, postgres, starting)",
@@ -243,6 +250,29 @@ impl FeedCollector {
             "bus_behind_messages",
             "Messages the stream held past the last one this process took",
             bus.behind.load(Ordering::Relaxed) as f64,
+        )?;
+        Self::gauge(
+            encoder,
+            "bus_behind_positions",
+            "Log positions the relay has appended that this process has not yet published",
+            behind_positions(bus, published) as f64,
+        )?;
+        let heard = bus.relay_heard_at_ms.load(Ordering::Relaxed);
+        Self::gauge(
+            encoder,
+            "bus_relay_heartbeat_age_seconds",
+            "How long ago this process last heard the relay's heartbeat (-1: never)",
+            if heard == 0 {
+                -1.0
+            } else {
+                now_ms().saturating_sub(heard) as f64 / 1000.0
+            },
+        )?;
+        Self::counter(
+            encoder,
+            "bus_gap_fills",
+            "Times a message showed the stream lacked positions before it, read from the log",
+            bus.gap_fills.load(Ordering::Relaxed),
         )?;
         Self::counter(
             encoder,
@@ -362,7 +392,7 @@ impl Collector for FeedCollector {
             self.lag.millis.load(Ordering::Relaxed) as f64 / 1000.0,
         )?;
         if let Some(bus) = &self.bus {
-            Self::bus(&mut encoder, bus)?;
+            Self::bus(&mut encoder, bus, self.broker.published())?;
         }
         let mut errors = encoder.encode_descriptor(
             "errors",
@@ -375,4 +405,9 @@ impl Collector for FeedCollector {
         }
         Ok(())
     }
+}
+
+/// How far this process's feed is behind what the relay says it appended.
+fn behind_positions(bus: &BusStats, published: i64) -> i64 {
+    (bus.relay_through.load(Ordering::Relaxed) - published).max(0)
 }

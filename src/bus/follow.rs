@@ -65,6 +65,9 @@ pub(super) async fn run(
             Outcome::Fallback(reason) => {
                 tracing::warn!(%reason, "reading the change log instead of the bus");
                 bus.stats.set_state(BusState::Postgres);
+                bus.stats
+                    .behind
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 BusStats::add(&bus.stats.fallbacks, 1);
                 bus.stats
                     .fell_back_at_ms
@@ -125,14 +128,14 @@ async fn follow_stream(
             .messages()
             .await
             .map_err(|err| ChangeError::Bus(format!("cannot consume: {err}")))?;
-        Ok::<_, ChangeError>((stream, info.created, messages))
+        Ok::<_, ChangeError>((stream, info.created, start, messages))
     };
-    let (stream, created, mut messages) = match opened.await {
+    let (stream, created, start, mut messages) = match opened.await {
         Ok(opened) => opened,
         Err(err) => return Outcome::Fallback(err.to_string()),
     };
     bus.stats.set_state(BusState::Stream);
-    let mut staleness = Staleness::default();
+    let mut staleness = Staleness::new(broker.published());
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
@@ -151,6 +154,14 @@ async fn follow_stream(
                             }
                             _ => break,
                         }
+                    }
+                    // async-nats recreates an ordered consumer that failed before delivering
+                    // anything from the stream's first message: start over from the position.
+                    if batch
+                        .iter()
+                        .any(|message| message.info().is_ok_and(|info| info.stream_sequence < start))
+                    {
+                        return Outcome::Restart("the consumer started over below its start".into());
                     }
                     if let Err(err) = take(bus, db, broker, batch, last_event).await {
                         return Outcome::Fallback(err.to_string());
@@ -220,7 +231,7 @@ async fn take(
     last_event: &mut i64,
 ) -> Result<(), ChangeError> {
     let mut through = broker.published();
-    let mut events = Vec::with_capacity(batch.len());
+    let mut events: Vec<Arc<ChangeEvent>> = Vec::with_capacity(batch.len());
     for message in batch {
         if let Ok(info) = message.info() {
             bus.stats
@@ -234,9 +245,13 @@ async fn take(
         }
         if incoming.after > through {
             // The stream does not hold what lies between: the log does (it is decided).
+            if let Some(last) = events.last() {
+                *last_event = last.position;
+            }
             broker.publish(std::mem::take(&mut events), through);
             let read = fill(db, broker, through, incoming.after).await?;
             BusStats::add(&bus.stats.log_reads, read.count);
+            BusStats::add(&bus.stats.gap_fills, 1);
             *last_event = (*last_event).max(read.last_event);
         }
         let position = incoming.position;
@@ -249,7 +264,9 @@ async fn take(
         };
         events.push(Arc::new(event));
         through = position;
-        *last_event = position;
+    }
+    if let Some(last) = events.last() {
+        *last_event = last.position;
     }
     broker.publish(events, through);
     Ok(())
@@ -311,22 +328,22 @@ async fn read_one(db: &DatabaseConnection, position: i64) -> Result<ChangeEvent,
 }
 
 /// Tells when the stream fails this process: no relay heard from for `RELAY_SILENT_AFTER`,
-/// or a position the relay said it appended still not brought `STALE_AFTER` later.
+/// or the hub behind what the relay says it appended and not moving for `STALE_AFTER` (a
+/// follower that is behind but moving keeps reading the stream at its own pace).
 struct Staleness {
     since: Instant,
-    waiting: Option<(i64, Instant)>,
-}
-
-impl Default for Staleness {
-    fn default() -> Self {
-        Staleness {
-            since: Instant::now(),
-            waiting: None,
-        }
-    }
+    /// The hub's position, and since when it has not moved.
+    progress: (i64, Instant),
 }
 
 impl Staleness {
+    fn new(published: i64) -> Self {
+        Staleness {
+            since: Instant::now(),
+            progress: (published, Instant::now()),
+        }
+    }
+
     fn check(&mut self, heard: &Heard, published: i64) -> Option<String> {
         let last = heard.last();
         let heard_at = last.map_or(self.since, |(_, at)| at.max(self.since));
@@ -336,24 +353,19 @@ impl Staleness {
                 RELAY_SILENT_AFTER.as_secs()
             ));
         }
-        if self
-            .waiting
-            .is_some_and(|(through, _)| published >= through)
-        {
-            self.waiting = None;
+        if published != self.progress.0 {
+            self.progress = (published, Instant::now());
         }
-        if let Some((through, _)) = last
-            && through > published
-            && self.waiting.is_none()
-        {
-            self.waiting = Some((through, Instant::now()));
-        }
-        match self.waiting {
-            Some((through, since)) if since.elapsed() >= STALE_AFTER => Some(format!(
-                "the stream has not brought position {through} within {} s of the relay \
-                 appending it",
-                STALE_AFTER.as_secs()
-            )),
+        match last {
+            Some((through, _))
+                if through > published && self.progress.1.elapsed() >= STALE_AFTER =>
+            {
+                Some(format!(
+                    "the stream has brought nothing for {} s, while the relay has appended \
+                     up to position {through}",
+                    STALE_AFTER.as_secs()
+                ))
+            }
             _ => None,
         }
     }

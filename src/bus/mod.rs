@@ -31,7 +31,7 @@ use crate::changes::{ChangeError, Doorbell};
 use crate::pubsub::{Broker, ChangeEvent, Memo, Op};
 
 /// What `--bus` and its flags configure.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BusConfig {
     /// `nats://HOST:PORT`.
     pub url: String,
@@ -44,6 +44,18 @@ pub struct BusConfig {
     pub replicas: usize,
 }
 
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry credentials.
+        f.debug_struct("BusConfig")
+            .field("stream", &self.stream)
+            .field("max_age", &self.max_age)
+            .field("max_bytes", &self.max_bytes)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BusConfig {
     fn subject(&self) -> String {
         format!("{}.changes", self.stream)
@@ -54,9 +66,10 @@ impl BusConfig {
         format!("{}.relay", self.stream)
     }
 
-    fn stream_config(&self) -> stream::Config {
+    fn stream_config(&self, database: &str) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
+            description: Some(description(database)),
             subjects: vec![self.subject()],
             max_age: self.max_age,
             max_bytes: self.max_bytes,
@@ -70,6 +83,34 @@ impl BusConfig {
             ..Default::default()
         }
     }
+}
+
+/// The stream's description, which names the database whose changes it carries: a process
+/// of another database refuses the stream instead of serving that database's rows.
+fn description(database: &str) -> String {
+    format!("syncgraph change feed of database {database}")
+}
+
+/// The URL without its credentials (kept out of every log line), and the options that
+/// carry them: `nats://user:password@host:port` or `nats://token@host:port`.
+fn connect_options(url: &str) -> Result<(String, async_nats::ConnectOptions), ChangeError> {
+    let invalid = |_| ChangeError::Bus("--bus is not a URL (nats://HOST:PORT)".into());
+    let mut parsed = url::Url::parse(url).map_err(invalid)?;
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(parsed.username());
+    let password = parsed.password().map(decode);
+    let options = match (user.is_empty(), password) {
+        (true, None) => async_nats::ConnectOptions::new(),
+        (false, None) => async_nats::ConnectOptions::with_token(user),
+        (_, Some(password)) => async_nats::ConnectOptions::with_user_and_password(user, password),
+    };
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    Ok((parsed.to_string(), options))
 }
 
 /// How long NATS remembers a message id for deduplication.
@@ -121,6 +162,12 @@ pub struct BusStats {
     /// Changes read from the log instead of the stream (while falling back, or filling what
     /// the stream did not hold).
     pub log_reads: AtomicU64,
+    /// Times a message said the stream lacked positions before it, read from the log.
+    pub gap_fills: AtomicU64,
+    /// The relay's last heartbeat: the position the stream reaches, and when it was heard
+    /// (ms since the Unix epoch; 0: never).
+    pub relay_through: std::sync::atomic::AtomicI64,
+    pub relay_heard_at_ms: AtomicU64,
 }
 
 impl BusStats {
@@ -146,6 +193,10 @@ pub struct Bus {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     config: BusConfig,
+    /// This database's identity (`server_secrets`), in the stream's description.
+    database: String,
+    /// Whether the stream's settings differing from the flags has been logged.
+    told_settings: AtomicBool,
     subject: String,
     heartbeat_subject: String,
     pub stats: Arc<BusStats>,
@@ -161,9 +212,13 @@ impl Heard {
         *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set(&self, decided: i64) {
+    fn set(&self, through: i64, stats: &BusStats) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((decided, tokio::time::Instant::now()));
+            Some((through, tokio::time::Instant::now()));
+        stats.relay_through.store(through, Ordering::Relaxed);
+        stats
+            .relay_heard_at_ms
+            .store(crate::pubsub::now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -197,7 +252,7 @@ async fn hear_relay(bus: Arc<Bus>, heard: Arc<Heard>, mut shutdown: watch::Recei
                 next = heartbeats.next() => match next {
                     Some(message) => {
                         if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&message.payload) {
-                            heard.set(beat.appended_through);
+                            heard.set(beat.appended_through, &bus.stats);
                         }
                     }
                     None => break,
@@ -211,13 +266,14 @@ async fn hear_relay(bus: Arc<Bus>, heard: Arc<Heard>, mut shutdown: watch::Recei
 impl Bus {
     /// Connects to `config.url`. A server that is not up yet is retried in the background
     /// (this process reads the log meanwhile); a malformed URL is an error.
-    pub async fn connect(config: BusConfig) -> Result<Bus, ChangeError> {
-        let client = async_nats::ConnectOptions::new()
+    pub async fn connect(config: BusConfig, database: String) -> Result<Bus, ChangeError> {
+        let (url, options) = connect_options(&config.url)?;
+        let client = options
             .name("syncgraph")
             .connection_timeout(REQUEST_TIMEOUT)
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(config.url.as_str())
+            .connect(url.as_str())
             .await
             .map_err(|err| ChangeError::Bus(format!("cannot connect to NATS: {err}")))?;
         // Give a server that is up a moment to answer, so a process does not start on the log.
@@ -236,6 +292,8 @@ impl Bus {
             subject: config.subject(),
             heartbeat_subject: config.heartbeat_subject(),
             config,
+            database,
+            told_settings: AtomicBool::new(false),
             stats: Arc::new(BusStats::default()),
         })
     }
@@ -244,14 +302,41 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The stream, created with the configured settings if it does not exist.
+    /// The stream, created with the configured settings if it does not exist; refused when
+    /// it carries another database's changes.
     async fn stream(&self) -> Result<stream::Stream, ChangeError> {
-        self.jetstream
-            .get_or_create_stream(self.config.stream_config())
+        let wanted = self.config.stream_config(&self.database);
+        let stream = self
+            .jetstream
+            .get_or_create_stream(wanted.clone())
             .await
             .map_err(|err| {
                 ChangeError::Bus(format!("cannot open stream {}: {err}", self.config.stream))
-            })
+            })?;
+        let found = &stream.cached_info().config;
+        if found.description != wanted.description {
+            return Err(ChangeError::Bus(format!(
+                "stream {} carries another database's changes ({:?}); give each database \
+                 its own --bus-stream",
+                self.config.stream,
+                found.description.as_deref().unwrap_or("not syncgraph's")
+            )));
+        }
+        if (found.max_age, found.max_bytes, found.num_replicas)
+            != (wanted.max_age, wanted.max_bytes, wanted.num_replicas)
+            && !self.told_settings.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                stream = %self.config.stream,
+                max_age_secs = found.max_age.as_secs(),
+                max_bytes = found.max_bytes,
+                replicas = found.num_replicas,
+                "the stream exists with other settings than --bus-max-age-secs, \
+                 --bus-max-bytes and --bus-replicas; it keeps its own (change them with \
+                 the nats CLI: nats stream edit)"
+            );
+        }
+        Ok(stream)
     }
 
     /// The stream's last sequence and the position of its last message (`None`: it holds
@@ -375,11 +460,14 @@ pub fn start(
     vec![
         tokio::spawn(hear_relay(bus.clone(), heard.clone(), shutdown.clone())),
         tokio::spawn(relay::run(
-            bus.clone(),
-            database_url.to_owned(),
-            db.clone(),
-            doorbell.tee(),
-            poll,
+            relay::Relay {
+                bus: bus.clone(),
+                database_url: database_url.to_owned(),
+                db: db.clone(),
+                broker: broker.clone(),
+                doorbell: doorbell.tee(),
+                poll,
+            },
             shutdown.clone(),
         )),
         tokio::spawn(follow::run(

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{Bus, BusStats, HEARTBEAT_EVERY, Heartbeat, Outgoing};
 use crate::changes::{ChangeError, Doorbell, Sink, Tailer};
-use crate::pubsub::ChangeEvent;
+use crate::pubsub::{Broker, ChangeEvent};
 
 /// The advisory lock whose holder relays (advisory locks are per database).
 const RELAY_LOCK: i64 = 0x5359_4e43_4752_4150; // "SYNCGRAP"
@@ -26,8 +26,20 @@ const RELAY_LOCK: i64 = 0x5359_4e43_4752_4150; // "SYNCGRAP"
 /// The name the lock's connection shows in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "syncgraph-relay";
 
-/// How often the relay makes sure its lock's connection is still there.
+/// How often the relay makes sure its lock's connection is still there, and how long that
+/// check may take.
 const LOCK_CHECK: Duration = Duration::from_secs(1);
+const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A step of the tailer that takes longer is dropped and started again (harmless: the
+/// stream's guards hold whatever it appended), so that a connection that hangs without
+/// failing cannot hold the relay while its heartbeat says all is well. A step waiting at a
+/// gap for a long transaction just waits again.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long connecting the lock's connection, and sending a heartbeat, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// Appends sent before their acknowledgements are awaited.
 const PIPELINE: usize = 256;
@@ -37,43 +49,32 @@ const PIPELINE: usize = 256;
 const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
 const STAND_DOWN: Duration = Duration::from_secs(1);
 
+/// What a relay works with.
+pub(super) struct Relay {
+    pub bus: Arc<Bus>,
+    pub database_url: String,
+    pub db: DatabaseConnection,
+    /// This process's hub: where the feed stands here (decided), to seed an empty stream.
+    pub broker: Arc<Broker>,
+    pub doorbell: Doorbell,
+    pub poll: Duration,
+}
+
 /// Takes part in the election until `shutdown`; relays while elected.
-pub(super) async fn run(
-    bus: Arc<Bus>,
-    database_url: String,
-    db: DatabaseConnection,
-    doorbell: Doorbell,
-    poll: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    // The last position this process appended: where it seeds a stream found empty.
-    let mut appended: Option<i64> = None;
+pub(super) async fn run(relay: Relay, mut shutdown: watch::Receiver<bool>) {
     let mut pause = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
             return;
         }
-        match elect(&database_url, &mut shutdown).await {
+        match elect(&relay.database_url, &mut shutdown).await {
             Ok(None) => return,
             Ok(Some(lock)) => {
-                bus.stats
-                    .relay
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                BusStats::add(&bus.stats.relay_terms, 1);
+                relay.bus.stats.relay.store(true, Ordering::Relaxed);
+                BusStats::add(&relay.bus.stats.relay_terms, 1);
                 tracing::info!("this process is the relay: it appends the change log to the bus");
-                let outcome = lead(
-                    &bus,
-                    lock,
-                    &db,
-                    &doorbell,
-                    poll,
-                    &mut appended,
-                    &mut shutdown,
-                )
-                .await;
-                bus.stats
-                    .relay
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                let outcome = relay.lead(lock, &mut shutdown).await;
+                relay.bus.stats.relay.store(false, Ordering::Relaxed);
                 match outcome {
                     Ok(()) => return,
                     Err(err) => {
@@ -103,11 +104,26 @@ async fn elect(
         .parse::<PgConnectOptions>()
         .map_err(ChangeError::Lock)?
         .application_name(APPLICATION_NAME)
+        // The server drops a connection whose peer vanished (a host that died or was cut
+        // off) within about 20 s, and with it the lock, so another process can relay; and
+        // no statement or lock timeout set for the database cuts the wait for the lock.
+        .options([
+            ("tcp_keepalives_idle", "10"),
+            ("tcp_keepalives_interval", "3"),
+            ("tcp_keepalives_count", "3"),
+            ("statement_timeout", "0"),
+            ("lock_timeout", "0"),
+        ])
         // Waiting for the lock is the point: not a slow statement to warn about.
         .disable_statement_logging();
-    let mut lock = PgConnection::connect_with(&options)
-        .await
-        .map_err(ChangeError::Lock)?;
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options));
+    let mut lock = tokio::select! {
+        connected = connect => match connected {
+            Ok(connected) => connected.map_err(ChangeError::Lock)?,
+            Err(_) => return Err(ChangeError::Bus("connecting for the relay's lock timed out".into())),
+        },
+        _ = shutdown.changed() => return Ok(None),
+    };
     tokio::select! {
         locked = sqlx::query("SELECT pg_advisory_lock($1)").bind(RELAY_LOCK).execute(&mut lock) => {
             locked.map_err(ChangeError::Lock)?;
@@ -117,157 +133,170 @@ async fn elect(
     }
 }
 
-/// Relays while the lock's connection lives; `Ok` at shutdown. Every failure of the bus or
-/// the log starts over from the stream's tail.
-async fn lead(
-    bus: &Arc<Bus>,
-    mut lock: PgConnection,
-    db: &DatabaseConnection,
-    doorbell: &Doorbell,
-    poll: Duration,
-    appended: &mut Option<i64>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), ChangeError> {
-    let mut checked = Instant::now();
-    let mut pause = Duration::from_millis(50);
-    let mut failing_since: Option<Instant> = None;
-    loop {
-        if *shutdown.borrow() {
-            lock.close().await.ok();
-            return Ok(());
-        }
-        let run_began = Instant::now();
-        match relay_from_tail(
-            bus,
-            db,
-            doorbell,
-            poll,
-            appended,
-            shutdown,
-            &mut lock,
-            &mut checked,
-        )
-        .await
-        {
-            Ok(()) => {
-                lock.close().await.ok();
-                return Ok(());
-            }
-            Err(Lost(err)) => return Err(err),
-            Err(Retry(err)) => {
-                tracing::warn!(error = %err, "relaying failed; starting again from the stream's tail");
-                if run_began.elapsed() >= GIVE_UP_AFTER {
-                    // It relayed for a while: a new failure.
-                    failing_since = None;
-                    pause = Duration::from_millis(50);
-                }
-                let since = *failing_since.get_or_insert(run_began);
-                if since.elapsed() >= GIVE_UP_AFTER {
-                    lock.close().await.ok();
-                    return Err(ChangeError::Bus(format!(
-                        "could not append for {} s",
-                        GIVE_UP_AFTER.as_secs()
-                    )));
-                }
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.changed() => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(2));
-    }
-}
-
 enum Stop {
+    /// Shutdown.
+    Shutdown,
     /// The lock is gone: another process may lead.
     Lost(ChangeError),
     /// Something failed; start again from the stream's tail.
     Retry(ChangeError),
+    /// A step took too long; start again (not a failure of the bus).
+    Slow,
 }
-use Stop::{Lost, Retry};
+use Stop::{Lost, Retry, Shutdown, Slow};
 
-/// One run: reads the stream's tail and appends what the log decides after it.
-#[allow(clippy::too_many_arguments)]
-async fn relay_from_tail(
-    bus: &Arc<Bus>,
-    db: &DatabaseConnection,
-    doorbell: &Doorbell,
-    poll: Duration,
-    appended: &mut Option<i64>,
-    shutdown: &mut watch::Receiver<bool>,
-    lock: &mut PgConnection,
-    checked: &mut Instant,
-) -> Result<(), Stop> {
-    let stream = bus.stream().await.map_err(Retry)?;
-    let (sequence, position) = bus.tail(&stream).await.map_err(Retry)?;
-    let after = match (position, *appended) {
-        (Some(position), _) => position,
-        // An empty stream (new, wiped, or aged out): start where this process stopped, or
-        // where the log is decided now; followers read what lies before from the log.
-        (None, Some(appended)) => appended,
-        (None, None) => Tailer::start_position(db).await.map_err(Retry)?,
-    };
-    tracing::debug!(sequence, after, "relaying from the stream's tail");
-    // The last position appended, for the heartbeat while a step runs (it may wait long
-    // for an open transaction at a gap).
-    let through = Arc::new(AtomicI64::new(after));
-    let appender = Appender {
-        bus: bus.clone(),
-        sequence,
-        after,
-        fresh: true,
-        through: through.clone(),
-    };
-    let mut tailer = Tailer::new(db.clone(), appender, doorbell.clone(), after, poll);
-    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if checked.elapsed() >= LOCK_CHECK {
-            sqlx::query("SELECT 1")
-                .execute(&mut *lock)
-                .await
-                .map_err(|err| Lost(ChangeError::Lock(err)))?;
-            *checked = Instant::now();
-        }
-        let step = {
-            let step = tailer.step();
-            tokio::pin!(step);
-            loop {
-                tokio::select! {
-                    result = &mut step => break result,
-                    _ = heartbeat.tick() => beat(bus, &through).await,
+impl Relay {
+    /// Relays while the lock's connection lives; `Ok` at shutdown. Every failure of the bus
+    /// or the log starts over from the stream's tail; failing to append for
+    /// `GIVE_UP_AFTER` gives the lock up.
+    async fn lead(
+        &self,
+        mut lock: PgConnection,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), ChangeError> {
+        let mut pause = Duration::from_millis(50);
+        // When the current run of failures began.
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let run_began = Instant::now();
+            let stop = self.relay_from_tail(&mut lock, shutdown).await;
+            if run_began.elapsed() >= GIVE_UP_AFTER {
+                // It relayed for a while: whatever stopped it now starts a new run.
+                failing_since = None;
+                pause = Duration::from_millis(50);
+            }
+            match stop {
+                Shutdown => {
+                    lock.close().await.ok();
+                    return Ok(());
+                }
+                Lost(err) => return Err(err),
+                Slow => {
+                    tracing::debug!(
+                        "a step of the relay took over {STEP_TIMEOUT:?}; starting again"
+                    );
+                    continue;
+                }
+                Retry(err) => {
+                    tracing::warn!(error = %err, "relaying failed; starting again from the stream's tail");
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= GIVE_UP_AFTER {
+                        lock.close().await.ok();
+                        return Err(ChangeError::Bus(format!(
+                            "could not relay for {} s",
+                            GIVE_UP_AFTER.as_secs()
+                        )));
+                    }
                 }
             }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One run: reads the stream's tail and appends what the log decides after it, beating
+    /// the heartbeat and checking the lock all the while.
+    async fn relay_from_tail(
+        &self,
+        lock: &mut PgConnection,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Stop {
+        let bus = &self.bus;
+        let tail = async {
+            let stream = bus.stream().await?;
+            bus.tail(&stream).await
         };
-        if !tailer.sink().fresh {
-            *appended = Some(tailer.sink().after);
+        let (sequence, position) = match tail.await {
+            Ok(tail) => tail,
+            Err(err) => return Retry(err),
+        };
+        // An empty stream (new, wiped, or aged out) starts where this process's feed stands:
+        // decided, and not behind what any relay appended before (this process has published
+        // that too, or reads it from the log first). Followers behind it read the rest from
+        // the log.
+        let after = position.unwrap_or_else(|| self.broker.published());
+        tracing::debug!(sequence, after, "relaying from the stream's tail");
+        // The last position appended, for the heartbeat while a step runs (it may wait long
+        // for an open transaction at a gap).
+        let through = Arc::new(AtomicI64::new(after));
+        let appender = Appender {
+            bus: bus.clone(),
+            sequence,
+            after,
+            fresh: true,
+            through: through.clone(),
+        };
+        let mut tailer = Tailer::new(
+            self.db.clone(),
+            appender,
+            self.doorbell.clone(),
+            after,
+            self.poll,
+        );
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check = tokio::time::interval(LOCK_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let step = {
+                let step = tokio::time::timeout(STEP_TIMEOUT, tailer.step());
+                tokio::pin!(step);
+                loop {
+                    tokio::select! {
+                        result = &mut step => break result,
+                        _ = heartbeat.tick() => beat(bus, &through).await,
+                        _ = check.tick() => if let Err(err) = check_lock(lock).await {
+                            return Lost(err);
+                        },
+                        _ = shutdown.changed() => return Shutdown,
+                    }
+                }
+            };
+            match step {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => tokio::select! {
+                    _ = tailer.idle() => {}
+                    _ = heartbeat.tick() => beat(bus, &through).await,
+                    _ = check.tick() => if let Err(err) = check_lock(lock).await {
+                        return Lost(err);
+                    },
+                    _ = shutdown.changed() => return Shutdown,
+                },
+                Ok(Err(err)) => return Retry(err),
+                Err(_) => return Slow,
+            }
         }
-        match step {
-            Ok(true) => {}
-            Ok(false) => tokio::select! {
-                _ = tailer.idle() => {}
-                _ = heartbeat.tick() => beat(bus, &through).await,
-                _ = shutdown.changed() => return Ok(()),
-            },
-            Err(err) => return Err(Retry(err)),
-        }
+    }
+}
+
+/// Whether the lock's connection still answers.
+async fn check_lock(lock: &mut PgConnection) -> Result<(), ChangeError> {
+    match tokio::time::timeout(LOCK_CHECK_TIMEOUT, sqlx::query("SELECT 1").execute(lock)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(ChangeError::Lock(err)),
+        Err(_) => Err(ChangeError::Bus(
+            "the lock's connection does not answer".into(),
+        )),
     }
 }
 
 /// Tells the followers how far the stream goes: one that has not got that far from the
 /// stream within a while reads the log instead; one that hears no relay does too. (The
 /// last appended position, not the tailer's: positions decided after it with no change are
-/// in no message, so followers never see past it.)
+/// in no message, so followers never see past it.) Never waits long: a client cut off from
+/// NATS queues what it is given.
 async fn beat(bus: &Bus, through: &AtomicI64) {
     let heartbeat = Heartbeat {
         appended_through: through.load(Ordering::Relaxed),
     };
     if let Ok(payload) = serde_json::to_vec(&heartbeat) {
-        let _ = bus
+        let publish = bus
             .client
-            .publish(bus.heartbeat_subject.clone(), payload.into())
-            .await;
+            .publish(bus.heartbeat_subject.clone(), payload.into());
+        let _ = tokio::time::timeout(HEARTBEAT_TIMEOUT, publish).await;
     }
 }
 
@@ -358,13 +387,16 @@ mod tests {
             std::process::id(),
             crate::pubsub::now_ms()
         );
-        let bus = Bus::connect(BusConfig {
-            url,
-            stream,
-            max_age: Duration::from_secs(600),
-            max_bytes: 1 << 26,
-            replicas: 1,
-        })
+        let bus = Bus::connect(
+            BusConfig {
+                url,
+                stream,
+                max_age: Duration::from_secs(600),
+                max_bytes: 1 << 26,
+                replicas: 1,
+            },
+            "unit-test-database".into(),
+        )
         .await
         .expect("connect");
         Arc::new(bus)

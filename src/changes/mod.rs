@@ -24,7 +24,7 @@ pub enum ChangeError {
     Db(#[from] DbErr),
     #[error("cannot listen for change notifications")]
     Listen(#[source] sea_orm::sqlx::Error),
-    #[error("the relay's lock connection failed")]
+    #[error("the relay's lock connection failed: {0}")]
     Lock(#[source] sea_orm::sqlx::Error),
     #[error("the bus: {0}")]
     Bus(String),

@@ -131,6 +131,8 @@ struct Node {
 }
 
 async fn start_node(database_url: &str, nats: &str, stream: &str) -> Node {
+    // Small retention: a stream a failed test leaves on the shared server empties soon (and
+    // the next run deletes it: `sweep_streams`).
     let (child, addr) = spawn_binary_with(
         database_url,
         &[
@@ -138,12 +140,40 @@ async fn start_node(database_url: &str, nats: &str, stream: &str) -> Node {
             nats,
             "--bus-stream",
             stream,
+            "--bus-max-age-secs",
+            "600",
+            "--bus-max-bytes",
+            "67108864",
             "--ws-keep-alive-secs",
             "2",
         ],
     )
     .await;
     Node { child, addr }
+}
+
+/// Deletes the test streams on `nats` left by test runs whose process has gone (a test that
+/// failed before deleting its own).
+async fn sweep_streams(nats: &str) {
+    use futures_util::StreamExt as _;
+    let client = async_nats::connect(nats).await.expect("connect to NATS");
+    let jetstream = async_nats::jetstream::new(client);
+    let names: Vec<String> = jetstream
+        .stream_names()
+        .filter_map(|name| async move { name.ok() })
+        .collect()
+        .await;
+    for name in names {
+        let pid = name
+            .strip_prefix("TEST_")
+            .and_then(|rest| rest.rsplit('_').nth(1))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = jetstream.delete_stream(&name).await;
+        }
+    }
 }
 
 fn http() -> reqwest::Client {
@@ -154,7 +184,7 @@ fn http() -> reqwest::Client {
 async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     let text = http()
         .get(format!("http://{addr}/metrics"))
-        .timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
         .send()
         .await
         .ok()?
@@ -412,6 +442,7 @@ async fn three_processes_through(fault: Fault) {
         _ => None,
     };
     let nats = own_nats.as_ref().map_or_else(shared_nats, OwnNats::url);
+    sweep_streams(&nats).await;
     let stream = unique_stream(&format!("{fault:?}"));
 
     // The first process becomes the relay before the others start.
@@ -429,7 +460,7 @@ async fn three_processes_through(fault: Fault) {
         .expect("SQL connection");
     let (token, author, channel) = ada_and_channel(first).await;
     let from = max_position(&sql).await;
-    let subscribers: Vec<_> = nodes
+    let mut subscribers: Vec<_> = nodes
         .iter()
         .map(|node| subscriber(node.addr, token.clone(), channel.clone(), cursor_at(from)))
         .collect();
@@ -458,6 +489,7 @@ async fn three_processes_through(fault: Fault) {
     }
 
     let mut killed = None;
+    let mut resumed = None;
     match fault {
         Fault::KillRelay => {
             let victim = 0;
@@ -495,6 +527,24 @@ async fn three_processes_through(fault: Fault) {
                 marker_at.elapsed().as_millis()
             );
             killed = Some(victim);
+            // Its client finds its socket closed and resumes on a survivor from the last
+            // cursor it had, while the writes go on.
+            let (received, task) = &mut subscribers[victim];
+            tokio::time::timeout(TIMEOUT, task)
+                .await
+                .expect("the killed process's socket closes in time")
+                .expect("subscriber");
+            let last = received
+                .lock()
+                .unwrap()
+                .last()
+                .map(|(cursor, _)| cursor.clone());
+            resumed = Some(subscriber(
+                nodes[1].addr,
+                token.clone(),
+                channel.clone(),
+                last.unwrap_or_else(|| cursor_at(from)),
+            ));
         }
         Fault::StopNats => {
             let nats = own_nats.as_mut().unwrap();
@@ -578,10 +628,19 @@ async fn three_processes_through(fault: Fault) {
         .collect();
     // Each takes changes from the stream again (the restarted, re-seeded or surviving one).
     for addr in &live {
-        let received = metric(*addr, "syncgraph_bus_received_total").await.unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        let received = loop {
+            if let Some(received) = metric(*addr, "syncgraph_bus_received_total").await {
+                break received;
+            }
+            assert!(Instant::now() < deadline, "the process answers in time");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         until("the process follows the stream again", || async {
             bus_report(*addr).await["state"] == "stream"
-                && metric(*addr, "syncgraph_bus_received_total").await.unwrap() >= received + 20.0
+                && metric(*addr, "syncgraph_bus_received_total")
+                    .await
+                    .is_some_and(|now| now >= received + 20.0)
         })
         .await;
     }
@@ -604,24 +663,15 @@ async fn three_processes_through(fault: Fault) {
     let expected = logged(&sql, &channel, from).await;
     assert_eq!(expected.last().map(String::as_str), Some(END));
     for (i, (received, task)) in subscribers.into_iter().enumerate() {
-        tokio::time::timeout(TIMEOUT, task)
-            .await
-            .expect("every subscriber finishes in time")
-            .expect("subscriber");
+        if Some(i) != killed {
+            tokio::time::timeout(TIMEOUT, task)
+                .await
+                .expect("every subscriber finishes in time")
+                .expect("subscriber");
+        }
         let mut got = bodies(&received);
         if Some(i) == killed {
-            // Its client resumes on a survivor from the last cursor it had.
-            let last = received
-                .lock()
-                .unwrap()
-                .last()
-                .map(|(cursor, _)| cursor.clone());
-            let (resumed, task) = subscriber(
-                live[0],
-                token.clone(),
-                channel.clone(),
-                last.unwrap_or_else(|| cursor_at(from)),
-            );
+            let (resumed, task) = resumed.take().expect("the killed process's client resumed");
             tokio::time::timeout(TIMEOUT, task)
                 .await
                 .expect("the resumed subscriber finishes in time")
@@ -660,11 +710,13 @@ async fn three_processes_through(fault: Fault) {
             }
         }
         Fault::PurgedWhileAway => {
-            // The process that was away read what the stream no longer held from the log.
-            let read = metric(nodes[2].addr, "syncgraph_bus_log_reads_total")
-                .await
-                .unwrap();
-            assert!(read >= 1.0, "read from the log: {read}");
+            // The process that was away saw from a message's `after` that the stream lacked
+            // what came before it, and read that from the log.
+            let fills = metric(nodes[2].addr, "syncgraph_bus_gap_fills_total").await;
+            assert!(
+                fills.is_some_and(|fills| fills >= 1.0),
+                "gap fills: {fills:?}"
+            );
         }
         Fault::WipeNats => {
             // The stream was wiped and seeded anew: it holds fewer changes than were appended.
@@ -828,6 +880,79 @@ async fn a_long_transaction_holds_the_feed_back_without_a_fallback() {
     }
     delete_stream(&nats, &stream).await;
     fresh.drop_database().await;
+}
+
+/// Two databases given the same stream by mistake: the second refuses it (it carries the
+/// first one's changes) and reads its own log, so neither database's rows reach the other's
+/// subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, nats_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+)]
+async fn a_stream_of_another_database_is_refused() {
+    let nats = shared_nats();
+    let stream = unique_stream("shared");
+    let (url_a, fresh_a) = fresh_database(Backend::Postgres).await;
+    let (url_b, fresh_b) = fresh_database(Backend::Postgres).await;
+    let a = start_node(&url_a, &nats, &stream).await;
+    until("the first database's relay runs", || async {
+        metric(a.addr, "syncgraph_bus_relay").await == Some(1.0)
+    })
+    .await;
+    let b = start_node(&url_b, &nats, &stream).await;
+    let (token_a, author_a, channel_a) = ada_and_channel(a.addr).await;
+    let (token_b, author_b, channel_b) = ada_and_channel(b.addr).await;
+    let sql_a = Database::connect(&url_a).await.unwrap();
+    let sql_b = Database::connect(&url_b).await.unwrap();
+    let (from_a, from_b) = (max_position(&sql_a).await, max_position(&sql_b).await);
+    let (got_a, task_a) = subscriber(a.addr, token_a, channel_a.clone(), cursor_at(from_a));
+    let (got_b, task_b) = subscriber(b.addr, token_b, channel_b.clone(), cursor_at(from_b));
+    for (sql, channel, author, body) in [
+        (&sql_a, &channel_a, &author_a, "in a"),
+        (&sql_b, &channel_b, &author_b, "in b"),
+        (&sql_a, &channel_a, &author_a, END),
+        (&sql_b, &channel_b, &author_b, END),
+    ] {
+        sql.execute_unprepared(&format!(
+            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+        ))
+        .await
+        .unwrap();
+    }
+    for task in [task_a, task_b] {
+        tokio::time::timeout(TIMEOUT, task)
+            .await
+            .expect("in time")
+            .expect("subscriber");
+    }
+    assert_eq!(bodies(&got_a), ["in a", END]);
+    assert_eq!(bodies(&got_b), ["in b", END]);
+    assert_eq!(bus_report(a.addr).await["state"], "stream");
+    assert_eq!(bus_report(b.addr).await["state"], "postgres");
+    // The stream holds the first database's changes only.
+    let client = async_nats::connect(nats.as_str()).await.unwrap();
+    let info = async_nats::jetstream::new(client)
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    let appended = metric(a.addr, "syncgraph_bus_appended_total")
+        .await
+        .unwrap();
+    assert_eq!(info.state.messages as f64, appended);
+    assert_eq!(
+        metric(b.addr, "syncgraph_bus_appended_total").await,
+        Some(0.0)
+    );
+    for mut node in [a, b] {
+        let _ = node.child.kill().await;
+    }
+    delete_stream(&nats, &stream).await;
+    fresh_a.drop_database().await;
+    fresh_b.drop_database().await;
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
