@@ -460,3 +460,50 @@ async fn stream_caught_up(bus: &Bus, last_event: i64) -> bool {
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heard(through: i64, ago: Duration) -> Heard {
+        Heard(std::sync::Mutex::new(Some((through, Instant::now() - ago))))
+    }
+
+    fn staleness(started_ago: Duration, published: i64, still_for: Duration) -> Staleness {
+        Staleness {
+            since: Instant::now() - started_ago,
+            progress: (published, Instant::now() - still_for),
+        }
+    }
+
+    #[test]
+    fn a_silent_relay_is_stale_a_new_follower_gives_it_time() {
+        let never = Heard::default();
+        assert!(
+            staleness(Duration::ZERO, 5, Duration::ZERO)
+                .check(&never, 5)
+                .is_none()
+        );
+        let reason = staleness(Duration::from_secs(4), 5, Duration::ZERO).check(&never, 5);
+        assert!(reason.is_some_and(|r| r.contains("no relay")));
+        let long_ago = heard(5, Duration::from_secs(4));
+        let reason = staleness(Duration::from_secs(9), 5, Duration::ZERO).check(&long_ago, 5);
+        assert!(reason.is_some_and(|r| r.contains("no relay")));
+    }
+
+    #[test]
+    fn behind_and_still_is_stale_behind_and_moving_is_not() {
+        let relay = heard(100, Duration::ZERO);
+        // Caught up: never stale, however long nothing moved.
+        let mut caught_up = staleness(Duration::from_secs(60), 100, Duration::from_secs(60));
+        assert!(caught_up.check(&heard(100, Duration::ZERO), 100).is_none());
+        // Behind, but the hub moved a moment ago: reading at its own pace.
+        let mut moving = staleness(Duration::from_secs(60), 40, Duration::from_secs(1));
+        assert!(moving.check(&relay, 40).is_none());
+        // Behind and still for longer than STALE_AFTER.
+        let mut still = staleness(Duration::from_secs(60), 40, Duration::from_secs(3));
+        assert!(still.check(&relay, 40).is_some_and(|r| r.contains("100")));
+        // It moves again: no longer stale.
+        assert!(still.check(&relay, 41).is_none());
+    }
+}

@@ -481,3 +481,27 @@ pub fn start(
         )),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_taken_out_of_the_url() {
+        let (url, _) = connect_options("nats://alice:p%40ss@nats.internal:4222").unwrap();
+        assert_eq!(url, "nats://nats.internal:4222");
+        let (url, _) = connect_options("nats://s3cr3t-token@127.0.0.1:4222").unwrap();
+        assert_eq!(url, "nats://127.0.0.1:4222");
+        let (url, _) = connect_options("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(url, "nats://127.0.0.1:4222");
+        assert!(connect_options("not a url").is_err());
+        let config = BusConfig {
+            url: "nats://alice:secret@h:4222".into(),
+            stream: "S".into(),
+            max_age: Duration::from_secs(60),
+            max_bytes: 1,
+            replicas: 1,
+        };
+        assert!(!format!("{config:?}").contains("secret"));
+    }
+}

@@ -49,10 +49,16 @@ struct OwnNats {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl OwnNats {
     async fn start_new() -> Self {
+        Self::start_new_with(&[]).await
+    }
+
+    /// A server with more arguments (`--user`, `--pass`).
+    async fn start_new_with(args: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -62,6 +68,7 @@ impl OwnNats {
             dir: tempfile::tempdir().unwrap(),
             port,
             child: None,
+            args: args.iter().map(|arg| arg.to_string()).collect(),
         };
         nats.start().await;
         nats
@@ -87,6 +94,7 @@ impl OwnNats {
                 "-sd",
             ])
             .arg(self.store())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -758,49 +766,29 @@ async fn three_processes_through(fault: Fault) {
     drop(own_pg);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn the_relay_killed_mid_stream_loses_and_repeats_nothing() {
-    three_processes_through(Fault::KillRelay).await;
+/// For each `name => fault`, a test of three processes through that fault (ignored, and
+/// counted so, without PostgreSQL and NATS).
+macro_rules! through_faults {
+    ($($name:ident => $fault:expr),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[cfg_attr(
+                not(all(postgres_tests, nats_tests)),
+                ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+            )]
+            async fn $name() {
+                three_processes_through($fault).await;
+            }
+        )*
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn nats_stopped_for_seconds_delivery_goes_on_through_postgres() {
-    three_processes_through(Fault::StopNats).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn nats_restarted_with_its_store_wiped_loses_nothing() {
-    three_processes_through(Fault::WipeNats).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn postgres_restarted_while_the_bus_is_up_loses_nothing() {
-    three_processes_through(Fault::RestartPostgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn a_process_back_after_the_stream_was_purged_reads_the_gap_from_the_log() {
-    three_processes_through(Fault::PurgedWhileAway).await;
+through_faults! {
+    the_relay_killed_mid_stream_loses_and_repeats_nothing => Fault::KillRelay,
+    nats_stopped_for_seconds_delivery_goes_on_through_postgres => Fault::StopNats,
+    nats_restarted_with_its_store_wiped_loses_nothing => Fault::WipeNats,
+    postgres_restarted_while_the_bus_is_up_loses_nothing => Fault::RestartPostgres,
+    a_process_back_after_the_stream_was_purged_reads_the_gap_from_the_log => Fault::PurgedWhileAway,
 }
 
 /// A transaction that wrote to a live table and stays open holds the feed back on every
@@ -953,6 +941,47 @@ async fn a_stream_of_another_database_is_refused() {
     delete_stream(&nats, &stream).await;
     fresh_a.drop_database().await;
     fresh_b.drop_database().await;
+}
+
+/// A NATS server that wants a user and password: they go in the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, nats_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+)]
+async fn credentials_in_the_bus_url_are_used() {
+    let mut nats = OwnNats::start_new_with(&["--user", "alice", "--pass", "p@ss word"]).await;
+    let (database_url, fresh) = fresh_database(Backend::Postgres).await;
+    let url = format!("nats://alice:p%40ss%20word@127.0.0.1:{}", nats.port);
+    let node = start_node(&database_url, &url, "CREDENTIALS").await;
+    until("the process relays and follows the stream", || async {
+        metric(node.addr, "syncgraph_bus_relay").await == Some(1.0)
+            && bus_report(node.addr).await["state"] == "stream"
+    })
+    .await;
+    let (token, author, channel) = ada_and_channel(node.addr).await;
+    let (got, task) = subscriber(node.addr, token, channel.clone(), cursor_at(0));
+    let sql = Database::connect(&database_url).await.unwrap();
+    sql.execute_unprepared(&format!(
+        "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{END}')"
+    ))
+    .await
+    .unwrap();
+    tokio::time::timeout(TIMEOUT, task)
+        .await
+        .expect("in time")
+        .expect("subscriber");
+    assert_eq!(bodies(&got), [END]);
+    assert!(
+        metric(node.addr, "syncgraph_bus_received_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    let mut node = node;
+    let _ = node.child.kill().await;
+    nats.stop().await;
+    fresh.drop_database().await;
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
