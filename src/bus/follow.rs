@@ -113,6 +113,10 @@ async fn follow_stream(
             .get_info()
             .await
             .map_err(|err| ChangeError::Bus(format!("cannot read the stream's state: {err}")))?;
+        if info.state.messages > 0 {
+            let last = position_at(&stream, info.state.last_sequence).await?;
+            super::not_ahead_of(db, last).await?;
+        }
         let start = find_start(&stream, &info.state, broker.published()).await?;
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
@@ -439,7 +443,7 @@ async fn follow_log(
             let relay_heard = heard
                 .last()
                 .is_some_and(|(_, at)| at.elapsed() < RELAY_SILENT_AFTER);
-            if relay_heard && stream_caught_up(bus, *last_event).await {
+            if relay_heard && stream_caught_up(bus, heard, *last_event).await {
                 return true;
             }
         }
@@ -448,7 +452,7 @@ async fn follow_log(
 
 /// Whether NATS answers and the stream holds every change this process has read (that a
 /// relay is heard from, the caller checks).
-async fn stream_caught_up(bus: &Bus, last_event: i64) -> bool {
+async fn stream_caught_up(bus: &Bus, heard: &Heard, last_event: i64) -> bool {
     if !bus.connected() {
         return false;
     }
@@ -456,7 +460,14 @@ async fn stream_caught_up(bus: &Bus, last_event: i64) -> bool {
         return false;
     };
     match bus.tail(&stream).await {
-        Ok((_, position)) => position.unwrap_or(0) >= last_event,
+        // A stream seeded anew holds nothing yet: the relay's heartbeat says where it starts
+        // (messages' `after` fill anything between, from the log).
+        Ok((_, position)) => {
+            position
+                .unwrap_or(0)
+                .max(heard.last().map_or(0, |(through, _)| through))
+                >= last_event
+        }
         Err(_) => false,
     }
 }

@@ -91,26 +91,82 @@ fn description(database: &str) -> String {
     format!("syncgraph change feed of database {database}")
 }
 
-/// The URL without its credentials (kept out of every log line), and the options that
-/// carry them: `nats://user:password@host:port` or `nats://token@host:port`.
-fn connect_options(url: &str) -> Result<(String, async_nats::ConnectOptions), ChangeError> {
-    let invalid = |_| ChangeError::Bus("--bus is not a URL (nats://HOST:PORT)".into());
-    let mut parsed = url::Url::parse(url).map_err(invalid)?;
+/// The servers without their credentials (kept out of every log line), and the options
+/// that carry them: `nats://user:password@host:port` or `nats://token@host:port`, several
+/// separated by commas (a cluster's seeds; the same credentials on each), `nats://`
+/// assumed where no scheme is given.
+fn connect_options(
+    urls: &str,
+) -> Result<(Vec<async_nats::ServerAddr>, async_nats::ConnectOptions), ChangeError> {
+    let invalid = || ChangeError::Bus("--bus is not a list of URLs (nats://HOST:PORT,...)".into());
     let decode = |part: &str| {
         percent_encoding::percent_decode_str(part)
             .decode_utf8_lossy()
             .into_owned()
     };
-    let user = decode(parsed.username());
-    let password = parsed.password().map(decode);
-    let options = match (user.is_empty(), password) {
-        (true, None) => async_nats::ConnectOptions::new(),
-        (false, None) => async_nats::ConnectOptions::with_token(user),
-        (_, Some(password)) => async_nats::ConnectOptions::with_user_and_password(user, password),
+    let mut servers = Vec::new();
+    let mut credentials = None;
+    for url in urls.split(',').map(str::trim).filter(|url| !url.is_empty()) {
+        let url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("nats://{url}")
+        };
+        let mut parsed = url::Url::parse(&url).map_err(|_| invalid())?;
+        let user = decode(parsed.username());
+        let password = parsed.password().map(decode);
+        if !user.is_empty() || password.is_some() {
+            if credentials
+                .as_ref()
+                .is_some_and(|seen| *seen != (user.clone(), password.clone()))
+            {
+                return Err(ChangeError::Bus(
+                    "--bus gives different credentials for different servers".into(),
+                ));
+            }
+            credentials = Some((user, password));
+        }
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        servers.push(parsed.as_str().parse().map_err(|_| invalid())?);
+    }
+    if servers.is_empty() {
+        return Err(invalid());
+    }
+    let options = match credentials {
+        None => async_nats::ConnectOptions::new(),
+        Some((user, None)) => async_nats::ConnectOptions::with_token(user),
+        Some((user, Some(password))) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
     };
-    let _ = parsed.set_username("");
-    let _ = parsed.set_password(None);
-    Ok((parsed.to_string(), options))
+    Ok((servers, options))
+}
+
+/// Refuses a stream that holds a position this database never handed out (its log's
+/// sequence is below it): the database was restored from a backup, or cloned, and the
+/// stream belongs to its old timeline; its changes are not this database's.
+async fn not_ahead_of(db: &DatabaseConnection, position: i64) -> Result<(), ChangeError> {
+    use sea_orm::{ConnectionTrait as _, DatabaseBackend, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT COALESCE(pg_sequence_last_value(pg_get_serial_sequence('change_log', \
+             'position')::regclass), 0) AS last",
+        ))
+        .await?;
+    let last: i64 = match row {
+        Some(row) => row.try_get("", "last")?,
+        None => 0,
+    };
+    if position > last {
+        return Err(ChangeError::Bus(format!(
+            "the stream holds position {position}, but this database's log has handed out only \
+             {last}: was the database restored or cloned? Delete the stream (nats stream rm) or \
+             give this database its own --bus-stream"
+        )));
+    }
+    Ok(())
 }
 
 /// How long NATS remembers a message id for deduplication.
@@ -267,13 +323,13 @@ impl Bus {
     /// Connects to `config.url`. A server that is not up yet is retried in the background
     /// (this process reads the log meanwhile); a malformed URL is an error.
     pub async fn connect(config: BusConfig, database: String) -> Result<Bus, ChangeError> {
-        let (url, options) = connect_options(&config.url)?;
+        let (servers, options) = connect_options(&config.url)?;
         let client = options
             .name("syncgraph")
             .connection_timeout(REQUEST_TIMEOUT)
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .connect(url.as_str())
+            .connect(servers)
             .await
             .map_err(|err| ChangeError::Bus(format!("cannot connect to NATS: {err}")))?;
         // Give a server that is up a moment to answer, so a process does not start on the log.
@@ -315,12 +371,19 @@ impl Bus {
             })?;
         let found = &stream.cached_info().config;
         if found.description != wanted.description {
-            return Err(ChangeError::Bus(format!(
-                "stream {} carries another database's changes ({:?}); give each database \
-                 its own --bus-stream",
-                self.config.stream,
-                found.description.as_deref().unwrap_or("not syncgraph's")
-            )));
+            return Err(ChangeError::Bus(match &found.description {
+                Some(description) => format!(
+                    "stream {} carries another database's changes ({description:?}); give \
+                     each database its own --bus-stream",
+                    self.config.stream
+                ),
+                None => format!(
+                    "stream {} was not made by syncgraph for this database (it has no \
+                     description); delete it (nats stream rm) so that it is made anew, or \
+                     choose another --bus-stream",
+                    self.config.stream
+                ),
+            }));
         }
         if (found.max_age, found.max_bytes, found.num_replicas)
             != (wanted.max_age, wanted.max_bytes, wanted.num_replicas)
@@ -488,13 +551,33 @@ mod tests {
 
     #[test]
     fn credentials_are_taken_out_of_the_url() {
-        let (url, _) = connect_options("nats://alice:p%40ss@nats.internal:4222").unwrap();
-        assert_eq!(url, "nats://nats.internal:4222");
-        let (url, _) = connect_options("nats://s3cr3t-token@127.0.0.1:4222").unwrap();
-        assert_eq!(url, "nats://127.0.0.1:4222");
-        let (url, _) = connect_options("nats://127.0.0.1:4222").unwrap();
-        assert_eq!(url, "nats://127.0.0.1:4222");
-        assert!(connect_options("not a url").is_err());
+        let hosts = |urls: &str| {
+            let (servers, _) = connect_options(urls).unwrap();
+            servers
+                .iter()
+                .map(|server| format!("{}:{}", server.host(), server.port()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            hosts("nats://alice:p%40ss@nats.internal:4222"),
+            ["nats.internal:4222"]
+        );
+        assert_eq!(
+            hosts("nats://s3cr3t-token@127.0.0.1:4222"),
+            ["127.0.0.1:4222"]
+        );
+        assert_eq!(hosts("127.0.0.1:4222"), ["127.0.0.1:4222"]);
+        assert_eq!(
+            hosts("nats://a:b@n1:4222, nats://a:b@n2:4223,n3:4224"),
+            ["n1:4222", "n2:4223", "n3:4224"]
+        );
+        for (urls, _) in [
+            ("nats://a:b@n1:4222,nats://a:c@n2:4222", ()),
+            ("not a url", ()),
+            ("", ()),
+        ] {
+            assert!(connect_options(urls).is_err(), "{urls}");
+        }
         let config = BusConfig {
             url: "nats://alice:secret@h:4222".into(),
             stream: "S".into(),

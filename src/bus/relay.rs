@@ -31,11 +31,11 @@ pub const APPLICATION_NAME: &str = "syncgraph-relay";
 const LOCK_CHECK: Duration = Duration::from_secs(1);
 const LOCK_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A step of the tailer that takes longer is dropped and started again (harmless: the
-/// stream's guards hold whatever it appended), so that a connection that hangs without
-/// failing cannot hold the relay while its heartbeat says all is well. A step waiting at a
-/// gap for a long transaction just waits again.
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A statement of the relay's tailer that takes longer fails its run (the stream's guards
+/// hold whatever it appended), so that a connection that hangs without failing cannot hold
+/// the relay while its heartbeat says all is well. Waiting at a gap for a long transaction
+/// is many short statements: it may last.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long connecting the lock's connection, and sending a heartbeat, may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,48 +140,45 @@ enum Stop {
     Lost(ChangeError),
     /// Something failed; start again from the stream's tail.
     Retry(ChangeError),
-    /// A step took too long; start again (not a failure of the bus).
-    Slow,
 }
-use Stop::{Lost, Retry, Shutdown, Slow};
+use Stop::{Lost, Retry, Shutdown};
 
 impl Relay {
     /// Relays while the lock's connection lives; `Ok` at shutdown. Every failure of the bus
-    /// or the log starts over from the stream's tail; failing to append for
-    /// `GIVE_UP_AFTER` gives the lock up.
+    /// or the log starts over from the stream's tail; failing for `GIVE_UP_AFTER` without a
+    /// step that succeeded gives the lock up.
     async fn lead(
         &self,
         mut lock: PgConnection,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), ChangeError> {
         let mut pause = Duration::from_millis(50);
-        // When the current run of failures began.
+        // When the current run of failures began (no step has succeeded since).
         let mut failing_since: Option<Instant> = None;
         loop {
             let run_began = Instant::now();
-            let stop = self.relay_from_tail(&mut lock, shutdown).await;
-            if run_began.elapsed() >= GIVE_UP_AFTER {
-                // It relayed for a while: whatever stopped it now starts a new run.
+            let (stop, progressed) = self
+                .relay_from_tail(&mut lock, shutdown, failing_since.is_some())
+                .await;
+            if progressed {
                 failing_since = None;
                 pause = Duration::from_millis(50);
             }
             match stop {
                 Shutdown => {
-                    lock.close().await.ok();
+                    close(lock).await;
                     return Ok(());
                 }
                 Lost(err) => return Err(err),
-                Slow => {
-                    tracing::debug!(
-                        "a step of the relay took over {STEP_TIMEOUT:?}; starting again"
-                    );
-                    continue;
-                }
                 Retry(err) => {
                     tracing::warn!(error = %err, "relaying failed; starting again from the stream's tail");
-                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    let since = *failing_since.get_or_insert(if progressed {
+                        Instant::now()
+                    } else {
+                        run_began
+                    });
                     if since.elapsed() >= GIVE_UP_AFTER {
-                        lock.close().await.ok();
+                        close(lock).await;
                         return Err(ChangeError::Bus(format!(
                             "could not relay for {} s",
                             GIVE_UP_AFTER.as_secs()
@@ -193,25 +190,40 @@ impl Relay {
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
             }
+            if *shutdown.borrow() {
+                close(lock).await;
+                return Ok(());
+            }
             pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 
     /// One run: reads the stream's tail and appends what the log decides after it, beating
-    /// the heartbeat and checking the lock all the while.
+    /// the heartbeat and checking the lock all the while. Also says whether a step
+    /// succeeded. While `failing` (the runs before failed), it beats only once a step has
+    /// succeeded: a relay that cannot append must fall silent, so that followers read the
+    /// log.
     async fn relay_from_tail(
         &self,
         lock: &mut PgConnection,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Stop {
+        failing: bool,
+    ) -> (Stop, bool) {
+        if *shutdown.borrow() {
+            return (Shutdown, false);
+        }
         let bus = &self.bus;
         let tail = async {
             let stream = bus.stream().await?;
-            bus.tail(&stream).await
+            let (sequence, position) = bus.tail(&stream).await?;
+            if let Some(position) = position {
+                super::not_ahead_of(&self.db, position).await?;
+            }
+            Ok::<_, ChangeError>((sequence, position))
         };
         let (sequence, position) = match tail.await {
             Ok(tail) => tail,
-            Err(err) => return Retry(err),
+            Err(err) => return (Retry(err), false),
         };
         // An empty stream (new, wiped, or aged out) starts where this process's feed stands:
         // decided, and not behind what any relay appended before (this process has published
@@ -235,41 +247,63 @@ impl Relay {
             self.doorbell.clone(),
             after,
             self.poll,
-        );
+        )
+        .with_io_timeout(IO_TIMEOUT);
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut check = tokio::time::interval(LOCK_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut progressed = false;
         loop {
             let step = {
-                let step = tokio::time::timeout(STEP_TIMEOUT, tailer.step());
+                let step = tailer.step();
                 tokio::pin!(step);
                 loop {
                     tokio::select! {
                         result = &mut step => break result,
-                        _ = heartbeat.tick() => beat(bus, &through).await,
-                        _ = check.tick() => if let Err(err) = check_lock(lock).await {
-                            return Lost(err);
+                        _ = heartbeat.tick() => if progressed || !failing {
+                            beat(bus, &through).await;
                         },
-                        _ = shutdown.changed() => return Shutdown,
+                        _ = check.tick() => if let Err(stop) = self.check(lock).await {
+                            return (stop, progressed);
+                        },
+                        _ = shutdown.changed() => return (Shutdown, progressed),
                     }
                 }
             };
             match step {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => tokio::select! {
-                    _ = tailer.idle() => {}
-                    _ = heartbeat.tick() => beat(bus, &through).await,
-                    _ = check.tick() => if let Err(err) = check_lock(lock).await {
-                        return Lost(err);
-                    },
-                    _ = shutdown.changed() => return Shutdown,
-                },
-                Ok(Err(err)) => return Retry(err),
-                Err(_) => return Slow,
+                Ok(more) => {
+                    progressed = true;
+                    if !more {
+                        tokio::select! {
+                            _ = tailer.idle() => {}
+                            _ = heartbeat.tick() => beat(bus, &through).await,
+                            _ = check.tick() => if let Err(stop) = self.check(lock).await {
+                                return (stop, progressed);
+                            },
+                            _ = shutdown.changed() => return (Shutdown, progressed),
+                        }
+                    }
+                }
+                Err(err) => return (Retry(err), progressed),
             }
         }
     }
+
+    /// The lock's connection answers, and NATS is connected (a relay cut off from it is
+    /// failing, even when there is nothing to append).
+    async fn check(&self, lock: &mut PgConnection) -> Result<(), Stop> {
+        check_lock(lock).await.map_err(Lost)?;
+        if !self.bus.connected() {
+            return Err(Retry(ChangeError::Bus("cut off from NATS".into())));
+        }
+        Ok(())
+    }
+}
+
+/// Closes the lock's connection (releasing the lock), within bounds.
+async fn close(lock: PgConnection) {
+    let _ = tokio::time::timeout(LOCK_CHECK_TIMEOUT, lock.close()).await;
 }
 
 /// Whether the lock's connection still answers.

@@ -26,6 +26,8 @@ pub enum ChangeError {
     Listen(#[source] sea_orm::sqlx::Error),
     #[error("the relay's lock connection failed: {0}")]
     Lock(#[source] sea_orm::sqlx::Error),
+    #[error("a read of the change log took over {0:?}")]
+    Timeout(std::time::Duration),
     #[error("the bus: {0}")]
     Bus(String),
     #[error("undecodable change_log row at position {position}: {reason}")]

@@ -56,6 +56,8 @@ pub struct Tailer<S = Arc<Broker>> {
     /// How often to look without a ring (writes by other processes on SQLite; a safety net
     /// on Postgres).
     poll: Duration,
+    /// How long one statement may take (none: as long as it takes).
+    io_timeout: Option<Duration>,
 }
 
 impl Tailer {
@@ -65,7 +67,7 @@ impl Tailer {
     pub async fn start_position(db: &DatabaseConnection) -> Result<i64, ChangeError> {
         let max = max_position(db).await?;
         if db.get_database_backend() == DatabaseBackend::Postgres {
-            let wait = wait_for_horizon(db);
+            let wait = wait_for_horizon(db, None);
             tokio::pin!(wait);
             if let Ok(done) = tokio::time::timeout(Duration::from_secs(5), &mut wait).await {
                 done?;
@@ -96,7 +98,16 @@ impl<S: Sink> Tailer<S> {
             doorbell,
             last,
             poll,
+            io_timeout: None,
         }
+    }
+
+    /// Fails a step whose statement takes longer than `timeout` (a connection that hangs
+    /// without failing), instead of waiting on it: the bus's relay, whose heartbeat says it is
+    /// alive, must not hang. Waiting at a gap is many short statements, so it may last.
+    pub fn with_io_timeout(mut self, timeout: Duration) -> Self {
+        self.io_timeout = Some(timeout);
+        self
     }
 
     /// Every position up to here is decided and taken by the sink.
@@ -156,7 +167,8 @@ impl Tailer<Arc<Broker>> {
 impl<S: Sink> Tailer<S> {
     /// Reads once and hands on what is decided; true when there may be more to read now.
     pub async fn step(&mut self) -> Result<bool, ChangeError> {
-        let rows = read_range(&self.db, self.last, None, BATCH).await?;
+        let io = self.io_timeout;
+        let rows = bounded(io, read_range(&self.db, self.last, None, BATCH)).await?;
         let Some(highest) = rows.last().map(|row| row.position) else {
             return Ok(false);
         };
@@ -178,7 +190,7 @@ impl<S: Sink> Tailer<S> {
         // A gap below `highest`: wait until whoever held it has ended, then everything up
         // to `highest` is decided; what is still missing was rolled back (or pruned: with
         // several processes, retention must exceed how far any of them falls behind).
-        let pruned = super::log::pruned_through(&self.db).await?;
+        let pruned = bounded(io, super::log::pruned_through(&self.db)).await?;
         if pruned > self.last {
             tracing::error!(
                 last = self.last,
@@ -188,10 +200,10 @@ impl<S: Sink> Tailer<S> {
             );
         }
         if self.db.get_database_backend() == DatabaseBackend::Postgres {
-            wait_for_horizon(&self.db).await?;
+            wait_for_horizon(&self.db, io).await?;
         }
         loop {
-            let rows = read_range(&self.db, self.last, Some(highest), BATCH).await?;
+            let rows = bounded(io, read_range(&self.db, self.last, Some(highest), BATCH)).await?;
             let done = (rows.len() as u64) < BATCH;
             match rows.last().map(|row| row.position) {
                 Some(through) => self.publish(rows, through).await?,
@@ -213,15 +225,35 @@ impl<S: Sink> Tailer<S> {
     }
 }
 
+/// `statement`, failed with `ChangeError::Timeout` past `timeout` (when there is one).
+async fn bounded<T>(
+    timeout: Option<Duration>,
+    statement: impl std::future::Future<Output = Result<T, ChangeError>>,
+) -> Result<T, ChangeError> {
+    match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, statement)
+            .await
+            .map_err(|_| ChangeError::Timeout(timeout))?,
+        None => statement.await,
+    }
+}
+
 /// Waits until every transaction that had an xid when this was called has ended: takes a
-/// fresh xid X in its own transaction, then polls the snapshot horizon until it passes X.
-pub(crate) async fn wait_for_horizon(db: &DatabaseConnection) -> Result<(), ChangeError> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            DatabaseBackend::Postgres,
-            "SELECT pg_current_xact_id()::text AS xid",
-        ))
-        .await?;
+/// fresh xid X in its own transaction, then polls the snapshot horizon until it passes X
+/// (each statement within `io`, when given).
+pub(crate) async fn wait_for_horizon(
+    db: &DatabaseConnection,
+    io: Option<Duration>,
+) -> Result<(), ChangeError> {
+    let row = bounded(io, async {
+        Ok(db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT pg_current_xact_id()::text AS xid",
+            ))
+            .await?)
+    })
+    .await?;
     let xid: String = match row {
         Some(row) => row.try_get("", "xid")?,
         None => return Ok(()),
@@ -233,12 +265,15 @@ pub(crate) async fn wait_for_horizon(db: &DatabaseConnection) -> Result<(), Chan
     let check = format!("SELECT pg_snapshot_xmin(pg_current_snapshot()) > '{xid}'::xid8 AS passed");
     let mut pause = Duration::from_millis(1);
     loop {
-        let row = db
-            .query_one_raw(Statement::from_string(
-                DatabaseBackend::Postgres,
-                check.clone(),
-            ))
-            .await?;
+        let row = bounded(io, async {
+            Ok(db
+                .query_one_raw(Statement::from_string(
+                    DatabaseBackend::Postgres,
+                    check.clone(),
+                ))
+                .await?)
+        })
+        .await?;
         let passed = match row {
             Some(row) => row.try_get::<bool>("", "passed")?,
             None => false,

@@ -943,6 +943,72 @@ async fn a_stream_of_another_database_is_refused() {
     fresh_b.drop_database().await;
 }
 
+/// A database restored from a backup (its log's sequence below what the stream holds) does
+/// not take the stream's changes, which belong to its old timeline: it refuses the stream
+/// and serves its own log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, nats_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+)]
+async fn a_restored_database_refuses_the_stream_of_its_old_timeline() {
+    let nats = shared_nats();
+    let stream = unique_stream("restored");
+    let (database_url, fresh) = fresh_database(Backend::Postgres).await;
+    let mut before = start_node(&database_url, &nats, &stream).await;
+    let (token, author, channel) = ada_and_channel(before.addr).await;
+    let sql = Database::connect(&database_url).await.unwrap();
+    let insert = |body: &str| {
+        format!(
+            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+        )
+    };
+    for n in 0..5 {
+        sql.execute_unprepared(&insert(&format!("old-{n}")))
+            .await
+            .unwrap();
+    }
+    let head = max_position(&sql).await;
+    until("the stream has the old timeline", || async {
+        metric(before.addr, "syncgraph_bus_appended_total")
+            .await
+            .is_some_and(|appended| appended >= 5.0)
+    })
+    .await;
+    let _ = before.child.kill().await;
+    // The restore: the log is back to an earlier point.
+    sql.execute_unprepared(&format!(
+        "DELETE FROM messages WHERE body LIKE 'old-%'; DELETE FROM change_log WHERE position > {}; \
+         ALTER TABLE change_log ALTER COLUMN position RESTART WITH {}",
+        head - 5,
+        head - 4
+    ))
+    .await
+    .unwrap();
+    let after = start_node(&database_url, &nats, &stream).await;
+    let (got, task) = subscriber(after.addr, token, channel.clone(), cursor_at(head - 5));
+    sql.execute_unprepared(&insert("new")).await.unwrap();
+    sql.execute_unprepared(&insert(END)).await.unwrap();
+    tokio::time::timeout(TIMEOUT, task)
+        .await
+        .expect("in time")
+        .expect("subscriber");
+    assert_eq!(
+        bodies(&got),
+        ["new", END],
+        "the new timeline, not the stream's old one"
+    );
+    assert_eq!(bus_report(after.addr).await["state"], "postgres");
+    assert_eq!(
+        metric(after.addr, "syncgraph_bus_appended_total").await,
+        Some(0.0)
+    );
+    let mut after = after;
+    let _ = after.child.kill().await;
+    delete_stream(&nats, &stream).await;
+    fresh.drop_database().await;
+}
+
 /// A NATS server that wants a user and password: they go in the URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(
