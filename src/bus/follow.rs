@@ -61,6 +61,11 @@ pub(super) async fn run(
             Outcome::Stop => return,
             Outcome::Restart(reason) => {
                 tracing::info!(%reason, "following the bus again from this process's position");
+                // Never a busy loop, whatever keeps restarting it.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => return,
+                }
             }
             Outcome::Fallback(reason) => {
                 tracing::warn!(%reason, "reading the change log instead of the bus");
