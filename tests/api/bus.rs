@@ -845,6 +845,19 @@ async fn a_long_transaction_holds_the_feed_back_without_a_fallback() {
             "nothing passes the open transaction"
         );
     }
+    // Held back, but following the stream: the relay is heard, and nothing it appended is
+    // missing here.
+    for node in &nodes {
+        let report = bus_report(node.addr).await;
+        assert_eq!(report["state"], "stream", "{report}");
+        assert_eq!(report["behind_positions"], 0, "{report}");
+        assert!(
+            report["relay_heard_ms_ago"]
+                .as_u64()
+                .is_some_and(|ms| ms < 3_000),
+            "{report}"
+        );
+    }
     held.commit().await.unwrap();
     sql.execute_unprepared(&insert(END)).await.unwrap();
     let expected = logged(&sql, &channel, from).await;
