@@ -23,6 +23,19 @@ use crate::process::spawn_binary_with;
 use crate::subscriptions::cursor_at;
 use crate::ws_client::{Frame, WsClient};
 
+/// A test that needs PostgreSQL and NATS (ignored, and counted so, without them).
+macro_rules! bus_test {
+    ($(#[$meta:meta])* async fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[cfg_attr(
+            not(all(postgres_tests, nats_tests)),
+            ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
+        )]
+        async fn $name() $body
+    };
+}
+
 const BODIES: &str = "subscription($c: ID!, $after: String) { messageEvents(channelId: $c, after: $after) { cursor message { body } } }";
 
 /// The last write of every scenario: a subscriber that has it has everything.
@@ -771,13 +784,10 @@ async fn three_processes_through(fault: Fault) {
 macro_rules! through_faults {
     ($($name:ident => $fault:expr),* $(,)?) => {
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            #[cfg_attr(
-                not(all(postgres_tests, nats_tests)),
-                ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-            )]
-            async fn $name() {
-                three_processes_through($fault).await;
+            bus_test! {
+                async fn $name() {
+                    three_processes_through($fault).await;
+                }
             }
         )*
     };
@@ -791,276 +801,264 @@ through_faults! {
     a_process_back_after_the_stream_was_purged_reads_the_gap_from_the_log => Fault::PurgedWhileAway,
 }
 
-/// A transaction that wrote to a live table and stays open holds the feed back on every
-/// process (its position is a gap not yet decided: ARCHITECTURE.md, "The tailer"); that is
-/// the log's order, not a failing bus, so no process falls back to reading the log, and once
-/// it commits everything arrives in position order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn a_long_transaction_holds_the_feed_back_without_a_fallback() {
-    let (database_url, fresh) = fresh_database(Backend::Postgres).await;
-    let nats = shared_nats();
-    let stream = unique_stream("long_transaction");
-    let nodes = [
-        start_node(&database_url, &nats, &stream).await,
-        start_node(&database_url, &nats, &stream).await,
-    ];
-    let sql = Database::connect(&database_url)
-        .await
-        .expect("SQL connection");
-    let (token, author, channel) = ada_and_channel(nodes[0].addr).await;
-    let from = max_position(&sql).await;
-    let subscribers: Vec<_> = nodes
-        .iter()
-        .map(|node| subscriber(node.addr, token.clone(), channel.clone(), cursor_at(from)))
-        .collect();
-    let insert = |body: &str| {
-        format!(
-            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
-        )
-    };
-    sql.execute_unprepared(&insert("before")).await.unwrap();
-    for (received, _) in &subscribers {
-        until("the first change arrives", || async {
-            bodies(received) == ["before"]
-        })
-        .await;
-    }
-    let held = sql.begin().await.unwrap();
-    held.execute_unprepared(&insert("held")).await.unwrap();
-    for n in 0..10 {
-        sql.execute_unprepared(&insert(&format!("behind-{n}")))
+bus_test! {
+    /// A transaction that wrote to a live table and stays open holds the feed back on every
+    /// process (its position is a gap not yet decided: ARCHITECTURE.md, "The tailer"); that is
+    /// the log's order, not a failing bus, so no process falls back to reading the log, and once
+    /// it commits everything arrives in position order.
+    async fn a_long_transaction_holds_the_feed_back_without_a_fallback() {
+        let (database_url, fresh) = fresh_database(Backend::Postgres).await;
+        let nats = shared_nats();
+        let stream = unique_stream("long_transaction");
+        let nodes = [
+            start_node(&database_url, &nats, &stream).await,
+            start_node(&database_url, &nats, &stream).await,
+        ];
+        let sql = Database::connect(&database_url)
             .await
-            .unwrap();
+            .expect("SQL connection");
+        let (token, author, channel) = ada_and_channel(nodes[0].addr).await;
+        let from = max_position(&sql).await;
+        let subscribers: Vec<_> = nodes
+            .iter()
+            .map(|node| subscriber(node.addr, token.clone(), channel.clone(), cursor_at(from)))
+            .collect();
+        let insert = |body: &str| {
+            format!(
+                "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+            )
+        };
+        sql.execute_unprepared(&insert("before")).await.unwrap();
+        for (received, _) in &subscribers {
+            until("the first change arrives", || async {
+                bodies(received) == ["before"]
+            })
+            .await;
+        }
+        let held = sql.begin().await.unwrap();
+        held.execute_unprepared(&insert("held")).await.unwrap();
+        for n in 0..10 {
+            sql.execute_unprepared(&insert(&format!("behind-{n}")))
+                .await
+                .unwrap();
+        }
+        // Longer than a follower waits for the stream before it reads the log itself.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for (received, _) in &subscribers {
+            assert_eq!(
+                bodies(received),
+                ["before"],
+                "nothing passes the open transaction"
+            );
+        }
+        // Held back, but following the stream: the relay is heard, and nothing it appended is
+        // missing here.
+        for node in &nodes {
+            let report = bus_report(node.addr).await;
+            assert_eq!(report["state"], "stream", "{report}");
+            assert_eq!(report["behind_positions"], 0, "{report}");
+            assert!(
+                report["relay_heard_ms_ago"]
+                    .as_u64()
+                    .is_some_and(|ms| ms < 3_000),
+                "{report}"
+            );
+        }
+        held.commit().await.unwrap();
+        sql.execute_unprepared(&insert(END)).await.unwrap();
+        let expected = logged(&sql, &channel, from).await;
+        assert_eq!(expected[1], "held");
+        for (received, task) in subscribers {
+            tokio::time::timeout(TIMEOUT, task)
+                .await
+                .expect("in time")
+                .expect("subscriber");
+            assert_eq!(bodies(&received), expected);
+        }
+        for node in &nodes {
+            assert_eq!(
+                metric(node.addr, "syncgraph_bus_fallbacks_total").await,
+                Some(0.0)
+            );
+            assert_eq!(bus_report(node.addr).await["state"], "stream");
+        }
+        for mut node in nodes {
+            let _ = node.child.kill().await;
+        }
+        delete_stream(&nats, &stream).await;
+        fresh.drop_database().await;
     }
-    // Longer than a follower waits for the stream before it reads the log itself.
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    for (received, _) in &subscribers {
-        assert_eq!(
-            bodies(received),
-            ["before"],
-            "nothing passes the open transaction"
-        );
-    }
-    // Held back, but following the stream: the relay is heard, and nothing it appended is
-    // missing here.
-    for node in &nodes {
-        let report = bus_report(node.addr).await;
-        assert_eq!(report["state"], "stream", "{report}");
-        assert_eq!(report["behind_positions"], 0, "{report}");
-        assert!(
-            report["relay_heard_ms_ago"]
-                .as_u64()
-                .is_some_and(|ms| ms < 3_000),
-            "{report}"
-        );
-    }
-    held.commit().await.unwrap();
-    sql.execute_unprepared(&insert(END)).await.unwrap();
-    let expected = logged(&sql, &channel, from).await;
-    assert_eq!(expected[1], "held");
-    for (received, task) in subscribers {
-        tokio::time::timeout(TIMEOUT, task)
-            .await
-            .expect("in time")
-            .expect("subscriber");
-        assert_eq!(bodies(&received), expected);
-    }
-    for node in &nodes {
-        assert_eq!(
-            metric(node.addr, "syncgraph_bus_fallbacks_total").await,
-            Some(0.0)
-        );
-        assert_eq!(bus_report(node.addr).await["state"], "stream");
-    }
-    for mut node in nodes {
-        let _ = node.child.kill().await;
-    }
-    delete_stream(&nats, &stream).await;
-    fresh.drop_database().await;
 }
 
-/// Two databases given the same stream by mistake: the second refuses it (it carries the
-/// first one's changes) and reads its own log, so neither database's rows reach the other's
-/// subscribers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn a_stream_of_another_database_is_refused() {
-    let nats = shared_nats();
-    let stream = unique_stream("shared");
-    let (url_a, fresh_a) = fresh_database(Backend::Postgres).await;
-    let (url_b, fresh_b) = fresh_database(Backend::Postgres).await;
-    let a = start_node(&url_a, &nats, &stream).await;
-    until("the first database's relay runs", || async {
-        metric(a.addr, "syncgraph_bus_relay").await == Some(1.0)
-    })
-    .await;
-    let b = start_node(&url_b, &nats, &stream).await;
-    let (token_a, author_a, channel_a) = ada_and_channel(a.addr).await;
-    let (token_b, author_b, channel_b) = ada_and_channel(b.addr).await;
-    let sql_a = Database::connect(&url_a).await.unwrap();
-    let sql_b = Database::connect(&url_b).await.unwrap();
-    let (from_a, from_b) = (max_position(&sql_a).await, max_position(&sql_b).await);
-    let (got_a, task_a) = subscriber(a.addr, token_a, channel_a.clone(), cursor_at(from_a));
-    let (got_b, task_b) = subscriber(b.addr, token_b, channel_b.clone(), cursor_at(from_b));
-    for (sql, channel, author, body) in [
-        (&sql_a, &channel_a, &author_a, "in a"),
-        (&sql_b, &channel_b, &author_b, "in b"),
-        (&sql_a, &channel_a, &author_a, END),
-        (&sql_b, &channel_b, &author_b, END),
-    ] {
+bus_test! {
+    /// Two databases given the same stream by mistake: the second refuses it (it carries the
+    /// first one's changes) and reads its own log, so neither database's rows reach the other's
+    /// subscribers.
+    async fn a_stream_of_another_database_is_refused() {
+        let nats = shared_nats();
+        let stream = unique_stream("shared");
+        let (url_a, fresh_a) = fresh_database(Backend::Postgres).await;
+        let (url_b, fresh_b) = fresh_database(Backend::Postgres).await;
+        let a = start_node(&url_a, &nats, &stream).await;
+        until("the first database's relay runs", || async {
+            metric(a.addr, "syncgraph_bus_relay").await == Some(1.0)
+        })
+        .await;
+        let b = start_node(&url_b, &nats, &stream).await;
+        let (token_a, author_a, channel_a) = ada_and_channel(a.addr).await;
+        let (token_b, author_b, channel_b) = ada_and_channel(b.addr).await;
+        let sql_a = Database::connect(&url_a).await.unwrap();
+        let sql_b = Database::connect(&url_b).await.unwrap();
+        let (from_a, from_b) = (max_position(&sql_a).await, max_position(&sql_b).await);
+        let (got_a, task_a) = subscriber(a.addr, token_a, channel_a.clone(), cursor_at(from_a));
+        let (got_b, task_b) = subscriber(b.addr, token_b, channel_b.clone(), cursor_at(from_b));
+        for (sql, channel, author, body) in [
+            (&sql_a, &channel_a, &author_a, "in a"),
+            (&sql_b, &channel_b, &author_b, "in b"),
+            (&sql_a, &channel_a, &author_a, END),
+            (&sql_b, &channel_b, &author_b, END),
+        ] {
+            sql.execute_unprepared(&format!(
+                "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+            ))
+            .await
+            .unwrap();
+        }
+        for task in [task_a, task_b] {
+            tokio::time::timeout(TIMEOUT, task)
+                .await
+                .expect("in time")
+                .expect("subscriber");
+        }
+        assert_eq!(bodies(&got_a), ["in a", END]);
+        assert_eq!(bodies(&got_b), ["in b", END]);
+        assert_eq!(bus_report(a.addr).await["state"], "stream");
+        assert_eq!(bus_report(b.addr).await["state"], "postgres");
+        // The stream holds the first database's changes only.
+        let client = async_nats::connect(nats.as_str()).await.unwrap();
+        let info = async_nats::jetstream::new(client)
+            .get_stream(&stream)
+            .await
+            .unwrap()
+            .get_info()
+            .await
+            .unwrap();
+        let appended = metric(a.addr, "syncgraph_bus_appended_total")
+            .await
+            .unwrap();
+        assert_eq!(info.state.messages as f64, appended);
+        assert_eq!(
+            metric(b.addr, "syncgraph_bus_appended_total").await,
+            Some(0.0)
+        );
+        for mut node in [a, b] {
+            let _ = node.child.kill().await;
+        }
+        delete_stream(&nats, &stream).await;
+        fresh_a.drop_database().await;
+        fresh_b.drop_database().await;
+    }
+}
+
+bus_test! {
+    /// A database restored from a backup (its log's sequence below what the stream holds) does
+    /// not take the stream's changes, which belong to its old timeline: it refuses the stream
+    /// and serves its own log.
+    async fn a_restored_database_refuses_the_stream_of_its_old_timeline() {
+        let nats = shared_nats();
+        let stream = unique_stream("restored");
+        let (database_url, fresh) = fresh_database(Backend::Postgres).await;
+        let mut before = start_node(&database_url, &nats, &stream).await;
+        let (token, author, channel) = ada_and_channel(before.addr).await;
+        let sql = Database::connect(&database_url).await.unwrap();
+        let insert = |body: &str| {
+            format!(
+                "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+            )
+        };
+        for n in 0..5 {
+            sql.execute_unprepared(&insert(&format!("old-{n}")))
+                .await
+                .unwrap();
+        }
+        let head = max_position(&sql).await;
+        until("the stream has the old timeline", || async {
+            metric(before.addr, "syncgraph_bus_appended_total")
+                .await
+                .is_some_and(|appended| appended >= 5.0)
+        })
+        .await;
+        let _ = before.child.kill().await;
+        // The restore: the log is back to an earlier point.
         sql.execute_unprepared(&format!(
-            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
+            "DELETE FROM messages WHERE body LIKE 'old-%'; DELETE FROM change_log WHERE position > {}; \
+             ALTER TABLE change_log ALTER COLUMN position RESTART WITH {}",
+            head - 5,
+            head - 4
         ))
         .await
         .unwrap();
-    }
-    for task in [task_a, task_b] {
+        let after = start_node(&database_url, &nats, &stream).await;
+        let (got, task) = subscriber(after.addr, token, channel.clone(), cursor_at(head - 5));
+        sql.execute_unprepared(&insert("new")).await.unwrap();
+        sql.execute_unprepared(&insert(END)).await.unwrap();
         tokio::time::timeout(TIMEOUT, task)
             .await
             .expect("in time")
             .expect("subscriber");
+        assert_eq!(
+            bodies(&got),
+            ["new", END],
+            "the new timeline, not the stream's old one"
+        );
+        assert_eq!(bus_report(after.addr).await["state"], "postgres");
+        assert_eq!(
+            metric(after.addr, "syncgraph_bus_appended_total").await,
+            Some(0.0)
+        );
+        let mut after = after;
+        let _ = after.child.kill().await;
+        delete_stream(&nats, &stream).await;
+        fresh.drop_database().await;
     }
-    assert_eq!(bodies(&got_a), ["in a", END]);
-    assert_eq!(bodies(&got_b), ["in b", END]);
-    assert_eq!(bus_report(a.addr).await["state"], "stream");
-    assert_eq!(bus_report(b.addr).await["state"], "postgres");
-    // The stream holds the first database's changes only.
-    let client = async_nats::connect(nats.as_str()).await.unwrap();
-    let info = async_nats::jetstream::new(client)
-        .get_stream(&stream)
-        .await
-        .unwrap()
-        .get_info()
+}
+
+bus_test! {
+    /// A NATS server that wants a user and password: they go in the URL.
+    async fn credentials_in_the_bus_url_are_used() {
+        let mut nats = OwnNats::start_new_with(&["--user", "alice", "--pass", "p@ss word"]).await;
+        let (database_url, fresh) = fresh_database(Backend::Postgres).await;
+        let url = format!("nats://alice:p%40ss%20word@127.0.0.1:{}", nats.port);
+        let node = start_node(&database_url, &url, "CREDENTIALS").await;
+        until("the process relays and follows the stream", || async {
+            metric(node.addr, "syncgraph_bus_relay").await == Some(1.0)
+                && bus_report(node.addr).await["state"] == "stream"
+        })
+        .await;
+        let (token, author, channel) = ada_and_channel(node.addr).await;
+        let (got, task) = subscriber(node.addr, token, channel.clone(), cursor_at(0));
+        let sql = Database::connect(&database_url).await.unwrap();
+        sql.execute_unprepared(&format!(
+            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{END}')"
+        ))
         .await
         .unwrap();
-    let appended = metric(a.addr, "syncgraph_bus_appended_total")
-        .await
-        .unwrap();
-    assert_eq!(info.state.messages as f64, appended);
-    assert_eq!(
-        metric(b.addr, "syncgraph_bus_appended_total").await,
-        Some(0.0)
-    );
-    for mut node in [a, b] {
+        tokio::time::timeout(TIMEOUT, task)
+            .await
+            .expect("in time")
+            .expect("subscriber");
+        assert_eq!(bodies(&got), [END]);
+        assert!(
+            metric(node.addr, "syncgraph_bus_received_total")
+                .await
+                .unwrap()
+                >= 1.0
+        );
+        let mut node = node;
         let _ = node.child.kill().await;
+        nats.stop().await;
+        fresh.drop_database().await;
     }
-    delete_stream(&nats, &stream).await;
-    fresh_a.drop_database().await;
-    fresh_b.drop_database().await;
-}
-
-/// A database restored from a backup (its log's sequence below what the stream holds) does
-/// not take the stream's changes, which belong to its old timeline: it refuses the stream
-/// and serves its own log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn a_restored_database_refuses_the_stream_of_its_old_timeline() {
-    let nats = shared_nats();
-    let stream = unique_stream("restored");
-    let (database_url, fresh) = fresh_database(Backend::Postgres).await;
-    let mut before = start_node(&database_url, &nats, &stream).await;
-    let (token, author, channel) = ada_and_channel(before.addr).await;
-    let sql = Database::connect(&database_url).await.unwrap();
-    let insert = |body: &str| {
-        format!(
-            "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{body}')"
-        )
-    };
-    for n in 0..5 {
-        sql.execute_unprepared(&insert(&format!("old-{n}")))
-            .await
-            .unwrap();
-    }
-    let head = max_position(&sql).await;
-    until("the stream has the old timeline", || async {
-        metric(before.addr, "syncgraph_bus_appended_total")
-            .await
-            .is_some_and(|appended| appended >= 5.0)
-    })
-    .await;
-    let _ = before.child.kill().await;
-    // The restore: the log is back to an earlier point.
-    sql.execute_unprepared(&format!(
-        "DELETE FROM messages WHERE body LIKE 'old-%'; DELETE FROM change_log WHERE position > {}; \
-         ALTER TABLE change_log ALTER COLUMN position RESTART WITH {}",
-        head - 5,
-        head - 4
-    ))
-    .await
-    .unwrap();
-    let after = start_node(&database_url, &nats, &stream).await;
-    let (got, task) = subscriber(after.addr, token, channel.clone(), cursor_at(head - 5));
-    sql.execute_unprepared(&insert("new")).await.unwrap();
-    sql.execute_unprepared(&insert(END)).await.unwrap();
-    tokio::time::timeout(TIMEOUT, task)
-        .await
-        .expect("in time")
-        .expect("subscriber");
-    assert_eq!(
-        bodies(&got),
-        ["new", END],
-        "the new timeline, not the stream's old one"
-    );
-    assert_eq!(bus_report(after.addr).await["state"], "postgres");
-    assert_eq!(
-        metric(after.addr, "syncgraph_bus_appended_total").await,
-        Some(0.0)
-    );
-    let mut after = after;
-    let _ = after.child.kill().await;
-    delete_stream(&nats, &stream).await;
-    fresh.drop_database().await;
-}
-
-/// A NATS server that wants a user and password: they go in the URL.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(
-    not(all(postgres_tests, nats_tests)),
-    ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_NATS"
-)]
-async fn credentials_in_the_bus_url_are_used() {
-    let mut nats = OwnNats::start_new_with(&["--user", "alice", "--pass", "p@ss word"]).await;
-    let (database_url, fresh) = fresh_database(Backend::Postgres).await;
-    let url = format!("nats://alice:p%40ss%20word@127.0.0.1:{}", nats.port);
-    let node = start_node(&database_url, &url, "CREDENTIALS").await;
-    until("the process relays and follows the stream", || async {
-        metric(node.addr, "syncgraph_bus_relay").await == Some(1.0)
-            && bus_report(node.addr).await["state"] == "stream"
-    })
-    .await;
-    let (token, author, channel) = ada_and_channel(node.addr).await;
-    let (got, task) = subscriber(node.addr, token, channel.clone(), cursor_at(0));
-    let sql = Database::connect(&database_url).await.unwrap();
-    sql.execute_unprepared(&format!(
-        "INSERT INTO messages (channel_id, author_id, body) VALUES ({channel}, {author}, '{END}')"
-    ))
-    .await
-    .unwrap();
-    tokio::time::timeout(TIMEOUT, task)
-        .await
-        .expect("in time")
-        .expect("subscriber");
-    assert_eq!(bodies(&got), [END]);
-    assert!(
-        metric(node.addr, "syncgraph_bus_received_total")
-            .await
-            .unwrap()
-            >= 1.0
-    );
-    let mut node = node;
-    let _ = node.child.kill().await;
-    nats.stop().await;
-    fresh.drop_database().await;
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
