@@ -1,5 +1,7 @@
-//! The GraphQL schema: `AppSchema`, `sdl`, and per-request execution (`Api`). Runs
-//! without a socket: tests call `execute` directly. Its rooms: `replies` (an operation's
+//! The GraphQL schema and per-request execution (`Api`: here, its parts and the request
+//! path of a query or mutation). Runs without a socket: tests call `execute` directly. Its
+//! rooms: `schema` (`AppSchema`, its limits, `sdl`), `operations` (`Api::execute_stream`:
+//! any operation's run for a streaming transport, renders, start permits), `replies` (an operation's
 //! replies, the live phase of a subscription), `context` (what resolvers take from a
 //! request), `committed` (how a mutation writes), `shared` (subscription shapes, render
 //! mode), the roots and types, and the request checks (`complexity`, `introspection`,
@@ -16,9 +18,11 @@ pub mod limits;
 mod live_query;
 pub mod loaders;
 pub mod mutation;
+mod operations;
 mod persisted;
 pub mod query;
 mod replies;
+mod schema;
 mod shared;
 pub mod subscription;
 pub mod types;
@@ -26,32 +30,28 @@ mod yjs_writes;
 
 use std::sync::Arc;
 
-use async_graphql::Schema;
-use futures_util::StreamExt;
 use sea_orm::DatabaseConnection;
-use tokio::sync::mpsc;
 
 use crate::auth::{JwtKeys, Viewer};
 use crate::changes::{Announcer, Doorbell};
 use crate::live::SubscriptionQuota;
-use crate::pubsub::{Broker, FeedStats};
+use crate::pubsub::Broker;
 pub(crate) use committed::Committed;
 pub(crate) use context::{
     Reading, db, jwt_keys, live, loaders, missing, reading, viewer, viewer_id,
 };
 use error::ErrorCounts;
-use limits::{AuthLimiter, PageLimit};
 pub(crate) use live_query::LiveKey;
 pub use mutation::MutationRoot;
+pub use operations::StartPermit;
+use operations::operation_span;
 pub use query::QueryRoot;
 pub use replies::Replies;
-use replies::{AbortOnDrop, Finished};
+use schema::build_schema;
+pub use schema::{AppSchema, SchemaLimits, is_live_query, sdl};
 pub use subscription::SubscriptionRoot;
 use tracing::Instrument as _;
 pub use yjs_writes::YjsWrites;
-
-/// The executable schema.
-pub type AppSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
 /// The change feed as resolvers see it: the hub to subscribe to, the doorbell and the
 /// announcer that mutations ring after they commit, and the permits subscriptions take to
@@ -72,83 +72,6 @@ pub struct Live {
     /// (`Api::start_permit`), so the WebSocket reads no further message of its socket while
     /// it waits; released when the start ends.
     pub subscription_starts: Arc<tokio::sync::Semaphore>,
-}
-
-/// What the schema limits (from `config::Limits::schema`).
-#[derive(Clone, Copy, Debug)]
-pub struct SchemaLimits {
-    /// Deepest selection nesting of one operation.
-    pub max_depth: usize,
-    /// Most fields one document selects (see `complexity`).
-    pub max_complexity: usize,
-    /// Whether introspection is answered.
-    pub introspection: bool,
-    /// Open subscriptions of one user in this process.
-    pub max_subscriptions_per_user: u32,
-    /// signIn/signUp attempts per client address per minute.
-    pub auth_attempts_per_minute: u32,
-    /// Largest `first`/`last` of a page, 1 to `input::PAGE_SIZE_MAX`.
-    pub max_page_size: i32,
-    /// Largest result of a live query, in bytes of JSON.
-    pub live_max_result_bytes: usize,
-    /// Largest Yjs update of `applyDocumentUpdate`, in bytes of base64.
-    pub max_document_update_bytes: usize,
-}
-
-/// Builds the schema over a database connection (and how writes run on it), this process's
-/// token keys, the feed and the subscription quota it shares with live queries.
-fn build_schema(
-    db: DatabaseConnection,
-    writes: crate::store::Writes,
-    keys: JwtKeys,
-    live: Live,
-    limits: &SchemaLimits,
-    quota: Arc<SubscriptionQuota>,
-    yjs: YjsWrites,
-) -> AppSchema {
-    let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
-        .data(yjs)
-        .data(Reading::pool(db.clone()))
-        .data(db)
-        .data(writes)
-        .data(keys)
-        .data(live)
-        .data(quota)
-        .data(AuthLimiter::new(limits.auth_attempts_per_minute))
-        .data(mutation::DocumentUpdateLimit(
-            limits.max_document_update_bytes,
-        ))
-        .data(PageLimit(
-            limits.max_page_size.clamp(1, input::PAGE_SIZE_MAX),
-        ))
-        .directive(live_query::LiveDirective)
-        .limit_depth(limits.max_depth)
-        .limit_complexity(limits.max_complexity)
-        .extension(complexity::FullComplexity {
-            max: limits.max_complexity,
-        });
-    if limits.introspection {
-        builder.finish()
-    } else {
-        builder
-            .disable_introspection()
-            .extension(introspection::RefuseIntrospection)
-            .finish()
-    }
-}
-
-/// True when `request` is a `@live` query (one that can run: a refused `@live` is not), which
-/// a streaming transport streams and plain HTTP answers once.
-pub fn is_live_query(request: &mut async_graphql::Request) -> bool {
-    matches!(live_query::options(request), Ok(Some(_)))
-}
-
-/// The schema's SDL, as committed in `schema.graphql`.
-pub fn sdl() -> String {
-    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
-        .directive(live_query::LiveDirective)
-        .finish()
-        .sdl()
 }
 
 /// The schema plus what each request needs attached: cheap to clone (one pointer; every
@@ -378,240 +301,6 @@ impl Api {
             self.errors.add(&code);
         }
     }
-
-    /// Runs one operation of any kind as `viewer`; its replies come from `Replies::next`
-    /// (one for a query or mutation, one per event for a subscription), every error with a
-    /// code. The operation's work runs in its span; when the replies end or are dropped
-    /// (the client completed it), its duration and reply count are logged.
-    ///
-    /// Two phases. The start runs through async-graphql under `permit`: a query or
-    /// mutation runs whole; a subscription's
-    /// resolver checks it and hands it over (`shared::Handover`). Then, for a subscription,
-    /// the live phase follows the topic and sends each event's rendering, made once per
-    /// shape and shared (`Reply::Shared`). The start's state (async-graphql's stream, the
-    /// parsed document, the request) is freed before the live phase begins.
-    pub fn execute_stream(
-        &self,
-        request: async_graphql::Request,
-        viewer: Viewer,
-        permit: StartPermit,
-    ) -> Replies {
-        let span = operation_span(&request, viewer);
-        // Made before the replies are first asked for, so an operation completed at once is
-        // logged too, and its duration counts from here.
-        let finished = Finished {
-            span: span.clone(),
-            started: std::time::Instant::now(),
-            responses: 0,
-            errors: 0,
-        };
-        let mut request = self.prepare(request, viewer);
-        match live_query::options(&mut request) {
-            Ok(None) => {}
-            Ok(Some(options)) => {
-                return self.live_replies(&request, viewer, options, permit, finished);
-            }
-            Err(err) => return self.refused(err, finished),
-        }
-        let handover = Arc::new(shared::Handover::default());
-        let request = request.data(handover.clone());
-        let api = self.clone();
-        // The start runs in a task of its own, so that it makes progress (and gives its
-        // permit back) however the transport drives the replies: a WebSocket whose client
-        // does not read stops polling its operations, and must not hold a permit meanwhile.
-        let (responses, start) = mpsc::channel(4);
-        let task = {
-            let handover = handover.clone();
-            tokio::spawn(async move {
-                let mut permit = Some(permit);
-                let mut request = request;
-                match shared::plan(&mut request) {
-                    Ok(parts) => handover.set_shape(parts),
-                    Err(err) => {
-                        let _ = responses
-                            .send(async_graphql::Response::from_errors(vec![err]))
-                            .await;
-                        return;
-                    }
-                }
-                let mut inner = api.schema.execute_stream(request);
-                while let Some(response) = inner.next().instrument(span.clone()).await {
-                    // Started (or refused): the next operation may start.
-                    permit = None;
-                    if responses.send(response).await.is_err() {
-                        return;
-                    }
-                }
-                drop(permit);
-            })
-        };
-        Replies {
-            api: self.clone(),
-            start: Some(start),
-            start_task: Some(AbortOnDrop(task)),
-            handover: Some(handover),
-            live: None,
-            live_query: None,
-            finished,
-        }
-    }
-
-    /// Replies that are one response with `err`, refused before anything ran.
-    fn refused(&self, err: async_graphql::ServerError, finished: Finished) -> Replies {
-        let (responses, start) = mpsc::channel(1);
-        let _ = responses.try_send(async_graphql::Response::from_errors(vec![err]));
-        Replies {
-            api: self.clone(),
-            start: Some(start),
-            start_task: None,
-            handover: None,
-            live: None,
-            live_query: None,
-            finished,
-        }
-    }
-
-    /// A live query's replies: a member of its cohort (see `live::queries`), holding one of
-    /// the viewer's subscription slots.
-    fn live_replies(
-        &self,
-        request: &async_graphql::Request,
-        viewer: Viewer,
-        options: live_query::LiveOptions,
-        permit: StartPermit,
-        finished: Finished,
-    ) -> Replies {
-        let slot = match viewer {
-            Viewer::User(id) => match self.quota.acquire(id) {
-                Some(slot) => Some(slot),
-                None => {
-                    // Counted when the replies hand it out, like every refusal.
-                    let err = error::coded(
-                        error::code::LIMIT_EXCEEDED,
-                        format!(
-                            "at most {} open subscriptions and live queries per user",
-                            self.quota.max()
-                        ),
-                        None,
-                    );
-                    return self.refused(err, finished);
-                }
-            },
-            _ => None,
-        };
-        let member = self
-            .live_queries()
-            .join(live_query::LiveKey::new(request, viewer), options.throttle);
-        // Joining is the whole start: executions wait for the engine's own permits, so the
-        // transport may start its next operation at once (and a first execution that is
-        // retried holds nothing of the socket's).
-        drop(permit);
-        Replies {
-            api: self.clone(),
-            start: None,
-            start_task: None,
-            handover: None,
-            live: None,
-            live_query: Some(Box::new(replies::LiveReplies {
-                member,
-                _slot: slot,
-            })),
-            finished,
-        }
-    }
-
-    /// The live queries' engine, made (and its matching of the feed started) by the first
-    /// live query. Its executions hold a pooled connection each; at most half the pool's
-    /// connections run them at once, so requests keep the other half.
-    fn live_queries(&self) -> &live_query::LiveQueries {
-        self.live_queries.get_or_init(|| {
-            // Subscribed before any execution takes its cursor (see `live::queries`).
-            let events = self.broker.subscribe_all();
-            let parts = Arc::downgrade(&self.0);
-            let engine = live_query::LiveQueries::new(
-                self.broker.clone(),
-                Box::new(move |key| {
-                    let parts = parts.upgrade();
-                    Box::pin(async move {
-                        match parts {
-                            Some(parts) => Api(parts).execute_live(key).await,
-                            // The server is gone; nobody reads the stream.
-                            None => crate::live::queries::Outcome::Final(Arc::default()),
-                        }
-                    })
-                }),
-                self.pool_connections.div_ceil(2),
-                Reply::cursor,
-            );
-            tokio::spawn(engine.clone().run(events));
-            engine
-        })
-    }
-
-    /// A permit to start an operation (see `Live::subscription_starts`). Transports take it
-    /// before they hand the operation over, so that what waits for it is as small as can
-    /// be; it is released when the start ends.
-    pub fn start_permit(&self) -> impl std::future::Future<Output = StartPermit> + Send + 'static {
-        let starts = self.subscription_starts.clone();
-        async move {
-            StartPermit {
-                _permit: starts.acquire_owned().await.ok(),
-            }
-        }
-    }
-
-    /// Renders one event (or error) under `shape`: the subscription's document run in
-    /// render mode, as no viewer (see `shared`). `Err` holds a rendering with an internal
-    /// error (a failed author lookup, say): delivered, but not kept for others to share,
-    /// so the next subscriber tries again.
-    async fn render(
-        &self,
-        shape: &shared::Shape,
-        one: shared::RenderOne,
-    ) -> Result<shared::Rendered, shared::Rendered> {
-        FeedStats::add(&self.broker.stats.renders, 1);
-        let mut request = async_graphql::Request::new(shape.query.clone())
-            .variables(shape.variables.clone())
-            .data(one)
-            .data(loaders::loaders(Reading::pool(self.db.clone())));
-        request.operation_name = shape.operation_name.clone();
-        self.documents.attach(&mut request);
-        let Some(mut response) = self.schema.execute_stream(request).next().await else {
-            return Ok(shared::Rendered {
-                json: None,
-                codes: Vec::new(),
-            });
-        };
-        let codes = codes(&mut response);
-        let json = match serde_json::to_string(&response) {
-            Ok(json) => json,
-            Err(err) => {
-                // Only a map with non-string keys fails; a GraphQL response has none.
-                tracing::error!(error = %err, "a response could not be serialized");
-                return Ok(shared::Rendered {
-                    json: None,
-                    codes: Vec::new(),
-                });
-            }
-        };
-        let internal = codes
-            .iter()
-            .any(|code| code == error::code::INTERNAL_SERVER_ERROR);
-        let rendered = shared::Rendered {
-            json: Some(json.into()),
-            codes,
-        };
-        if internal {
-            Err(rendered)
-        } else {
-            Ok(rendered)
-        }
-    }
-}
-
-/// A permit to start one operation (`Api::start_permit`).
-pub struct StartPermit {
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Gives every error of `response` a code, and returns the codes.
@@ -631,17 +320,4 @@ fn codes(response: &mut async_graphql::Response) -> Vec<String> {
                 .unwrap_or_default()
         })
         .collect()
-}
-
-/// The span an operation runs in: its name (when the request names one) and the viewer.
-fn operation_span(request: &async_graphql::Request, viewer: Viewer) -> tracing::Span {
-    let viewer = match viewer {
-        Viewer::User(id) => Some(id),
-        _ => None,
-    };
-    tracing::info_span!(
-        "graphql",
-        operation = request.operation_name.as_deref().unwrap_or(""),
-        viewer,
-    )
 }
