@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::helpers::{Backend, TestServer, data, fresh_database, run};
+use crate::helpers::{Backend, TestServer, data, fresh_database, run, run_with};
 
 /// How many tests `browser.test.mjs` holds.
 const BROWSER_TESTS: usize = 8;
@@ -125,8 +125,8 @@ fn passed(report: &str) -> usize {
 /// ws in Node) against `/yjs/{documentId}`: concurrent typing converges and is stored in SQL,
 /// a late joiner sees it, awareness comes and goes at once, refusals carry no content
 /// (`tests/browser/yjs-providers.test.mjs`). With `two_processes`, the peers are spread over
-/// two server processes of one PostgreSQL database.
-async fn yjs_providers(server: TestServer, two_processes: bool) {
+/// two server processes of one PostgreSQL database, each set up by `peer` too.
+async fn yjs_providers(server: &TestServer, two_processes: bool, peer: fn(&mut syncgraph::Config)) {
     let dir = installed("tests/browser");
     let (ada, _) = server.sign_up("Ada").await;
     let (outsider, _) = server.sign_up("Bob").await;
@@ -145,7 +145,7 @@ async fn yjs_providers(server: TestServer, two_processes: bool) {
         .expect("an id")
         .to_owned();
     let peer = match two_processes {
-        true => Some(server.start_peer().await),
+        true => Some(server.start_peer_with(Some("test-secret"), peer).await),
         false => None,
     };
     let mut servers = vec![format!("ws://{}/yjs", server.addr)];
@@ -189,7 +189,10 @@ async fn yjs_providers(server: TestServer, two_processes: bool) {
     ignore = "needs SYNCGRAPH_TEST_CLIENTS=1 (Node.js, npm ci)"
 )]
 async fn yjs_providers_converge_sqlite() {
-    run(Backend::Sqlite, |server| yjs_providers(server, false)).await;
+    run(Backend::Sqlite, |server| async move {
+        yjs_providers(&server, false, |_| {}).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +201,10 @@ async fn yjs_providers_converge_sqlite() {
     ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_CLIENTS=1"
 )]
 async fn yjs_providers_converge_postgres() {
-    run(Backend::Postgres, |server| yjs_providers(server, false)).await;
+    run(Backend::Postgres, |server| async move {
+        yjs_providers(&server, false, |_| {}).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +213,63 @@ async fn yjs_providers_converge_postgres() {
     ignore = "needs SYNCGRAPH_TEST_POSTGRES and SYNCGRAPH_TEST_CLIENTS=1"
 )]
 async fn yjs_providers_converge_across_two_processes_postgres() {
-    run(Backend::Postgres, |server| yjs_providers(server, true)).await;
+    run(Backend::Postgres, |server| async move {
+        yjs_providers(&server, true, |_| {}).await
+    })
+    .await;
+}
+
+/// Both processes on the bus (`--bus`, a stream of this test's own on the shared NATS
+/// server, named after its database): what one process's peers type reaches the other's
+/// through the stream.
+fn on_the_bus(config: &mut syncgraph::Config) {
+    config.bus = std::env::var("SYNCGRAPH_TEST_NATS").ok();
+    let database = config.database_url.rsplit('/').next().unwrap_or_default();
+    config.bus_stream = format!(
+        "CLIENTS_{}",
+        database
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>()
+    );
+    config.bus_max_age_secs = 600;
+    config.bus_max_bytes = 64 << 20;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(postgres_tests, client_tests, nats_tests)),
+    ignore = "needs SYNCGRAPH_TEST_POSTGRES, SYNCGRAPH_TEST_NATS and SYNCGRAPH_TEST_CLIENTS=1"
+)]
+async fn yjs_providers_converge_across_two_processes_on_the_bus_postgres() {
+    run_with(Backend::Postgres, on_the_bus, |server| async move {
+        let mut config = syncgraph::Config::for_database(server.database_url.clone());
+        on_the_bus(&mut config);
+        yjs_providers(&server, true, on_the_bus).await;
+        // The updates came through the stream: this process took changes from it.
+        let metrics = server.metrics().await;
+        let received = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("syncgraph_bus_received_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok());
+        assert!(received.is_some_and(|n| n > 0.0), "{metrics}");
+        assert!(
+            metrics.contains("syncgraph_bus_state{state=\"stream\"} 1"),
+            "{metrics}"
+        );
+        // Never by falling back to the log.
+        assert!(
+            metrics.contains("syncgraph_bus_fallbacks_total 0\n"),
+            "{metrics}"
+        );
+        let client = async_nats::connect(config.bus.as_deref().unwrap_or_default())
+            .await
+            .expect("connect to NATS");
+        let _ = async_nats::jetstream::new(client)
+            .delete_stream(&config.bus_stream)
+            .await;
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
