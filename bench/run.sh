@@ -20,7 +20,8 @@ read -r -a targets <<< "${TARGETS:-ceiling sqlite postgres}"
 duration="${DURATION:-10}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/syncgraph-target}"
 cargo build --release -p syncgraph -p loadgen
-server_bin="$CARGO_TARGET_DIR/release/syncgraph"
+# SERVER_BIN (with COMMIT naming it) runs another build of the server, e.g. a baseline.
+server_bin="${SERVER_BIN:-$CARGO_TARGET_DIR/release/syncgraph}"
 ceiling_bin="$CARGO_TARGET_DIR/release/ceiling"
 loadgen_bin="$CARGO_TARGET_DIR/release/loadgen"
 editors_bin="$CARGO_TARGET_DIR/release/editors"
@@ -35,6 +36,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 1048576 || true
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 # Uncommitted changes (other than these results) are not that commit: say so.
 if ! git diff --quiet HEAD -- . ':!bench/results' 2>/dev/null; then commit="$commit-dirty"; fi
+commit="${COMMIT:-$commit}"
 
 server_pid=""
 port=""

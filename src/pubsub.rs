@@ -130,6 +130,8 @@ pub struct Broker {
     published: AtomicI64,
     closed: std::sync::atomic::AtomicBool,
     streaming: std::sync::atomic::AtomicUsize,
+    /// The streaming subscriptions per topic.
+    streaming_topics: Mutex<HashMap<i64, usize>>,
     recent: Mutex<Recent>,
     /// Every published event, whatever its topic, for the one receiver that needs them all
     /// (live queries; see `subscribe_all`).
@@ -205,6 +207,11 @@ impl TopicReceiver {
     pub async fn recv(&mut self) -> Result<Arc<ChangeEvent>, broadcast::error::RecvError> {
         self.receiver.recv().await
     }
+
+    /// The next event if one is already there (or `Empty`, `Lagged`, `Closed`).
+    pub fn try_recv(&mut self) -> Result<Arc<ChangeEvent>, broadcast::error::TryRecvError> {
+        self.receiver.try_recv()
+    }
 }
 
 impl Drop for TopicReceiver {
@@ -221,11 +228,18 @@ impl Drop for TopicReceiver {
 }
 
 /// Counts a subscription as streaming (checks passed, events flowing) while it lives.
-pub struct Streaming(Arc<Broker>);
+pub struct Streaming(Arc<Broker>, i64);
 
 impl Drop for Streaming {
     fn drop(&mut self) {
         self.0.streaming.fetch_sub(1, Ordering::AcqRel);
+        let mut by_topic = self.0.streaming_by_topic();
+        if let Some(count) = by_topic.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                by_topic.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -237,6 +251,7 @@ impl Broker {
             published: AtomicI64::new(published),
             closed: std::sync::atomic::AtomicBool::new(false),
             streaming: std::sync::atomic::AtomicUsize::new(0),
+            streaming_topics: Mutex::new(HashMap::new()),
             recent: Mutex::new(Recent {
                 after: published,
                 events: std::collections::VecDeque::with_capacity(RECENT_CAPACITY),
@@ -361,17 +376,31 @@ impl Broker {
         )
     }
 
-    /// How many receivers `topic` has (tests wait on it before writing).
+    /// How many subscriptions of `topic` are streaming: past their checks, so that every
+    /// event published from now on reaches them (tests wait on it before writing). Whether
+    /// each reads the topic itself or is served by its topic's driver.
+    pub fn subscriber_count(&self, topic: i64) -> usize {
+        self.streaming_by_topic().get(&topic).copied().unwrap_or(0)
+    }
+
+    fn streaming_by_topic(&self) -> std::sync::MutexGuard<'_, HashMap<i64, usize>> {
+        self.streaming_topics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many receivers `topic` has.
     pub fn receiver_count(&self, topic: i64) -> usize {
         self.topics()
             .get(&topic)
             .map_or(0, broadcast::Sender::receiver_count)
     }
 
-    /// Marks a subscription as streaming until the guard drops.
-    pub fn streaming(self: &Arc<Self>) -> Streaming {
+    /// Marks a subscription of `topic` as streaming until the guard drops.
+    pub fn streaming(self: &Arc<Self>, topic: i64) -> Streaming {
         self.streaming.fetch_add(1, Ordering::AcqRel);
-        Streaming(self.clone())
+        *self.streaming_by_topic().entry(topic).or_insert(0) += 1;
+        Streaming(self.clone(), topic)
     }
 
     /// How many subscriptions are streaming (past their access checks).

@@ -280,6 +280,8 @@ impl Peer {
                         };
                         send(sink, protocol::update(update)).await.ok()?;
                     }
+                    // This follower never hands off (`hand_off_when_live`).
+                    Some(Next::Live) => {}
                     Some(Next::Error(LiveError::Revoked)) => {
                         return Some(Close(protocol::FORBIDDEN, "you are no longer a member of this channel"));
                     }

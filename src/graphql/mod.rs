@@ -46,7 +46,7 @@ pub use mutation::MutationRoot;
 pub use operations::StartPermit;
 use operations::operation_span;
 pub use query::QueryRoot;
-pub use replies::Replies;
+pub use replies::{Keep, Replies, Target};
 use schema::build_schema;
 pub use schema::{AppSchema, SchemaLimits, is_live_query, sdl};
 pub use subscription::SubscriptionRoot;
@@ -88,6 +88,8 @@ pub struct ApiParts {
     persisted: persisted::PersistedQueries,
     documents: documents::ParsedDocuments,
     shapes: Arc<shared::Shapes>,
+    /// Live subscriptions that have caught up, as members of their topics' cohorts.
+    cohorts: Arc<crate::live::cohorts::Cohorts>,
     subscription_starts: Arc<tokio::sync::Semaphore>,
     /// The live queries' engine, started with the first live query.
     live_queries: std::sync::OnceLock<live_query::LiveQueries>,
@@ -126,6 +128,14 @@ pub enum Reply {
     Following {
         position: i64,
     },
+    /// The subscription has joined its topic's cohorts, which deliver into the
+    /// transport's inbox (`Target::Shared`) from here on; its replies end here. The
+    /// transport keeps `keep` while the subscription runs, and tells the cohorts of
+    /// `topic` when it stops it.
+    Joined {
+        topic: i64,
+        keep: Keep,
+    },
 }
 
 impl Reply {
@@ -155,6 +165,7 @@ impl Api {
             live.clone(),
             crate::store::yjs::Cache::default(),
         );
+        let cohorts = crate::live::cohorts::Cohorts::new(live.broker.clone(), db.clone());
         Self(Arc::new(ApiParts {
             errors: Arc::default(),
             persisted: persisted::PersistedQueries::default(),
@@ -177,6 +188,7 @@ impl Api {
             live,
             db,
             shapes: Arc::default(),
+            cohorts,
             live_queries: std::sync::OnceLock::new(),
             live_max_result_bytes: limits.live_max_result_bytes,
         }))

@@ -11,6 +11,7 @@ use tracing::Instrument as _;
 use super::replies::{self, AbortOnDrop, Finished};
 use super::{Api, Reading, Replies, Reply, codes, error, live_query, loaders, shared};
 use crate::auth::Viewer;
+use crate::live::cohorts::Rendered;
 use crate::pubsub::FeedStats;
 
 impl Api {
@@ -30,6 +31,7 @@ impl Api {
         request: async_graphql::Request,
         viewer: Viewer,
         permit: StartPermit,
+        target: replies::Target,
     ) -> Replies {
         let span = operation_span(&request, viewer);
         // Made before the replies are first asked for, so an operation completed at once is
@@ -86,8 +88,10 @@ impl Api {
             start_task: Some(AbortOnDrop(task)),
             handover: Some(handover),
             live: None,
+            target,
+            slot: None,
             live_query: None,
-            finished,
+            finished: Some(finished),
         }
     }
 
@@ -101,8 +105,10 @@ impl Api {
             start_task: None,
             handover: None,
             live: None,
+            target: replies::Target::Own,
+            slot: None,
             live_query: None,
-            finished,
+            finished: Some(finished),
         }
     }
 
@@ -147,11 +153,13 @@ impl Api {
             start_task: None,
             handover: None,
             live: None,
+            target: replies::Target::Own,
+            slot: None,
             live_query: Some(Box::new(replies::LiveReplies {
                 member,
                 _slot: slot,
             })),
-            finished,
+            finished: Some(finished),
         }
     }
 
@@ -203,7 +211,7 @@ impl Api {
         &self,
         shape: &shared::Shape,
         one: shared::RenderOne,
-    ) -> Result<shared::Rendered, shared::Rendered> {
+    ) -> Result<Rendered, Rendered> {
         FeedStats::add(&self.broker.stats.renders, 1);
         let mut request = async_graphql::Request::new(shape.query.clone())
             .variables(shape.variables.clone())
@@ -212,10 +220,7 @@ impl Api {
         request.operation_name = shape.operation_name.clone();
         self.documents.attach(&mut request);
         let Some(mut response) = self.schema.execute_stream(request).next().await else {
-            return Ok(shared::Rendered {
-                json: None,
-                codes: Vec::new(),
-            });
+            return Ok(Rendered::default());
         };
         let codes = codes(&mut response);
         let json = match serde_json::to_string(&response) {
@@ -223,16 +228,13 @@ impl Api {
             Err(err) => {
                 // Only a map with non-string keys fails; a GraphQL response has none.
                 tracing::error!(error = %err, "a response could not be serialized");
-                return Ok(shared::Rendered {
-                    json: None,
-                    codes: Vec::new(),
-                });
+                return Ok(Rendered::default());
             }
         };
         let internal = codes
             .iter()
             .any(|code| code == error::code::INTERNAL_SERVER_ERROR);
-        let rendered = shared::Rendered {
+        let rendered = Rendered {
             json: Some(json.into()),
             codes,
         };

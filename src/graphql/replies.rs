@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
-use tracing::Instrument as _;
+
+use std::collections::VecDeque;
 
 use super::{Api, Reply, shared};
+use crate::live::cohorts::{Cohorts, Delivery, Inbox, Member, Rendered, Shape};
 use crate::live::queries::Payload;
+use crate::live::{Follower, Next, QuotaSlot};
 use crate::pubsub::FeedStats;
 
 /// Aborts a task when dropped.
@@ -21,9 +23,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// One operation's replies (see `Api::execute_stream`). A subscription's whole live state
-/// is in here, in the task that drives it, with nothing else allocated for it: there may be
-/// 10,000 of them, each woken for every event of its topic.
+/// Where a subscription's events go once it has caught up and joined its topic's cohorts.
+pub enum Target {
+    /// Into an inbox of its own, read by `Replies::next` (an HTTP event stream).
+    Own,
+    /// Into the transport's inbox under `key` (a socket's, shared by its operations):
+    /// `Replies::next` then answers `Reply::Joined` and has nothing more to give.
+    Shared { inbox: Arc<Inbox>, key: u64 },
+}
+
+/// One operation's replies (see `Api::execute_stream`). A subscription's state while it
+/// catches up is in here; once live, it is a member of its topic's cohorts (`live::cohorts`).
 pub struct Replies {
     pub(super) api: Api,
     /// The start phase's responses, until it ends.
@@ -33,11 +43,43 @@ pub struct Replies {
     pub(super) start_task: Option<AbortOnDrop>,
     /// Where a subscription's resolver leaves its follower, until the start ends.
     pub(super) handover: Option<Arc<shared::Handover>>,
-    /// A handed-over subscription: what it follows and how it renders.
-    pub(super) live: Option<(crate::live::Follower, Arc<shared::Shape>)>,
+    /// A handed-over subscription: catching up with its follower, or joined.
+    pub(super) live: Option<Live>,
+    pub(super) target: Target,
+    /// The viewer's subscription slot, taken from the follower when it joins.
+    pub(super) slot: Option<QuotaSlot>,
     /// A live query: its cohort membership.
     pub(super) live_query: Option<Box<LiveReplies>>,
-    pub(super) finished: Finished,
+    pub(super) finished: Option<Finished>,
+}
+
+/// A subscription's live phase.
+pub(super) enum Live {
+    /// Reading its topic itself: replaying, or catching up after falling behind.
+    Following {
+        follower: Box<Follower>,
+        shape: Shape,
+    },
+    /// A member of its topic's cohorts, delivering into its own inbox.
+    Joined {
+        inbox: Arc<Inbox>,
+        batch: VecDeque<Delivery>,
+        _member: Membership,
+    },
+}
+
+/// Leaves the cohorts when dropped (the stream ended or its client went away).
+pub(super) struct Membership {
+    cohorts: Arc<Cohorts>,
+    topic: i64,
+    inbox: Arc<Inbox>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.inbox.close();
+        self.cohorts.leave(self.topic, &self.inbox, None);
+    }
 }
 
 /// A live query's part of its replies.
@@ -46,13 +88,60 @@ pub(super) struct LiveReplies {
     pub(super) _slot: Option<crate::live::QuotaSlot>,
 }
 
+/// What a transport keeps of a subscription that joined its cohorts with a shared inbox:
+/// its subscription slot and its log line, released when the transport drops it.
+pub struct Keep {
+    slot: Option<QuotaSlot>,
+    finished: Option<Finished>,
+}
+
+impl Keep {
+    /// Counts a delivery with `errors` errors (and the errors, by code) for the operation.
+    pub fn count(&mut self, api: &Api, codes: &[String]) {
+        for code in codes {
+            api.count_error(code);
+        }
+        if let Some(finished) = &mut self.finished {
+            finished.count(codes.len());
+        }
+    }
+}
+
+impl Api {
+    /// The live subscriptions that have caught up, by topic.
+    pub fn cohorts(&self) -> &Arc<Cohorts> {
+        &self.cohorts
+    }
+
+    /// Replies for a cohort member that fell behind its inbox (`Delivery::Behind`): it
+    /// catches up with its own follower, then joins again (`target`); `keep` is what the
+    /// transport kept of it.
+    pub fn resume(&self, member: Member, target: Target, keep: Keep) -> Replies {
+        let follower = Follower::resume(member.state, &self.broker, self.db.clone());
+        Replies {
+            api: self.clone(),
+            start: None,
+            start_task: None,
+            handover: None,
+            live: Some(Live::Following {
+                follower: Box::new(follower),
+                shape: member.shape,
+            }),
+            target,
+            slot: keep.slot,
+            live_query: None,
+            finished: keep.finished,
+        }
+    }
+}
+
 impl Replies {
     /// The next reply, or `None` when the operation is over.
     pub async fn next(&mut self) -> Option<Reply> {
         if let Some(live) = &mut self.live_query {
             return match live.member.next().await? {
                 Payload::Json { text, .. } => {
-                    self.finished.count(0);
+                    self.count(0);
                     FeedStats::add(&self.api.broker.stats.delivered, 1);
                     Some(Reply::Shared {
                         json: text,
@@ -60,7 +149,7 @@ impl Replies {
                     })
                 }
                 Payload::Final(errors) => {
-                    self.finished.count(errors.len());
+                    self.count(errors.len());
                     Some(Reply::Response(Box::new(
                         async_graphql::Response::from_errors(errors.to_vec()),
                     )))
@@ -70,8 +159,10 @@ impl Replies {
         if let Some(start) = &mut self.start {
             if let Some(mut response) = start.recv().await {
                 self.api.finish(&mut response);
-                self.finished.count(response.errors.len());
-                tracing::debug!(parent: &self.finished.span, errors = response.errors.len(), "response");
+                self.count(response.errors.len());
+                if let Some(finished) = &self.finished {
+                    tracing::debug!(parent: &finished.span, errors = response.errors.len(), "response");
+                }
                 return Some(Reply::Response(Box::new(response)));
             }
             // Free async-graphql's state (and its hold on the handover) first, and the
@@ -81,53 +172,135 @@ impl Replies {
             let handover = self.handover.take()?;
             let (follower, parts) = handover.take()?;
             let position = follower.position();
-            self.live = Some((follower, self.api.shapes.intern(parts)));
+            let shape: Shape = self.api.shapes.intern(parts, Arc::downgrade(&self.api.0));
+            self.live = Some(Live::Following {
+                follower: Box::new(follower.hand_off_when_live()),
+                shape,
+            });
             return Some(Reply::Following { position });
         }
-        let (follower, shape) = self.live.as_mut()?;
         loop {
-            let (rendered, position) = match follower.next().await? {
-                crate::live::Next::Event(event) => {
-                    let api = &self.api;
-                    let span = &self.finished.span;
-                    // Most subscribers find the rendering made; the first (or one racing
-                    // it) makes it. That path is boxed, so the state a subscription keeps
-                    // while it waits for events (most of its life) stays small.
-                    let rendered = match event.memo.get("render", shape.id as i64) {
-                        Some(rendered) => rendered,
-                        None => event
-                            .memo
-                            .get_or_try_init("render", shape.id as i64, || {
-                                api.render(shape, shared::RenderOne::Event(event.clone()))
-                                    .instrument(span.clone())
-                            })
-                            .boxed()
-                            .await
-                            .unwrap_or_else(Arc::new),
+            match self.live.as_mut()? {
+                Live::Following { follower, shape } => {
+                    let (rendered, position) = match follower.next().await? {
+                        Next::Event(event) => {
+                            let position = event.position;
+                            // Boxed by the shape: the state a subscription keeps while it
+                            // waits stays small.
+                            (shape.clone().render(event).await, Some(position))
+                        }
+                        Next::Error(err) => (shape.clone().render_error(err).await, None),
+                        Next::Live => {
+                            if let Some(keep) = self.join() {
+                                return Some(keep);
+                            }
+                            continue;
+                        }
                     };
-                    (rendered, Some(event.position))
+                    if position.is_some() {
+                        FeedStats::add(&self.api.broker.stats.delivered, 1);
+                    }
+                    if let Some(reply) = self.deliver(&rendered, position) {
+                        return Some(reply);
+                    }
                 }
-                crate::live::Next::Error(err) => {
-                    let rendered = self
-                        .api
-                        .render(shape, shared::RenderOne::Error(err.into()))
-                        .boxed()
-                        .await;
-                    (Arc::new(rendered.unwrap_or_else(|rendered| rendered)), None)
+                Live::Joined { inbox, batch, .. } => {
+                    let Some(delivery) = batch.pop_front() else {
+                        let mut taken = Vec::new();
+                        inbox.take(64, &mut taken);
+                        if taken.is_empty() {
+                            inbox.ready().await;
+                        }
+                        batch.extend(taken);
+                        continue;
+                    };
+                    match delivery {
+                        Delivery::Render {
+                            rendered, position, ..
+                        } => {
+                            if let Some(reply) = self.deliver(&rendered, position) {
+                                return Some(reply);
+                            }
+                        }
+                        Delivery::End { .. } => {
+                            self.live = None;
+                            return None;
+                        }
+                        Delivery::Behind(member) => {
+                            let member = *member;
+                            let follower = Follower::resume(
+                                member.state,
+                                &self.api.broker,
+                                self.api.db.clone(),
+                            );
+                            self.live = Some(Live::Following {
+                                follower: Box::new(follower),
+                                shape: member.shape,
+                            });
+                        }
+                    }
                 }
-            };
-            let Some(json) = &rendered.json else { continue };
-            for code in &rendered.codes {
-                self.api.count_error(code);
             }
-            self.finished.count(rendered.codes.len());
-            if position.is_some() {
-                FeedStats::add(&self.api.broker.stats.delivered, 1);
+        }
+    }
+
+    /// A caught-up follower joins its topic's cohorts. With a shared inbox the replies
+    /// end here in `Reply::Joined`, which hands the transport what it keeps.
+    fn join(&mut self) -> Option<Reply> {
+        let Some(Live::Following { follower, shape }) = self.live.take() else {
+            return None;
+        };
+        let mut state = (*follower).into_state();
+        if self.slot.is_none() {
+            self.slot = state.take_slot();
+        }
+        let topic = state.topic;
+        let cohorts = self.api.cohorts.clone();
+        match &self.target {
+            Target::Shared { inbox, key } => {
+                cohorts.join(Member::new(*key, inbox.clone(), shape, state));
+                Some(Reply::Joined {
+                    topic,
+                    keep: Keep {
+                        slot: self.slot.take(),
+                        finished: self.finished.take(),
+                    },
+                })
             }
-            return Some(Reply::Shared {
-                json: json.clone(),
-                position,
-            });
+            Target::Own => {
+                let inbox = Inbox::new();
+                cohorts.join(Member::new(0, inbox.clone(), shape, state));
+                self.live = Some(Live::Joined {
+                    inbox: inbox.clone(),
+                    batch: VecDeque::new(),
+                    _member: Membership {
+                        cohorts,
+                        topic,
+                        inbox,
+                    },
+                });
+                None
+            }
+        }
+    }
+
+    /// A rendering as this operation's reply (`None` when it yields nothing), its errors
+    /// counted.
+    fn deliver(&mut self, rendered: &Rendered, position: Option<i64>) -> Option<Reply> {
+        let json = rendered.json.as_ref()?;
+        for code in &rendered.codes {
+            self.api.count_error(code);
+        }
+        self.count(rendered.codes.len());
+        Some(Reply::Shared {
+            json: json.clone(),
+            position,
+        })
+    }
+
+    fn count(&mut self, errors: usize) {
+        if let Some(finished) = &mut self.finished {
+            finished.count(errors);
         }
     }
 }

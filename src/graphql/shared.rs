@@ -24,8 +24,12 @@ use async_graphql::parser::types::{
 use async_graphql::{Name, Pos, Positioned, ServerError, Variables};
 use async_graphql_value::Value;
 
+use futures_util::future::BoxFuture;
+
 use super::error::{self, AppError, code};
-use crate::live::Follower;
+use super::{Api, ApiParts};
+use crate::live::cohorts::{Render, Rendered};
+use crate::live::{Follower, LiveError};
 use crate::pubsub::ChangeEvent;
 
 /// How deep fragments may nest before the walk gives up on a document (it is then refused by
@@ -46,6 +50,41 @@ pub(crate) struct Shape {
     /// choose the events, not how they look, and render mode does not read them (they are
     /// still sent, because async-graphql checks the arguments of every field it runs).
     pub variables: Variables,
+    /// Renders with this `Api` (weak: the shapes are the `Api`'s own).
+    api: Weak<ApiParts>,
+}
+
+impl Render for Shape {
+    /// The rendering in the event's memo, made by the first to ask (a driver, or a
+    /// follower catching up) and shared by the rest. One with an internal error is
+    /// delivered but not kept, so the next one to ask tries again.
+    fn render(self: Arc<Self>, event: Arc<ChangeEvent>) -> BoxFuture<'static, Arc<Rendered>> {
+        Box::pin(async move {
+            let key = self.id as i64;
+            if let Some(rendered) = event.memo.get("render", key) {
+                return rendered;
+            }
+            let Some(api) = self.api.upgrade().map(Api) else {
+                return Arc::default();
+            };
+            let one = RenderOne::Event(event.clone());
+            event
+                .memo
+                .get_or_try_init("render", key, || api.render(&self, one))
+                .await
+                .unwrap_or_else(Arc::new)
+        })
+    }
+
+    fn render_error(self: Arc<Self>, error: LiveError) -> BoxFuture<'static, Arc<Rendered>> {
+        Box::pin(async move {
+            let Some(api) = self.api.upgrade().map(Api) else {
+                return Arc::default();
+            };
+            let rendered = api.render(&self, RenderOne::Error(error.into())).await;
+            Arc::new(rendered.unwrap_or_else(|rendered| rendered))
+        })
+    }
 }
 
 /// The live shapes, so that subscriptions of one shape share one `Shape` (and its renders).
@@ -58,7 +97,7 @@ pub(crate) struct Shapes {
 
 impl Shapes {
     /// The shape of these parts, shared with any live subscription of the same.
-    pub fn intern(&self, parts: ShapeParts) -> Arc<Shape> {
+    pub fn intern(&self, parts: ShapeParts, api: Weak<ApiParts>) -> Arc<Shape> {
         let key =
             serde_json::json!([parts.query, parts.operation_name, parts.key_variables]).to_string();
         let mut by_key = self.by_key.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,6 +116,7 @@ impl Shapes {
             query: parts.query,
             operation_name: parts.operation_name,
             variables: parts.variables,
+            api,
         });
         by_key.insert(key, Arc::downgrade(&shape));
         shape
@@ -235,13 +275,6 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// One event's rendering under one shape: the response's JSON text (`None` when the
-/// subscription yields nothing for it) and the codes of its errors, counted per delivery.
-pub(crate) struct Rendered {
-    pub json: Option<Arc<str>>,
-    pub codes: Vec<String>,
-}
-
 /// Request data that puts the subscription resolvers in render mode: they yield this one
 /// event (or this error) as their item and end, with no checks and no database work of their
 /// own (the start-up checks ran when the subscription started).
@@ -367,24 +400,28 @@ mod tests {
                 .unwrap()
                 .unwrap()
         };
-        let first = shapes.intern(parts("x"));
+        let first = shapes.intern(parts("x"), Weak::new());
         // `after` only picks events: another value is the same shape.
-        let second = shapes.intern(parts("y"));
+        let second = shapes.intern(parts("y"), Weak::new());
         assert!(Arc::ptr_eq(&first, &second));
         let other = "subscription($a: String) { messageEvents(channelId: 1, after: $a) { kind } }";
         let third = shapes.intern(
             shape_of(other, serde_json::json!({ "a": "x" }))
                 .unwrap()
                 .unwrap(),
+            Weak::new(),
         );
         assert!(!Arc::ptr_eq(&first, &third));
         let id = first.id;
         drop((first, second));
-        assert_ne!(shapes.intern(parts("x")).id, id);
+        assert_ne!(shapes.intern(parts("x"), Weak::new()).id, id);
         // Dead shapes are swept as new ones come.
         for n in 0..1000 {
             let query = format!("subscription {{ messageEvents(channelId: {n}) {{ cursor }} }}");
-            drop(shapes.intern(shape_of(&query, serde_json::json!({})).unwrap().unwrap()));
+            drop(shapes.intern(
+                shape_of(&query, serde_json::json!({})).unwrap().unwrap(),
+                Weak::new(),
+            ));
         }
         assert!(shapes.len() <= 64, "{} shapes kept", shapes.len());
     }

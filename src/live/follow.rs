@@ -17,7 +17,7 @@ use entities::live::LiveModel;
 use entities::{channel, channel_member};
 use sea_orm::DatabaseConnection;
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::quota::QuotaSlot;
 use crate::changes::{self, ChangeError};
@@ -78,6 +78,9 @@ pub enum Next {
     Event(Arc<ChangeEvent>),
     /// Deliver this error, then end.
     Error(LiveError),
+    /// Caught up, with nothing pending: only returned by a follower that hands off
+    /// (`hand_off_when_live`); its state (`into_state`) can join its topic's cohorts.
+    Live,
 }
 
 /// A subscription to a topic whose access and cursor are being checked.
@@ -122,62 +125,76 @@ impl Opening {
         slot: QuotaSlot,
     ) -> Follower {
         Follower {
-            _streaming: self.broker.streaming(),
+            state: FollowState {
+                _streaming: self.broker.streaming(self.topic),
+                topic: self.topic,
+                viewer,
+                // A cursor past what is published (forged, or taken from a commit the feed
+                // has not published yet) starts at the published end instead: skipping up
+                // to it would skip a revocation committed below it. What it holds may come
+                // again.
+                seen: after.map_or(self.published, |after| after.min(self.published)),
+                history_through: self.published,
+                filter,
+                versions_through: 0,
+                slot: Some(slot),
+            },
             db,
             broker: self.broker,
             receiver: self.receiver,
-            topic: self.topic,
-            viewer,
-            // A cursor past what is published (forged, or taken from a commit the feed has
-            // not published yet) starts at the published end instead: skipping up to it
-            // would skip a revocation committed below it. What it holds may come again.
-            seen: after.map_or(self.published, |after| after.min(self.published)),
             target: self.published,
-            history_through: self.published,
-            filter,
-            versions_through: 0,
             first: None,
             pending: VecDeque::new(),
             caught_up: false,
             ended: false,
-            _slot: slot,
+            hand_off: false,
         }
     }
 }
 
 /// A checked subscription: replays the log from its cursor, then follows the topic.
 pub struct Follower {
+    state: FollowState,
     db: DatabaseConnection,
     broker: Arc<Broker>,
     receiver: TopicReceiver,
-    topic: i64,
-    viewer: i64,
-    filter: Filter,
-    /// Changes of the filter's table whose row `version` is at most this were already sent
-    /// another way (a document's state, read after the opening): they are passed over.
-    versions_through: i64,
     /// Sent before anything else (see `starting_with`).
     first: Option<Arc<ChangeEvent>>,
-    /// Every position up to here has been considered.
-    seen: i64,
     /// Catch up (replay) to here before taking live events.
     target: i64,
-    /// Changes up to here happened before access was checked: membership changes among them
-    /// are history, not revocations.
-    history_through: i64,
     /// Events read but not yet considered.
     pending: VecDeque<Arc<ChangeEvent>>,
     /// Once `pending` is drained, everything up to `target` has been considered.
     caught_up: bool,
     ended: bool,
-    /// Counts against the viewer's open subscriptions until it ends.
-    _slot: QuotaSlot,
+    /// Return `Next::Live` instead of waiting for the topic's next event.
+    hand_off: bool,
+}
+
+/// What a subscription is, apart from how it reads its topic: whose it is, which events it
+/// takes, and how far it has got. A `Follower` holds one while it reads the topic itself; a
+/// member of its topic's cohorts (`live::cohorts`) while the topic's driver delivers to it.
+pub struct FollowState {
+    pub(crate) topic: i64,
+    viewer: i64,
+    filter: Filter,
+    /// Changes of the filter's table whose row `version` is at most this were already sent
+    /// another way (a document's state, read after the opening): they are passed over.
+    versions_through: i64,
+    /// Every position up to here has been considered.
+    pub(crate) seen: i64,
+    /// Changes up to here happened before access was checked: membership changes among them
+    /// are history, not revocations.
+    history_through: i64,
+    /// Counts against the viewer's open subscriptions until it ends (or until the caller
+    /// takes it to hold itself: `take_slot`).
+    slot: Option<QuotaSlot>,
     /// Counts the subscription as streaming while it lives.
     _streaming: Streaming,
 }
 
 /// What a subscription does with one event of its topic.
-enum Step {
+pub(crate) enum Step {
     Skip,
     Deliver,
     DeliverThenEnd,
@@ -191,7 +208,40 @@ impl Follower {
     /// Every change up to here has been considered (delivered or passed over): resuming
     /// after it misses nothing this follower would deliver.
     pub fn position(&self) -> i64 {
-        self.seen
+        self.state.seen
+    }
+
+    /// Makes `next` return `Next::Live` once caught up with nothing pending, instead of
+    /// waiting for the topic's next event: the caller then hands the subscription to its
+    /// topic's cohorts (`into_state`).
+    pub fn hand_off_when_live(mut self) -> Self {
+        self.hand_off = true;
+        self
+    }
+
+    /// The subscription's state, to join its topic's cohorts (after `Next::Live`).
+    pub fn into_state(self) -> FollowState {
+        self.state
+    }
+
+    /// A follower that goes on from `state` (a cohort member that fell behind): it catches
+    /// up from `state`'s position to what is published now, then follows the topic.
+    pub fn resume(state: FollowState, broker: &Arc<Broker>, db: DatabaseConnection) -> Follower {
+        // Subscribed before reading the published position, as an opening does.
+        let receiver = broker.subscribe(state.topic);
+        let target = broker.published();
+        Follower {
+            state,
+            db,
+            broker: broker.clone(),
+            receiver,
+            first: None,
+            target,
+            pending: VecDeque::new(),
+            caught_up: false,
+            ended: false,
+            hand_off: true,
+        }
     }
 
     /// Passes over the changes of the filter's table whose row `version` is at most
@@ -199,7 +249,7 @@ impl Follower {
     /// (every such change committed before that read, since one row's versions commit in
     /// order). Changes the read did not include have higher versions and are delivered.
     pub fn skip_versions_through(&mut self, version: i64) {
-        self.versions_through = self.versions_through.max(version);
+        self.state.versions_through = self.state.versions_through.max(version);
     }
 
     /// Sends `event` (a state made for this subscriber, such as what a client's Yjs state
@@ -222,12 +272,11 @@ impl Follower {
         }
         loop {
             while let Some(event) = self.pending.pop_front() {
-                if event.position <= self.seen {
+                if event.position <= self.state.seen {
                     continue;
                 }
-                self.seen = event.position;
-                let history = event.position <= self.history_through;
-                match self.step(&event, history) {
+                self.state.seen = event.position;
+                match self.state.step(&event) {
                     Step::Skip => {}
                     Step::Deliver => return Some(Next::Event(event)),
                     Step::DeliverThenEnd => {
@@ -245,12 +294,12 @@ impl Follower {
                 }
             }
             if self.caught_up {
-                self.seen = self.seen.max(self.target);
+                self.state.seen = self.state.seen.max(self.target);
                 self.caught_up = false;
             }
             // The next batch: catching up (from the broker's memory, else a page of the
             // log) while behind the target, else the next live event.
-            if self.seen < self.target {
+            if self.state.seen < self.target {
                 // Boxed: its database futures are large, and a follower spends most of its
                 // life waiting on the topic, not catching up.
                 match Box::pin(self.catch_up()).await {
@@ -261,6 +310,21 @@ impl Follower {
                     Err(err) => {
                         self.ended = true;
                         return Some(Next::Error(err));
+                    }
+                }
+            } else if self.hand_off {
+                // Whatever the topic has already sent is taken first, so the hand-off
+                // rarely needs the broker's memory.
+                match self.receiver.try_recv() {
+                    Ok(event) => self.pending.push_back(event),
+                    Err(TryRecvError::Lagged(_)) => {
+                        FeedStats::add(&self.broker.stats.lagged, 1);
+                        self.target = self.broker.published();
+                    }
+                    Err(TryRecvError::Empty) => return Some(Next::Live),
+                    Err(TryRecvError::Closed) => {
+                        self.ended = true;
+                        return None;
                     }
                 }
             } else {
@@ -285,22 +349,51 @@ impl Follower {
     /// events come from the broker's memory, shared with every other subscriber catching up
     /// (memo included) at no database cost; older ones from a page of the log.
     async fn catch_up(&self) -> Result<(Vec<Arc<ChangeEvent>>, bool), LiveError> {
-        if let Some(events) = self.broker.recent(self.topic, self.seen, self.target) {
-            return Ok((events, true));
-        }
-        FeedStats::add(&self.broker.stats.log_replays, 1);
-        let page =
-            changes::read_scope(&self.db, self.topic, self.seen, self.target, REPLAY_PAGE).await?;
-        // Retention may have pruned part of the range since the cursor was checked: then
-        // the page may silently miss rows, so stop instead.
-        if changes::pruned_through(&self.db).await? > self.seen {
-            return Err(LiveError::CursorExpired);
-        }
-        let complete = (page.len() as u64) < REPLAY_PAGE;
-        Ok((page.into_iter().map(Arc::new).collect(), complete))
+        catch_up(
+            &self.broker,
+            &self.db,
+            self.state.topic,
+            self.state.seen,
+            self.target,
+        )
+        .await
+    }
+}
+
+/// `topic`'s events after `seen` up to `target`, and whether they are all of them: from
+/// the broker's memory of recent events when it still covers them (shared, memo included, at
+/// no database cost), else a page of the log.
+pub(crate) async fn catch_up(
+    broker: &Broker,
+    db: &DatabaseConnection,
+    topic: i64,
+    seen: i64,
+    target: i64,
+) -> Result<(Vec<Arc<ChangeEvent>>, bool), LiveError> {
+    if let Some(events) = broker.recent(topic, seen, target) {
+        return Ok((events, true));
+    }
+    FeedStats::add(&broker.stats.log_replays, 1);
+    let page = changes::read_scope(db, topic, seen, target, REPLAY_PAGE).await?;
+    // Retention may have pruned part of the range since the cursor was checked: then the
+    // page may silently miss rows, so stop instead.
+    if changes::pruned_through(db).await? > seen {
+        return Err(LiveError::CursorExpired);
+    }
+    let complete = (page.len() as u64) < REPLAY_PAGE;
+    Ok((page.into_iter().map(Arc::new).collect(), complete))
+}
+
+impl FollowState {
+    /// The viewer's subscription slot, for the caller to hold while the subscription lives
+    /// (so a stopped subscription frees it at once, wherever its state is).
+    pub fn take_slot(&mut self) -> Option<QuotaSlot> {
+        self.slot.take()
     }
 
-    fn step(&self, event: &ChangeEvent, history: bool) -> Step {
+    /// What this subscription does with `event` (one it has not considered yet).
+    pub(crate) fn step(&self, event: &ChangeEvent) -> Step {
+        let history = event.position <= self.history_through;
         if !history && self.revokes(event) {
             return Step::Revoked;
         }
@@ -359,4 +452,4 @@ impl Follower {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

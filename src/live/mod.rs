@@ -16,6 +16,7 @@
 //! `Follower` with a `Filter` saying which of the topic's events it delivers. Rendering an
 //! event for a client is the caller's business.
 
+pub mod cohorts;
 pub mod documents;
 pub mod follow;
 pub mod queries;

@@ -74,7 +74,7 @@ pub(crate) enum Started {
 /// its response. So a request that never runs is answered with an HTTP status of its own.
 pub(crate) async fn start(api: &Api, request: async_graphql::Request, viewer: Viewer) -> Started {
     let permit = api.start_permit().await;
-    let mut replies = api.execute_stream(request, viewer, permit);
+    let mut replies = api.execute_stream(request, viewer, permit, crate::graphql::Target::Own);
     match replies.next().await {
         Some(Reply::Response(response)) if error::is_request_error(&response) => {
             Started::Refused(response)

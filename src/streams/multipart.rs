@@ -111,7 +111,8 @@ fn frames(
 /// Writes `item` into `out` as a part (or nothing); true when the body ends after it.
 fn write(api: &Api, out: &mut Vec<u8>, item: Item) -> bool {
     match item {
-        Item::Reply(Reply::Following { .. }) => false,
+        // Event streams read their replies with `Target::Own`: never `Joined`.
+        Item::Reply(Reply::Following { .. } | Reply::Joined { .. }) => false,
         Item::Reply(Reply::Shared { json, .. }) => {
             part(out, &[b"{\"payload\":", json.as_bytes(), b"}"]);
             false

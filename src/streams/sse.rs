@@ -160,6 +160,8 @@ pub(crate) fn frame(
             }
             false
         }
+        // Event streams read their replies with `Target::Own`: never `Joined`.
+        Item::Reply(Reply::Joined { .. }) => false,
         Item::Reply(Reply::Shared { json, position }) => {
             let cursor = position.map(Reply::cursor);
             next(out, id, cursor.as_deref(), json.as_bytes());

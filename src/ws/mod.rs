@@ -101,7 +101,7 @@ pub async fn serve(
     let mut connection = Connection {
         protocol,
         dialect,
-        api,
+        api: api.clone(),
         keys,
         control,
         client,
@@ -109,8 +109,9 @@ pub async fn serve(
         overflowed: false,
         viewer: None,
         expires_at: None,
-        operations: Operations::new(dialect, out),
+        operations: Operations::new(dialect, api, out),
     };
+    let inbox = connection.operations.inbox();
     // The pending operation's wait for a start permit, kept across loop turns so that it
     // keeps its place in the queue.
     let mut permit_wait: Option<futures_util::future::BoxFuture<'static, StartPermit>> = None;
@@ -133,6 +134,10 @@ pub async fn serve(
             Some(ready) = connection.operations.next_ready(), if connection.operations.has_streams() => {
                 connection.operations.take_ready(ready);
             }
+            // Deliveries of the subscriptions that have caught up, framed into batches.
+            _ = inbox.ready(), if connection.operations.reads_inbox() => {
+                connection.operations.deliver();
+            }
             // The queue has room again: the parked frames first, in order.
             room = room_out.reserve(), if connection.operations.has_stalled() => {
                 let Ok(room) = room else { break };
@@ -141,7 +146,7 @@ pub async fn serve(
             permit = async { Some(permit_wait.as_mut()?.await) }, if permit_wait.is_some() => {
                 permit_wait = None;
                 if let Some(permit) = permit {
-                    connection.operations.start(&connection.api, connection.client, permit);
+                    connection.operations.start(connection.client, permit);
                 }
             }
             frame = stream.next(), if !connection.operations.is_pending() => {

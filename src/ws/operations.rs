@@ -1,8 +1,10 @@
-//! A socket's operations: which ids run, their frame streams (driven by the socket's own
-//! task), the frames parked while the client does not read, and the operation waiting for
-//! its start permit.
+//! A socket's operations: which ids run, their frame streams while they start or catch up
+//! (driven by the socket's own task), the inbox through which the subscriptions that have
+//! caught up receive their events (framed here around each id), the frames parked while
+//! the client does not read, and the operation waiting for its start permit.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use futures_util::stream::{AbortHandle, Abortable, BoxStream, FuturesUnordered, StreamFuture};
 use futures_util::{FutureExt, StreamExt};
@@ -14,16 +16,27 @@ use super::writer::Outgoing;
 use crate::auth::Viewer;
 use crate::graphql::error;
 use crate::graphql::limits::ClientAddr;
-use crate::graphql::{Api, Reply, StartPermit};
+use crate::graphql::{Api, Keep, Replies, Reply, StartPermit, Target};
+use crate::live::cohorts::{Delivery, Inbox};
 
 /// How many frames of its operations a socket's task queues before it looks at the socket
 /// again.
 const MAX_FRAMES_PER_TURN: usize = 1024;
 
-/// One frame of an operation, and whether it is its last (`complete`, or `error`).
-pub(super) struct OpFrame {
-    text: String,
-    last: bool,
+/// How many deliveries of the socket's inbox one turn of its task frames.
+const MAX_DELIVERIES_PER_TURN: usize = 1024;
+
+/// A batch of framed deliveries is sent to the writer once it holds this many bytes: the
+/// outgoing queue (of frames and batches) then holds at most its capacity times this.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// What an operation's stream gives the socket.
+pub(super) enum OpFrame {
+    /// A frame, and whether it is its operation's last (`complete`, or `error`).
+    Text { text: String, last: bool },
+    /// The subscription joined its topic's cohorts: its events arrive in the socket's
+    /// inbox from here on, and its stream ends.
+    Joined { topic: i64, keep: Keep },
 }
 
 /// A running operation: its frames, tagged with its id and generation, until stopped.
@@ -56,40 +69,63 @@ impl futures_util::Stream for Operation {
 /// An operation's next frame (`None`: its stream ended), with the operation.
 pub(super) type Ready = (Option<OpFrame>, Operation);
 
+/// A subscription whose events come through the socket's inbox.
+struct JoinedOp {
+    id: String,
+    /// The id as a JSON string: deliveries are framed around it.
+    quoted: String,
+    topic: i64,
+    keep: Keep,
+}
+
 /// The operations of one socket.
 pub(super) struct Operations {
     dialect: &'static Dialect,
+    api: Api,
     /// Operation results; bounded, so a client that does not read slows its operations.
     out: mpsc::Sender<Outgoing>,
     /// The running operations by id: which generation (distinguishing a finished operation
     /// from a newer one that reuses its id) and how to stop it.
     running: HashMap<String, (u64, AbortHandle)>,
     generation: u64,
-    /// The running operations' frame streams, driven by the connection's own task: one
-    /// event wakes this one task, which queues the frames of every subscription of the
-    /// socket before its writer runs (one write per socket and event, not one task and one
-    /// write per subscription). Each is polled only when it was woken.
+    /// The operations' frame streams while they start or catch up, driven by the
+    /// connection's own task: one wake-up of this task queues the frames of every ready
+    /// operation before its writer runs. Each is polled only when it was woken.
     streams: FuturesUnordered<StreamFuture<Operation>>,
-    /// Operations whose next frame did not fit the outgoing queue, with that frame. Each is
-    /// polled again only once its frame is queued, so a client that does not read slows
-    /// its own operations (past the topic's buffer they re-read the log), while every
-    /// operation still finishes the work it is in (a shared rendering others wait for, a
-    /// query holding a pooled connection): it is only ever parked between frames.
-    stalled: VecDeque<(String, Operation)>,
+    /// The socket's inbox: the events of its subscriptions that have caught up (members of
+    /// their topics' cohorts), each a shared rendering with its operation's key
+    /// (generation). Framed here into one buffer, with no text made per subscription.
+    inbox: Arc<Inbox>,
+    /// Subscriptions delivering through the inbox, by key.
+    joined: HashMap<u64, JoinedOp>,
+    /// Frames (or batches) that did not fit the outgoing queue, with the operation whose
+    /// frame it was. Each such operation is polled again only once its frame is queued, so
+    /// a client that does not read slows its own operations, while every operation still
+    /// finishes the work it is in (a shared rendering others wait for, a query holding a
+    /// pooled connection): it is only ever parked between frames. The inbox is not read
+    /// while anything is parked (its subscribers then fall behind it and catch up from the
+    /// log).
+    stalled: VecDeque<(Outgoing, Option<Operation>)>,
     /// An operation read from the socket, waiting for its start permit.
     pending: Option<Box<(String, async_graphql::Request, Viewer)>>,
+    /// Deliveries taken from the inbox, reused between turns.
+    taken: Vec<Delivery>,
 }
 
 impl Operations {
-    pub fn new(dialect: &'static Dialect, out: mpsc::Sender<Outgoing>) -> Self {
+    pub fn new(dialect: &'static Dialect, api: Api, out: mpsc::Sender<Outgoing>) -> Self {
         Self {
             dialect,
+            api,
             out,
             running: HashMap::new(),
             generation: 0,
             streams: FuturesUnordered::new(),
+            inbox: Inbox::new(),
+            joined: HashMap::new(),
             stalled: VecDeque::new(),
             pending: None,
+            taken: Vec::new(),
         }
     }
 
@@ -108,7 +144,7 @@ impl Operations {
         self.pending.is_some()
     }
 
-    /// Whether any operation has frames to come.
+    /// Whether any operation has frames to come from its own stream.
     pub fn has_streams(&self) -> bool {
         !self.streams.is_empty()
     }
@@ -116,6 +152,16 @@ impl Operations {
     /// Whether frames wait for room in the outgoing queue.
     pub fn has_stalled(&self) -> bool {
         !self.stalled.is_empty()
+    }
+
+    /// Whether the inbox may be read now (nothing parked before it).
+    pub fn reads_inbox(&self) -> bool {
+        self.stalled.is_empty() && !self.joined.is_empty()
+    }
+
+    /// Resolves when the inbox may hold deliveries.
+    pub fn inbox(&self) -> Arc<Inbox> {
+        self.inbox.clone()
     }
 
     /// The next operation with a frame ready.
@@ -140,19 +186,96 @@ impl Operations {
         }
     }
 
+    /// Frames what the inbox holds (up to a turn's worth) into batches for the writer, in
+    /// order: each delivery is the shared rendering written into the batch's buffer around
+    /// its operation's id.
+    pub fn deliver(&mut self) {
+        let mut taken = std::mem::take(&mut self.taken);
+        self.inbox.take(MAX_DELIVERIES_PER_TURN, &mut taken);
+        let mut batch = Batch::default();
+        for delivery in taken.drain(..) {
+            match delivery {
+                Delivery::Render { key, rendered, .. } => {
+                    let (Some(op), Some(json)) = (self.joined.get_mut(&key), &rendered.json) else {
+                        continue;
+                    };
+                    op.keep.count(&self.api, &rendered.codes);
+                    batch.frame(self.dialect.data, &op.quoted, json);
+                }
+                Delivery::End { key } => {
+                    let Some(op) = self.joined.remove(&key) else {
+                        continue;
+                    };
+                    if self.running.get(&op.id).is_some_and(|(g, _)| *g == key) {
+                        self.running.remove(&op.id);
+                    }
+                    batch.complete(&op.quoted);
+                }
+                Delivery::Behind(member) => {
+                    let key = member.key;
+                    let Some(op) = self.joined.remove(&key) else {
+                        continue;
+                    };
+                    // Catches up with its own follower; its frames follow what is framed
+                    // so far (this batch is queued before the stream is first polled).
+                    let target = Target::Shared {
+                        inbox: self.inbox.clone(),
+                        key,
+                    };
+                    let replies = self.api.resume(*member, target, op.keep);
+                    self.run(op.id, key, replies, false);
+                }
+            }
+            if batch.bytes.len() >= BATCH_BYTES {
+                self.send(std::mem::take(&mut batch).into_outgoing(), None);
+            }
+        }
+        self.taken = taken;
+        if !batch.ends.is_empty() {
+            self.send(batch.into_outgoing(), None);
+        }
+    }
+
+    /// Queues `outgoing` (with the operation whose frame it is, put back to be polled once
+    /// it is queued), or parks both when the queue is full or something is parked already.
+    fn send(&mut self, outgoing: Outgoing, operation: Option<Operation>) {
+        if !self.stalled.is_empty() {
+            self.stalled.push_back((outgoing, operation));
+            return;
+        }
+        match self.out.try_send(outgoing) {
+            Ok(()) => {
+                if let Some(operation) = operation {
+                    self.streams.push(operation.into_future());
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(outgoing)) => {
+                self.stalled.push_back((outgoing, operation));
+            }
+            // The writer is gone: the connection is ending.
+            Err(_) => {}
+        }
+    }
+
     /// With room for one frame in the outgoing queue: the parked frames go first, in order,
     /// as far as the queue takes them.
     pub fn unpark(&mut self, room: mpsc::Permit<'_, Outgoing>) {
-        if let Some((text, operation)) = self.stalled.pop_front() {
-            room.send(Outgoing::Text(text));
-            self.streams.push(operation.into_future());
+        if let Some((outgoing, operation)) = self.stalled.pop_front() {
+            room.send(outgoing);
+            if let Some(operation) = operation {
+                self.streams.push(operation.into_future());
+            }
         }
-        while let Some((text, operation)) = self.stalled.pop_front() {
-            match self.out.try_send(Outgoing::Text(text)) {
-                Ok(()) => self.streams.push(operation.into_future()),
+        while let Some((outgoing, operation)) = self.stalled.pop_front() {
+            match self.out.try_send(outgoing) {
+                Ok(()) => {
+                    if let Some(operation) = operation {
+                        self.streams.push(operation.into_future());
+                    }
+                }
                 Err(err) => {
-                    if let mpsc::error::TrySendError::Full(Outgoing::Text(text)) = err {
-                        self.stalled.push_front((text, operation));
+                    if let mpsc::error::TrySendError::Full(outgoing) = err {
+                        self.stalled.push_front((outgoing, operation));
                     }
                     break;
                 }
@@ -174,7 +297,7 @@ impl Operations {
     /// graphql-ws reference server, errors from resolvers, including a subscription refused
     /// at its start (FORBIDDEN, CURSOR_EXPIRED), arrive as `next` with `errors`, then
     /// `complete`.
-    pub fn start(&mut self, api: &Api, client: ClientAddr, permit: StartPermit) {
+    pub fn start(&mut self, client: ClientAddr, permit: StartPermit) {
         let Some(pending) = self.pending.take() else {
             return;
         };
@@ -182,21 +305,35 @@ impl Operations {
         let request = request.data(client);
         self.generation += 1;
         let generation = self.generation;
+        let target = Target::Shared {
+            inbox: self.inbox.clone(),
+            key: generation,
+        };
+        let replies = self.api.execute_stream(request, viewer, permit, target);
+        self.run(id, generation, replies, true);
+    }
+
+    /// Drives `replies` as operation `id` (`generation`): a new operation (`fresh`: its
+    /// first reply may be a request error), or a subscription catching up again.
+    fn run(&mut self, id: String, generation: u64, mut replies: Replies, fresh: bool) {
         let data_type = self.dialect.data;
-        let mut replies = api.execute_stream(request, viewer, permit);
         let frame_id = id.clone();
         let frames = async_stream::stream! {
             let id = frame_id;
-            let mut first = true;
+            let mut first = fresh;
             // The id as a JSON string, once: shared payloads are framed around it as text.
             let quoted_id = serde_json::Value::from(id.as_str()).to_string();
             while let Some(reply) = replies.next().await {
                 let response = match reply {
                     // A socket's clients resume with `after` from an event's cursor.
                     Reply::Following { .. } => continue,
+                    Reply::Joined { topic, keep } => {
+                        yield OpFrame::Joined { topic, keep };
+                        return;
+                    }
                     Reply::Shared { json: payload, .. } => {
                         first = false;
-                        yield OpFrame { text: raw_frame(data_type, &quoted_id, &payload), last: false };
+                        yield OpFrame::Text { text: raw_frame(data_type, &quoted_id, &payload), last: false };
                         continue;
                     }
                     Reply::Response(response) => response,
@@ -206,13 +343,13 @@ impl Operations {
                 // Serialized straight into the frame's text, without a JSON tree in between.
                 if failed_before_data {
                     // `error` ends the operation; no `complete` follows it.
-                    yield OpFrame { text: frame("error", &id, &response.errors), last: true };
+                    yield OpFrame::Text { text: frame("error", &id, &response.errors), last: true };
                     return;
                 }
-                yield OpFrame { text: frame(data_type, &id, &response), last: false };
+                yield OpFrame::Text { text: frame(data_type, &id, &response), last: false };
             }
             let complete = json!({ "type": "complete", "id": id });
-            yield OpFrame { text: complete.to_string(), last: true };
+            yield OpFrame::Text { text: complete.to_string(), last: true };
         };
         let (abort, registration) = AbortHandle::new_pair();
         let operation = Operation {
@@ -232,66 +369,142 @@ impl Operations {
         // Woken by the abort, it ends and is dropped the next time the connection polls
         // its operations; a parked one is dropped here.
         abort.abort();
-        self.stalled
-            .retain(|(_, operation)| !(operation.id == id && operation.generation == generation));
+        self.stalled.retain(|(_, operation)| {
+            !operation
+                .as_ref()
+                .is_some_and(|op| op.id == id && op.generation == generation)
+        });
+        // A member of its topic's cohorts leaves them (its deliveries already in the inbox
+        // find no operation and are dropped).
+        if let Some(op) = self.joined.remove(&generation) {
+            self.api
+                .cohorts()
+                .leave(op.topic, &self.inbox, Some(generation));
+        }
     }
 
     /// Takes an operation's next frame (`None`: its stream ended): queues it and puts the
     /// operation back to be polled, or parks both when the queue is full. A last frame
     /// frees the id first, before the client can see `complete` and reuse it.
     fn on_frame(&mut self, frame: Option<OpFrame>, mut operation: Operation) {
+        let (text, last) = match frame {
+            Some(OpFrame::Joined { topic, keep }) => {
+                let generation = operation.generation;
+                if operation.frames().is_aborted() {
+                    // Stopped while it joined.
+                    self.api
+                        .cohorts()
+                        .leave(topic, &self.inbox, Some(generation));
+                    return;
+                }
+                let quoted = serde_json::Value::from(operation.id.as_str()).to_string();
+                let op = JoinedOp {
+                    id: operation.id,
+                    quoted,
+                    topic,
+                    keep,
+                };
+                self.joined.insert(generation, op);
+                return;
+            }
+            Some(OpFrame::Text { text, last }) => (Some(text), last),
+            None => (None, true),
+        };
         if operation.frames().is_aborted() {
             // Stopped by the client (or replaced); it was removed from `running` then.
             return;
         }
-        let last = frame.as_ref().is_none_or(|frame| frame.last);
         if last {
             let Operation { id, generation, .. } = &operation;
             if self.running.get(id).is_some_and(|(g, _)| g == generation) {
                 self.running.remove(id);
             }
         }
-        let Some(frame) = frame else { return };
-        if !self.stalled.is_empty() {
-            // Behind parked frames: wait in line (a parked last frame's operation, put back
-            // once its frame is queued, just ends).
-            self.stalled.push_back((frame.text, operation));
-            return;
-        }
-        match self.out.try_send(Outgoing::Text(frame.text)) {
-            Ok(()) => {
-                if !last {
-                    self.streams.push(operation.into_future());
-                }
-            }
-            Err(mpsc::error::TrySendError::Full(Outgoing::Text(text))) => {
-                self.stalled.push_back((text, operation));
-            }
-            // The writer is gone: the connection is ending.
-            Err(_) => {}
-        }
+        let Some(text) = text else { return };
+        let operation = (!last).then_some(operation);
+        self.send(Outgoing::Text(text), operation);
     }
 
     /// At shutdown (the hub is closed, so each subscription ends): sends the parked frames
-    /// and every operation's remaining frames, its `complete` included, waiting for room.
+    /// and every operation's remaining frames and deliveries, each `complete` included,
+    /// waiting for room.
     pub async fn drain(&mut self) {
-        while let Some((text, operation)) = self.stalled.pop_front() {
-            if self.out.send(Outgoing::Text(text)).await.is_err() {
+        loop {
+            while let Some((outgoing, operation)) = self.stalled.pop_front() {
+                if self.out.send(outgoing).await.is_err() {
+                    return;
+                }
+                if let Some(operation) = operation {
+                    self.streams.push(operation.into_future());
+                }
+            }
+            self.deliver();
+            if !self.stalled.is_empty() {
+                continue;
+            }
+            if self.streams.is_empty() && self.joined.is_empty() {
                 return;
             }
-            self.streams.push(operation.into_future());
+            let inbox = self.inbox.clone();
+            tokio::select! {
+                Some((frame, operation)) = self.streams.next(), if !self.streams.is_empty() => {
+                    self.on_frame(frame, operation);
+                }
+                _ = inbox.ready(), if !self.joined.is_empty() => {}
+            }
         }
-        while let Some((frame, mut operation)) = self.streams.next().await {
-            let last = frame.as_ref().is_none_or(|frame| frame.last);
-            if let Some(frame) = frame
-                && !operation.frames().is_aborted()
-                && self.out.send(Outgoing::Text(frame.text)).await.is_err()
-            {
-                return;
-            }
-            if !last {
-                self.streams.push(operation.into_future());
-            }
+    }
+}
+
+impl Drop for Operations {
+    /// The socket is gone: its subscriptions leave their cohorts.
+    fn drop(&mut self) {
+        self.inbox.close();
+        let mut topics: Vec<i64> = self.joined.values().map(|op| op.topic).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in topics {
+            self.api.cohorts().leave(topic, &self.inbox, None);
+        }
+    }
+}
+
+/// Deliveries framed into one buffer, sent to the writer as one queue item.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    /// Where each frame ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    /// `{"type":<kind>,"id":<quoted_id>,"payload":<payload>}`.
+    fn frame(&mut self, kind: &str, quoted_id: &str, payload: &str) {
+        for part in [
+            r#"{"type":""#,
+            kind,
+            r#"","id":"#,
+            quoted_id,
+            r#","payload":"#,
+            payload,
+            "}",
+        ] {
+            self.bytes.extend_from_slice(part.as_bytes());
+        }
+        self.ends.push(self.bytes.len());
+    }
+
+    fn complete(&mut self, quoted_id: &str) {
+        for part in [r#"{"type":"complete","id":"#, quoted_id, "}"] {
+            self.bytes.extend_from_slice(part.as_bytes());
+        }
+        self.ends.push(self.bytes.len());
+    }
+
+    fn into_outgoing(self) -> Outgoing {
+        Outgoing::Frames {
+            bytes: self.bytes.into(),
+            ends: self.ends,
         }
     }
 }

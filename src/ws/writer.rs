@@ -2,6 +2,7 @@
 //! socket. Control messages (ack, pong, keep-alives, protocol errors) go before results;
 //! everything already queued goes out in one write.
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 use futures_util::stream::SplitSink;
@@ -10,6 +11,11 @@ use tokio::sync::mpsc;
 /// What the server sends: a text frame, or a close frame that ends the connection.
 pub(super) enum Outgoing {
     Text(String),
+    /// Text frames written one after another into one buffer; each ends at its `ends`.
+    Frames {
+        bytes: Bytes,
+        ends: Vec<usize>,
+    },
     Close(u16, String),
 }
 
@@ -34,6 +40,24 @@ pub(super) async fn write(
                 Outgoing::Text(text) => {
                     if sink.feed(Frame::Text(Utf8Bytes::from(text))).await.is_err() {
                         return;
+                    }
+                }
+                Outgoing::Frames { bytes, ends } => {
+                    let mut start = 0;
+                    for end in ends {
+                        // Slices of the one buffer: no copy until the socket's own.
+                        let text = match Utf8Bytes::try_from(bytes.slice(start..end)) {
+                            Ok(text) => text,
+                            Err(err) => {
+                                // Every frame is JSON text made of whole strings.
+                                tracing::error!(error = %err, "a framed delivery is not UTF-8");
+                                return;
+                            }
+                        };
+                        start = end;
+                        if sink.feed(Frame::Text(text)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Outgoing::Close(code, reason) => {

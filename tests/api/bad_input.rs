@@ -129,7 +129,10 @@ async fn thousands_of_operations_on_one_socket_are_capped() {
             }
         }
         crate::ws_client::wait_for_subscribers(&server.broker, &channel, 100).await;
-        assert_eq!(server.broker.receiver_count(channel.parse().unwrap()), 100);
+        assert_eq!(
+            server.broker.subscriber_count(channel.parse().unwrap()),
+            100
+        );
         server.post_message(&ada, &channel, "still live").await;
         let first = ws.recv().await;
         assert_eq!(first["type"], "next", "{first}");

@@ -415,7 +415,7 @@ both_backends! {
         assert_eq!(refused["id"], "3");
         assert_eq!(refused["payload"][0]["extensions"]["code"], "BAD_USER_INPUT", "{refused}");
         assert!(refused["payload"][0]["message"].as_str().unwrap().contains("exactly one root field"));
-        assert_eq!(server.broker.receiver_count(channel.parse().unwrap()), 4);
+        assert_eq!(server.broker.subscriber_count(channel.parse().unwrap()), 4);
     }
 
     async fn a_burst_of_subscriptions_on_many_sockets_all_start(server: TestServer) {

@@ -236,11 +236,11 @@ pub enum Frame {
 pub async fn wait_for_subscribers(broker: &syncgraph::pubsub::Broker, topic: &str, count: usize) {
     let topic: i64 = topic.parse().expect("numeric id");
     let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
-    while broker.receiver_count(topic) < count {
+    while broker.subscriber_count(topic) < count {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{count} subscribers on topic {topic} in time (have {})",
-            broker.receiver_count(topic)
+            broker.subscriber_count(topic)
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -287,7 +287,7 @@ pub async fn wait_for_streams(broker: &syncgraph::pubsub::Broker, count: usize) 
 pub async fn wait_for_subscribers_at_most(server: &TestServer, topic: &str, count: usize) {
     let topic_id: i64 = topic.parse().unwrap();
     let deadline = tokio::time::Instant::now() + RECEIVE_TIMEOUT;
-    while server.broker.receiver_count(topic_id) > count {
+    while server.broker.subscriber_count(topic_id) > count {
         assert!(
             tokio::time::Instant::now() < deadline,
             "subscriptions end in time"

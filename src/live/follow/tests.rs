@@ -8,12 +8,12 @@ use sea_orm::ConnectionTrait;
 const MESSAGES: Filter = Filter::table("messages");
 
 /// A migrated SQLite database with user 1 in channel 7.
-async fn database() -> (tempfile::TempDir, DatabaseConnection) {
+pub(crate) async fn database() -> (tempfile::TempDir, DatabaseConnection) {
     let (dir, db, _) = crate::db::test_database().await;
     (dir, db)
 }
 
-fn event(
+pub(crate) fn event(
     position: i64,
     table: &str,
     op: Op,
@@ -31,7 +31,7 @@ fn event(
     })
 }
 
-fn message(position: i64, id: i64) -> Arc<ChangeEvent> {
+pub(crate) fn message(position: i64, id: i64) -> Arc<ChangeEvent> {
     event(
         position,
         "messages",
@@ -41,7 +41,7 @@ fn message(position: i64, id: i64) -> Arc<ChangeEvent> {
     )
 }
 
-fn removal(position: i64, user_id: i64) -> Arc<ChangeEvent> {
+pub(crate) fn removal(position: i64, user_id: i64) -> Arc<ChangeEvent> {
     let row = serde_json::json!({ "channel_id": 7, "user_id": user_id, "created_at": "2026-12-04T00:00:00Z" });
     event(position, "channel_members", Op::Delete, user_id, row)
 }
@@ -57,6 +57,7 @@ fn position(next: Option<Next>) -> i64 {
     match next {
         Some(Next::Event(event)) => event.position,
         Some(Next::Error(err)) => panic!("an error: {err}"),
+        Some(Next::Live) => panic!("handed off"),
         None => panic!("the end"),
     }
 }
