@@ -250,8 +250,10 @@ for scenario in "${scenarios[@]}"; do
                 done ;;
             topics) # (g) saturation with 10,000 subscriptions over 100 topics
                 start "$target"
+                # 8 publishers, each with one change in flight: with one, (g) measured how
+                # fast one client can write more than how fast 100 topics fan out.
                 loadgen "$target" topics 100 --connections 100 --subscriptions 10000 \
-                    --rate 0 --duration "$duration"
+                    --rate 0 --publishers 8 --duration "$duration"
                 stop ;;
             sustained)
                 for rate in 250 500 1000 2000 3000 4000 5000 6000 8000; do
