@@ -290,7 +290,13 @@ impl Driver {
                     None => return,
                 },
                 event = self.receiver.recv() => match event {
-                    Ok(event) => self.event(event).await,
+                    Ok(event) => {
+                        self.event(event).await;
+                        // One event per turn: other tasks (the sockets draining what this
+                        // pushed, the writes) run between events, so a topic that cannot
+                        // keep up slows its writers instead of building up latency.
+                        tokio::task::yield_now().await;
+                    }
                     Err(RecvError::Lagged(_)) => {
                         FeedStats::add(&self.cohorts.broker.stats.lagged, 1);
                         self.catch_up().await;
@@ -399,6 +405,7 @@ impl Driver {
         let mut delivered = 0;
         let mut out = Vec::new();
         let mut any_gone = false;
+        let many_shapes = self.shapes.len() > 1;
         for cohort in &mut self.shapes {
             let Cohort { shape, members } = cohort;
             let mut rendered = None;
@@ -433,9 +440,15 @@ impl Driver {
                             offer_shared(member, shape, &event, &mut rendered, &mut out).await;
                         any_gone |= member.gone.is_some();
                     }
-                    inbox.push(out.drain(..));
+                    if !out.is_empty() {
+                        inbox.push(out.drain(..));
+                    }
                 }
                 start = end;
+            }
+            if rendered.is_some() && many_shapes {
+                // A render per shape can take a while with many shapes: let others run.
+                tokio::task::yield_now().await;
             }
         }
         FeedStats::add(&self.cohorts.broker.stats.delivered, delivered);

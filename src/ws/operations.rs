@@ -69,13 +69,20 @@ impl futures_util::Stream for Operation {
 /// An operation's next frame (`None`: its stream ended), with the operation.
 pub(super) type Ready = (Option<OpFrame>, Operation);
 
-/// A subscription whose events come through the socket's inbox.
+/// A subscription whose events come through the socket's inbox. Small: there may be
+/// 10,000 per process, idle most of the time.
 struct JoinedOp {
-    id: String,
-    /// The id as a JSON string: deliveries are framed around it.
-    quoted: String,
+    /// The operation's id as a JSON string: deliveries are framed around it.
+    quoted: Box<str>,
     topic: i64,
     keep: Keep,
+}
+
+impl JoinedOp {
+    /// The operation's id.
+    fn id(&self) -> String {
+        serde_json::from_str(&self.quoted).unwrap_or_default()
+    }
 }
 
 /// The operations of one socket.
@@ -86,7 +93,8 @@ pub(super) struct Operations {
     out: mpsc::Sender<Outgoing>,
     /// The running operations by id: which generation (distinguishing a finished operation
     /// from a newer one that reuses its id) and how to stop it.
-    running: HashMap<String, (u64, AbortHandle)>,
+    /// (A joined subscription has no stream to abort.)
+    running: HashMap<String, (u64, Option<AbortHandle>)>,
     generation: u64,
     /// The operations' frame streams while they start or catch up, driven by the
     /// connection's own task: one wake-up of this task queues the frames of every ready
@@ -206,8 +214,9 @@ impl Operations {
                     let Some(op) = self.joined.remove(&key) else {
                         continue;
                     };
-                    if self.running.get(&op.id).is_some_and(|(g, _)| *g == key) {
-                        self.running.remove(&op.id);
+                    let id = op.id();
+                    if self.running.get(&id).is_some_and(|(g, _)| *g == key) {
+                        self.running.remove(&id);
                     }
                     batch.complete(&op.quoted);
                 }
@@ -222,8 +231,9 @@ impl Operations {
                         inbox: self.inbox.clone(),
                         key,
                     };
+                    let id = op.id();
                     let replies = self.api.resume(*member, target, op.keep);
-                    self.run(op.id, key, replies, false);
+                    self.run(id, key, replies, false);
                 }
             }
             if batch.bytes.len() >= BATCH_BYTES {
@@ -358,7 +368,7 @@ impl Operations {
             frames: std::sync::Mutex::new(Abortable::new(frames.boxed(), registration)),
         };
         self.streams.push(operation.into_future());
-        self.running.insert(id, (generation, abort));
+        self.running.insert(id, (generation, Some(abort)));
     }
 
     /// Stops `id` (the client completed it, or the legacy protocol replaces it).
@@ -368,7 +378,9 @@ impl Operations {
         };
         // Woken by the abort, it ends and is dropped the next time the connection polls
         // its operations; a parked one is dropped here.
-        abort.abort();
+        if let Some(abort) = abort {
+            abort.abort();
+        }
         self.stalled.retain(|(_, operation)| {
             !operation
                 .as_ref()
@@ -398,9 +410,12 @@ impl Operations {
                     return;
                 }
                 let quoted = serde_json::Value::from(operation.id.as_str()).to_string();
+                // Its stream has ended: nothing to abort any more.
+                if let Some((_, abort)) = self.running.get_mut(&operation.id) {
+                    *abort = None;
+                }
                 let op = JoinedOp {
-                    id: operation.id,
-                    quoted,
+                    quoted: quoted.into(),
                     topic,
                     keep,
                 };
