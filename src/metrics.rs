@@ -352,7 +352,7 @@ impl Collector for FeedCollector {
         Self::counter(
             &mut encoder,
             "lagging_subscribers",
-            "Times a subscriber fell behind its topic's buffer and caught up",
+            "Times a subscriber fell behind its topic's buffer or its transport's inbox (or a topic's driver behind its buffer) and caught up",
             stats.lagged.load(Ordering::Relaxed),
         )?;
         Self::gauge(

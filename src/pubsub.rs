@@ -156,7 +156,8 @@ pub struct FeedStats {
     pub live_executions: std::sync::atomic::AtomicU64,
     /// Pages of the log read to replay or catch up (the broker's memory did not cover).
     pub log_replays: std::sync::atomic::AtomicU64,
-    /// Times a subscriber fell behind its topic's buffer and had to catch up.
+    /// Times a subscriber fell behind its topic's buffer or its transport's inbox (or a
+    /// topic's driver behind its buffer) and had to catch up.
     pub lagged: std::sync::atomic::AtomicU64,
     /// When the tailer last finished a read of the log (ms since the Unix epoch).
     pub tailer_heartbeat_ms: std::sync::atomic::AtomicU64,

@@ -466,6 +466,7 @@ impl Driver {
             {
                 self.members -= 1;
                 if let Some(Gone::Behind) = member.gone.take() {
+                    FeedStats::add(&self.cohorts.broker.stats.lagged, 1);
                     let inbox = member.inbox.clone();
                     inbox.push([Delivery::Behind(Box::new(member))]);
                 }

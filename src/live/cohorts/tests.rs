@@ -280,6 +280,7 @@ async fn a_full_inbox_sends_its_members_behind_and_they_go_on_without_gap_or_dup
     let delivered = positions.len() as i64;
     assert_eq!(positions, (1..=delivered).collect::<Vec<_>>());
     nothing_more(&slow).await;
+    assert_eq!(broker.stats.lagged.load(Ordering::Relaxed), 1, "counted");
     // It catches up on its own from where it was, then joins again.
     let behind = *behind;
     let mut follower = Follower::resume(behind.state, &broker, db.clone());
