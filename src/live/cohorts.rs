@@ -94,15 +94,25 @@ impl Inbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `deliveries`, waking the consumer.
+    /// Queues `deliveries`, waking the consumer. Once the inbox is closed they are dropped
+    /// instead (a member sent behind into a closed inbox would otherwise hold the inbox that
+    /// holds it, and never be freed).
     pub fn push(&self, deliveries: impl IntoIterator<Item = Delivery>) {
+        let mut dropped = Vec::new();
         let woke = {
             let mut queue = self.queue();
-            let before = queue.len();
-            queue.extend(deliveries);
-            self.len.store(queue.len(), Ordering::Relaxed);
-            before == 0 && !queue.is_empty()
+            if self.is_closed() {
+                dropped.extend(deliveries);
+                false
+            } else {
+                let before = queue.len();
+                queue.extend(deliveries);
+                self.len.store(queue.len(), Ordering::Relaxed);
+                before == 0 && !queue.is_empty()
+            }
         };
+        // Dropped outside the lock (a member's state has guards of its own).
+        drop(dropped);
         if woke {
             self.ready.notify_one();
         }
@@ -134,11 +144,17 @@ impl Inbox {
         self.ready.notified().await
     }
 
-    /// The consumer is gone: drivers drop its members when they next meet them.
+    /// The consumer is gone: drivers drop its members when they next meet them, and what
+    /// is pushed from now on is dropped.
     pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.queue().clear();
-        self.len.store(0, Ordering::Relaxed);
+        let dropped = {
+            let mut queue = self.queue();
+            // Under the lock, so no push lands after the queue is emptied.
+            self.closed.store(true, Ordering::Release);
+            self.len.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *queue)
+        };
+        drop(dropped);
     }
 
     fn is_closed(&self) -> bool {
@@ -226,12 +242,13 @@ impl Cohorts {
         }
         let (sender, commands) = mpsc::unbounded_channel();
         let _ = sender.send(command);
-        topics.insert(topic, sender);
+        topics.insert(topic, sender.clone());
         // Subscribed before reading the published position (see `Driver::through`).
         let receiver = self.broker.subscribe(topic);
         let through = self.broker.published();
         let driver = Driver {
             cohorts: self.clone(),
+            own: sender.clone(),
             topic,
             receiver,
             through,
@@ -269,6 +286,8 @@ struct Cohort {
 /// One topic's task: takes each of its events once and serves every member.
 struct Driver {
     cohorts: Arc<Cohorts>,
+    /// Its own entry in the map, to tell it from a later driver's.
+    own: mpsc::UnboundedSender<Command>,
     topic: i64,
     receiver: TopicReceiver,
     /// Every event of the topic up to here has been considered for every member (the
@@ -286,7 +305,7 @@ impl Driver {
                 biased;
                 command = self.commands.recv() => match command {
                     Some(command) => self.command(command).await,
-                    // Removed from the map: nothing more will come.
+                    // Every sender is gone (it holds one itself: not while it runs).
                     None => return,
                 },
                 event = self.receiver.recv() => match event {
@@ -302,9 +321,16 @@ impl Driver {
                         self.catch_up().await;
                     }
                     Err(RecvError::Closed) => {
-                        // The server is shutting down: every subscription ends.
-                        self.end_all();
+                        // The server is shutting down: every subscription ends, those
+                        // still joining too.
                         self.retire(true);
+                        self.commands.close();
+                        while let Ok(command) = self.commands.try_recv() {
+                            if let Command::Join(member) = command {
+                                member.inbox.push([Delivery::End { key: member.key }]);
+                            }
+                        }
+                        self.end_all();
                         return;
                     }
                 },
@@ -322,8 +348,13 @@ impl Driver {
         if !force && !self.commands.is_empty() {
             return false;
         }
-        // Under the lock nobody sends meanwhile; the entry is this driver's.
-        topics.remove(&self.topic);
+        // Under the lock nobody sends meanwhile.
+        if topics
+            .get(&self.topic)
+            .is_some_and(|entry| entry.same_channel(&self.own))
+        {
+            topics.remove(&self.topic);
+        }
         true
     }
 
@@ -522,6 +553,15 @@ impl Driver {
             }
         }
         self.members = 0;
+    }
+}
+
+impl Drop for Driver {
+    /// However it ends (a render that panicked included): its members' subscriptions end,
+    /// and its entry leaves the map, so that no subscription waits for a driver that is gone.
+    fn drop(&mut self) {
+        self.end_all();
+        self.retire(true);
     }
 }
 

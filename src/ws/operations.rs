@@ -162,9 +162,10 @@ impl Operations {
         !self.stalled.is_empty()
     }
 
-    /// Whether the inbox may be read now (nothing parked before it).
+    /// Whether the inbox may be read now (nothing parked before it); also when no
+    /// subscription is joined any more, so that what is left for stopped ones is freed.
     pub fn reads_inbox(&self) -> bool {
-        self.stalled.is_empty() && !self.joined.is_empty()
+        self.stalled.is_empty() && (!self.joined.is_empty() || !self.inbox.is_empty())
     }
 
     /// Resolves when the inbox may hold deliveries.

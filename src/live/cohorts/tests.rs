@@ -135,7 +135,7 @@ async fn each_event_is_rendered_once_per_shape_and_reaches_every_member_in_order
     ] {
         cohorts.join(member(&broker, &db, 1, None, key, inbox, shape).await);
     }
-    eventually("one driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
     broker.publish(vec![message(1, 1), message(2, 2)], 2);
     broker.publish(vec![message(3, 3)], 3);
     let got: Vec<Seen> = take(&first, 9).await.iter().map(simplify).collect();
@@ -187,7 +187,7 @@ async fn a_member_behind_the_driver_gets_what_it_missed_and_one_ahead_skips_what
     let inbox = Inbox::new();
     // The driver starts with the first member, at position 0.
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
-    eventually("one driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
     // A second member caught up at 0, joining after the driver has passed 1 and 2.
     let behind = member(&broker, &db, 1, None, 2, &inbox, shape.clone()).await;
     broker.publish(vec![message(1, 1), message(2, 2)], 2);
@@ -221,7 +221,7 @@ async fn a_removal_ends_only_the_removed_viewers_members_with_their_error() {
     let inbox = Inbox::new();
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
     cohorts.join(member(&broker, &db, 2, None, 2, &inbox, shape.clone()).await);
-    eventually("one driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
     broker.publish(vec![message(1, 1), removal(2, 2), message(3, 3)], 3);
     let got: Vec<Seen> = take(&inbox, 5).await.iter().map(simplify).collect();
     let of = |key: u64| -> Vec<i64> {
@@ -244,7 +244,7 @@ async fn a_full_inbox_sends_its_members_behind_and_they_go_on_without_gap_or_dup
     let (slow, fast) = (Inbox::new(), Inbox::new());
     cohorts.join(member(&broker, &db, 1, None, 1, &slow, shape.clone()).await);
     cohorts.join(member(&broker, &db, 1, None, 2, &fast, shape.clone()).await);
-    eventually("one driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
     let total = (INBOX_LIMIT + 500) as i64;
     let mut fast_got = Vec::new();
     for position in 1..=total {
@@ -317,7 +317,7 @@ async fn leaving_and_a_closed_inbox_remove_members_and_the_last_one_ends_the_dri
     cohorts.join(member(&broker, &db, 1, None, 1, &kept, shape.clone()).await);
     cohorts.join(member(&broker, &db, 1, None, 2, &kept, shape.clone()).await);
     cohorts.join(member(&broker, &db, 1, None, 3, &closed, shape.clone()).await);
-    eventually("one driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
     assert_eq!(broker.streaming_count(), 3);
     cohorts.leave(7, &kept, Some(1));
     closed.close();
@@ -343,7 +343,7 @@ async fn the_channels_deletion_and_shutdown_end_every_member() {
     let shape = Counting::shape("a");
     let inbox = Inbox::new();
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
-    eventually("one driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
     let deleted = crate::live::follow::tests::event(
         1,
         "channels",
@@ -356,10 +356,56 @@ async fn the_channels_deletion_and_shutdown_end_every_member() {
     assert_eq!(got, [(1, -2)]);
     cohorts.join(member(&broker, &db, 1, None, 2, &inbox, shape.clone()).await);
     cohorts.join(member(&broker, &db, 1, None, 3, &inbox, shape.clone()).await);
-    eventually("a driver", || cohorts.topic_count() == 1).await;
+    assert_eq!(cohorts.topic_count(), 1, "a driver");
     broker.close();
     let mut got: Vec<Seen> = take(&inbox, 2).await.iter().map(simplify).collect();
     got.sort_unstable();
     assert_eq!(got, [(2, -2), (3, -2)]);
     eventually("the driver ends", || cohorts.topic_count() == 0).await;
+}
+
+#[tokio::test]
+async fn a_driver_behind_its_topics_buffer_catches_up_once_for_all_its_members() {
+    let (_dir, db) = database().await;
+    let broker = Arc::new(Broker::new(0));
+    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let shape = Counting::shape("a");
+    let inbox = Inbox::new();
+    cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
+    cohorts.join(member(&broker, &db, 1, None, 2, &inbox, shape.clone()).await);
+    assert_eq!(cohorts.topic_count(), 1, "one driver");
+    // Published without giving the driver a turn: more than the topic's buffer.
+    let total = (crate::pubsub::TOPIC_CAPACITY + 100) as i64;
+    for position in 1..=total {
+        broker.publish(vec![message(position, position)], position);
+    }
+    let got: Vec<Seen> = take(&inbox, 2 * total as usize)
+        .await
+        .iter()
+        .map(simplify)
+        .collect();
+    for key in [1, 2] {
+        let positions: Vec<i64> = got
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, p)| *p)
+            .collect();
+        assert_eq!(positions, (1..=total).collect::<Vec<_>>(), "member {key}");
+    }
+    assert_eq!(broker.stats.lagged.load(Ordering::Relaxed), 1, "the driver");
+    assert_eq!(shape.renders(), total as u64, "each event rendered once");
+    nothing_more(&inbox).await;
+}
+
+#[tokio::test]
+async fn what_is_pushed_into_a_closed_inbox_is_dropped_with_its_members() {
+    let (_dir, db) = database().await;
+    let broker = Arc::new(Broker::new(0));
+    let inbox = Inbox::new();
+    let behind = member(&broker, &db, 1, None, 1, &inbox, Counting::shape("a")).await;
+    assert_eq!(broker.subscriber_count(7), 1);
+    inbox.close();
+    inbox.push([Delivery::Behind(Box::new(behind))]);
+    assert!(inbox.is_empty());
+    assert_eq!(broker.subscriber_count(7), 0, "the member is freed");
 }
