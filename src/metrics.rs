@@ -319,6 +319,12 @@ impl Collector for FeedCollector {
             "Subscriptions streaming (past their access checks)",
             self.broker.streaming_count() as f64,
         )?;
+        Self::gauge(
+            &mut encoder,
+            "fanout_lagging_topics",
+            "Topics whose delivery is behind (writes on this process then wait for it, at most 1 s)",
+            self.broker.lagging_topics() as f64,
+        )?;
         Self::counter(
             &mut encoder,
             "changes_published",

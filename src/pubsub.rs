@@ -132,6 +132,10 @@ pub struct Broker {
     streaming: std::sync::atomic::AtomicUsize,
     /// The streaming subscriptions per topic.
     streaming_topics: Mutex<HashMap<i64, usize>>,
+    /// Topics whose delivery has fallen behind (see `wait_for_fan_out`), and the wake-up
+    /// when none is.
+    lagging_topics: std::sync::atomic::AtomicUsize,
+    fanned_out: tokio::sync::Notify,
     recent: Mutex<Recent>,
     /// Every published event, whatever its topic, for the one receiver that needs them all
     /// (live queries; see `subscribe_all`).
@@ -209,6 +213,15 @@ impl TopicReceiver {
         self.receiver.recv().await
     }
 
+    /// How many events wait in this receiver.
+    pub fn len(&self) -> usize {
+        self.receiver.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.receiver.is_empty()
+    }
+
     /// The next event if one is already there (or `Empty`, `Lagged`, `Closed`).
     pub fn try_recv(&mut self) -> Result<Arc<ChangeEvent>, broadcast::error::TryRecvError> {
         self.receiver.try_recv()
@@ -253,6 +266,8 @@ impl Broker {
             closed: std::sync::atomic::AtomicBool::new(false),
             streaming: std::sync::atomic::AtomicUsize::new(0),
             streaming_topics: Mutex::new(HashMap::new()),
+            lagging_topics: std::sync::atomic::AtomicUsize::new(0),
+            fanned_out: tokio::sync::Notify::new(),
             recent: Mutex::new(Recent {
                 after: published,
                 events: std::collections::VecDeque::with_capacity(RECENT_CAPACITY),
@@ -402,6 +417,38 @@ impl Broker {
         self.streaming.fetch_add(1, Ordering::AcqRel);
         *self.streaming_by_topic().entry(topic).or_insert(0) += 1;
         Streaming(self.clone(), topic)
+    }
+
+    /// A topic's delivery fell behind (`true`: more events wait for it than it should let
+    /// pile up) or caught up again (`false`); each `true` is followed by one `false`.
+    pub fn topic_lagging(&self, lagging: bool) {
+        if lagging {
+            self.lagging_topics.fetch_add(1, Ordering::AcqRel);
+        } else if self.lagging_topics.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.fanned_out.notify_waiters();
+        }
+    }
+
+    /// How many topics' delivery is behind.
+    pub fn lagging_topics(&self) -> usize {
+        self.lagging_topics.load(Ordering::Acquire)
+    }
+
+    /// Back-pressure for this process's writers: waits (at most `patience`) while a topic's
+    /// delivery is behind, so that writes that come faster than they can be delivered slow
+    /// down instead of piling up latency for every subscriber.
+    pub async fn wait_for_fan_out(&self, patience: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            // Made before the check: a wake-up between the two is not missed.
+            let caught_up = self.fanned_out.notified();
+            if self.lagging_topics() == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, caught_up).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// How many subscriptions are streaming (past their access checks).

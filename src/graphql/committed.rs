@@ -23,6 +23,9 @@ pub(crate) struct Committed<'a> {
     returned: bool,
 }
 
+/// The longest a write's answer waits for this process's delivery to catch up.
+const FAN_OUT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// When a write dropped in flight is rung again.
 const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -57,7 +60,20 @@ impl<'a> Committed<'a> {
     {
         let out = self.writes.run(write).await;
         self.returned = true;
+        self.rung().await;
         out
+    }
+
+    /// Rings (by dropping), then waits while this process's delivery is behind
+    /// (`Broker::wait_for_fan_out`, at most `FAN_OUT_PATIENCE`): writers that come faster
+    /// than their changes can be delivered are slowed, rather than every subscriber's
+    /// latency growing without bound.
+    async fn rung(self) {
+        let live = self.live;
+        drop(self);
+        if let Some(live) = live {
+            live.broker.wait_for_fan_out(FAN_OUT_PATIENCE).await;
+        }
     }
 
     /// Posts a message (`store::Writes::post_message`: on PostgreSQL, batched with the
@@ -70,6 +86,7 @@ impl<'a> Committed<'a> {
     ) -> Result<entities::message::Model, store::StoreError> {
         let out = self.writes.post_message(channel_id, author_id, body).await;
         self.returned = true;
+        self.rung().await;
         out
     }
 }

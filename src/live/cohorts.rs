@@ -36,6 +36,10 @@ use crate::pubsub::{Broker, ChangeEvent, FeedStats, TopicReceiver};
 /// to catch up on their own (`Delivery::Behind`).
 pub const INBOX_LIMIT: usize = 4096;
 
+/// A driver with more of its topic's events waiting than this reports its topic as behind
+/// (`Broker::topic_lagging`), which makes this process's writers wait for it.
+pub const DRIVER_BACKLOG: usize = 32;
+
 /// One event's (or error's) rendering under one shape: the response's JSON text (`None`
 /// when the subscription yields nothing for it) and the codes of its errors, which the
 /// transport counts per delivery.
@@ -255,6 +259,7 @@ impl Cohorts {
             commands,
             shapes: Vec::new(),
             members: 0,
+            lagging: false,
         };
         tokio::spawn(driver.run());
     }
@@ -296,9 +301,19 @@ struct Driver {
     commands: mpsc::UnboundedReceiver<Command>,
     shapes: Vec<Cohort>,
     members: usize,
+    /// Reported as behind (`Broker::topic_lagging`).
+    lagging: bool,
 }
 
 impl Driver {
+    /// Reports whether more events wait than it should let pile up.
+    fn note_backlog(&mut self, lagging: bool) {
+        if lagging != self.lagging {
+            self.lagging = lagging;
+            self.cohorts.broker.topic_lagging(lagging);
+        }
+    }
+
     async fn run(mut self) {
         loop {
             tokio::select! {
@@ -311,6 +326,7 @@ impl Driver {
                 event = self.receiver.recv() => match event {
                     Ok(event) => {
                         self.event(event).await;
+                        self.note_backlog(self.receiver.len() > DRIVER_BACKLOG);
                         // One event per turn: other tasks (the sockets draining what this
                         // pushed, the writes) run between events, so a topic that cannot
                         // keep up slows its writers instead of building up latency.
@@ -318,7 +334,9 @@ impl Driver {
                     }
                     Err(RecvError::Lagged(_)) => {
                         FeedStats::add(&self.cohorts.broker.stats.lagged, 1);
+                        self.note_backlog(true);
                         self.catch_up().await;
+                        self.note_backlog(self.receiver.len() > DRIVER_BACKLOG);
                     }
                     Err(RecvError::Closed) => {
                         // The server is shutting down: every subscription ends, those
@@ -560,6 +578,7 @@ impl Drop for Driver {
     /// However it ends (a render that panicked included): its members' subscriptions end,
     /// and its entry leaves the map, so that no subscription waits for a driver that is gone.
     fn drop(&mut self) {
+        self.note_backlog(false);
         self.end_all();
         self.retire(true);
     }

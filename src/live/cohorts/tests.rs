@@ -409,3 +409,41 @@ async fn what_is_pushed_into_a_closed_inbox_is_dropped_with_its_members() {
     assert!(inbox.is_empty());
     assert_eq!(broker.subscriber_count(7), 0, "the member is freed");
 }
+
+#[tokio::test]
+async fn a_driver_with_a_backlog_holds_writers_back_until_it_has_caught_up() {
+    let (_dir, db) = database().await;
+    let broker = Arc::new(Broker::new(0));
+    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let inbox = Inbox::new();
+    cohorts.join(member(&broker, &db, 1, None, 1, &inbox, Counting::shape("a")).await);
+    let total = (DRIVER_BACKLOG * 3) as i64;
+    for position in 1..=total {
+        broker.publish(vec![message(position, position)], position);
+    }
+    // The driver's first turn (one event per turn) leaves more than its backlog waiting:
+    // writers are held.
+    for _ in 0..10 {
+        if broker.lagging_topics() == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(broker.lagging_topics(), 1, "the topic reported behind");
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        broker.wait_for_fan_out(Duration::from_secs(60)),
+    )
+    .await
+    .expect("released once the driver caught up, not at its patience's end");
+    assert_eq!(broker.lagging_topics(), 0);
+    let got = take(&inbox, total as usize).await;
+    assert_eq!(got.len(), total as usize);
+    // Without a backlog, nobody waits.
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        broker.wait_for_fan_out(Duration::from_secs(60)),
+    )
+    .await
+    .expect("no wait");
+}
