@@ -38,7 +38,7 @@ pub const INBOX_LIMIT: usize = 4096;
 
 /// A driver with more of its topic's events waiting than this reports its topic as behind
 /// (`Broker::topic_lagging`), which makes this process's writers wait for it.
-pub const DRIVER_BACKLOG: usize = 32;
+pub const DRIVER_BACKLOG: usize = 8;
 
 /// One event's (or error's) rendering under one shape: the response's JSON text (`None`
 /// when the subscription yields nothing for it) and the codes of its errors, which the
