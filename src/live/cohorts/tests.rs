@@ -64,6 +64,27 @@ fn simplify(delivery: &Delivery) -> Seen {
     }
 }
 
+/// A migrated SQLite database (user 1 in channel 7), a broker and the cohorts over them.
+async fn setup() -> (
+    tempfile::TempDir,
+    DatabaseConnection,
+    Arc<Broker>,
+    Arc<Cohorts>,
+) {
+    let (dir, db) = database().await;
+    let broker = Arc::new(Broker::new(0));
+    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    (dir, db, broker, cohorts)
+}
+
+/// The positions `key` received (-1 an error, -2 its end), in order.
+fn positions_of(got: &[Seen], key: u64) -> Vec<i64> {
+    got.iter()
+        .filter(|(k, _)| *k == key)
+        .map(|(_, p)| *p)
+        .collect()
+}
+
 /// Takes deliveries from `inbox` until `n` have come, within two seconds.
 async fn take(inbox: &Inbox, n: usize) -> Vec<Delivery> {
     let mut all = Vec::new();
@@ -122,9 +143,7 @@ async fn member(
 
 #[tokio::test]
 async fn each_event_is_rendered_once_per_shape_and_reaches_every_member_in_order() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let (a, b) = (Counting::shape("a"), Counting::shape("b"));
     let (first, second) = (Inbox::new(), Inbox::new());
     for (key, inbox, shape) in [
@@ -140,11 +159,7 @@ async fn each_event_is_rendered_once_per_shape_and_reaches_every_member_in_order
     broker.publish(vec![message(3, 3)], 3);
     let got: Vec<Seen> = take(&first, 9).await.iter().map(simplify).collect();
     for key in [1, 2, 4] {
-        let positions: Vec<i64> = got
-            .iter()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, p)| *p)
-            .collect();
+        let positions = positions_of(&got, key);
         assert_eq!(positions, [1, 2, 3], "member {key}");
     }
     let got: Vec<Seen> = take(&second, 3).await.iter().map(simplify).collect();
@@ -180,9 +195,7 @@ async fn take_texts(
 
 #[tokio::test]
 async fn a_member_behind_the_driver_gets_what_it_missed_and_one_ahead_skips_what_it_has() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let shape = Counting::shape("a");
     let inbox = Inbox::new();
     // The driver starts with the first member, at position 0.
@@ -200,12 +213,7 @@ async fn a_member_behind_the_driver_gets_what_it_missed_and_one_ahead_skips_what
     cohorts.join(ahead);
     broker.publish(vec![message(4, 4)], 4);
     let got: Vec<Seen> = take(&inbox, 7).await.iter().map(simplify).collect();
-    let of = |key: u64| -> Vec<i64> {
-        got.iter()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, p)| *p)
-            .collect()
-    };
+    let of = |key: u64| positions_of(&got, key);
     assert_eq!(of(1), [3, 4]);
     assert_eq!(of(2), [1, 2, 3, 4], "missed events first, none twice");
     assert_eq!(of(3), [4], "nothing it had");
@@ -214,9 +222,7 @@ async fn a_member_behind_the_driver_gets_what_it_missed_and_one_ahead_skips_what
 
 #[tokio::test]
 async fn a_removal_ends_only_the_removed_viewers_members_with_their_error() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let shape = Counting::shape("a");
     let inbox = Inbox::new();
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
@@ -224,12 +230,7 @@ async fn a_removal_ends_only_the_removed_viewers_members_with_their_error() {
     assert_eq!(cohorts.topic_count(), 1, "one driver");
     broker.publish(vec![message(1, 1), removal(2, 2), message(3, 3)], 3);
     let got: Vec<Seen> = take(&inbox, 5).await.iter().map(simplify).collect();
-    let of = |key: u64| -> Vec<i64> {
-        got.iter()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, p)| *p)
-            .collect()
-    };
+    let of = |key: u64| positions_of(&got, key);
     assert_eq!(of(1), [1, 3]);
     assert_eq!(of(2), [1, -1, -2], "its error, then its end, nothing after");
     nothing_more(&inbox).await;
@@ -237,9 +238,7 @@ async fn a_removal_ends_only_the_removed_viewers_members_with_their_error() {
 
 #[tokio::test]
 async fn a_full_inbox_sends_its_members_behind_and_they_go_on_without_gap_or_duplicate() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let shape = Counting::shape("a");
     let (slow, fast) = (Inbox::new(), Inbox::new());
     cohorts.join(member(&broker, &db, 1, None, 1, &slow, shape.clone()).await);
@@ -309,9 +308,7 @@ async fn a_full_inbox_sends_its_members_behind_and_they_go_on_without_gap_or_dup
 
 #[tokio::test]
 async fn leaving_and_a_closed_inbox_remove_members_and_the_last_one_ends_the_driver() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let shape = Counting::shape("a");
     let (kept, closed) = (Inbox::new(), Inbox::new());
     cohorts.join(member(&broker, &db, 1, None, 1, &kept, shape.clone()).await);
@@ -337,9 +334,7 @@ async fn leaving_and_a_closed_inbox_remove_members_and_the_last_one_ends_the_dri
 
 #[tokio::test]
 async fn the_channels_deletion_and_shutdown_end_every_member() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let shape = Counting::shape("a");
     let inbox = Inbox::new();
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
@@ -366,9 +361,7 @@ async fn the_channels_deletion_and_shutdown_end_every_member() {
 
 #[tokio::test]
 async fn a_driver_behind_its_topics_buffer_catches_up_once_for_all_its_members() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let shape = Counting::shape("a");
     let inbox = Inbox::new();
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, shape.clone()).await);
@@ -385,11 +378,7 @@ async fn a_driver_behind_its_topics_buffer_catches_up_once_for_all_its_members()
         .map(simplify)
         .collect();
     for key in [1, 2] {
-        let positions: Vec<i64> = got
-            .iter()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, p)| *p)
-            .collect();
+        let positions = positions_of(&got, key);
         assert_eq!(positions, (1..=total).collect::<Vec<_>>(), "member {key}");
     }
     assert_eq!(broker.stats.lagged.load(Ordering::Relaxed), 1, "the driver");
@@ -412,9 +401,7 @@ async fn what_is_pushed_into_a_closed_inbox_is_dropped_with_its_members() {
 
 #[tokio::test]
 async fn a_driver_with_a_backlog_holds_writers_back_until_it_has_caught_up() {
-    let (_dir, db) = database().await;
-    let broker = Arc::new(Broker::new(0));
-    let cohorts = Cohorts::new(broker.clone(), db.clone());
+    let (_dir, db, broker, cohorts) = setup().await;
     let inbox = Inbox::new();
     cohorts.join(member(&broker, &db, 1, None, 1, &inbox, Counting::shape("a")).await);
     let total = (DRIVER_BACKLOG * 3) as i64;
