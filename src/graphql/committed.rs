@@ -21,6 +21,9 @@ pub(crate) struct Committed<'a> {
     live: Option<&'a Live>,
     writes: &'a store::Writes,
     returned: bool,
+    /// Whether the write waits for fan-out before it is answered (a client's request;
+    /// not a render, which a topic's driver runs, nor a writer outside a request).
+    held_back: bool,
 }
 
 /// The longest a write's answer waits for this process's delivery to catch up.
@@ -31,11 +34,15 @@ const LATE_COMMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl<'a> Committed<'a> {
     pub(crate) fn new(ctx: &Context<'a>) -> AppResult<Self> {
-        Ok(Self::with(
+        let mut committed = Self::with(
             ctx.data::<Live>().ok(),
             ctx.data::<store::Writes>()
                 .map_err(|_| missing("store::Writes"))?,
-        ))
+        );
+        // A render (a driver's, through a field that writes, such as a document's first
+        // `yjsState`) must not wait for the fan-out it is part of.
+        committed.held_back = ctx.data_opt::<super::shared::RenderOne>().is_none();
+        Ok(committed)
     }
 
     /// Writes through `writes`, ringing `live`'s doorbell and announcer (outside a request).
@@ -44,6 +51,7 @@ impl<'a> Committed<'a> {
             live,
             writes,
             returned: false,
+            held_back: false,
         }
     }
 
@@ -64,12 +72,12 @@ impl<'a> Committed<'a> {
         out
     }
 
-    /// Rings (by dropping), then waits while this process's delivery is behind
-    /// (`Broker::wait_for_fan_out`, at most `FAN_OUT_PATIENCE`): writers that come faster
-    /// than their changes can be delivered are slowed, rather than every subscriber's
-    /// latency growing without bound.
+    /// Rings (by dropping), then, for a client's request, waits while this process's
+    /// delivery is behind (`Broker::wait_for_fan_out`, at most `FAN_OUT_PATIENCE`): clients
+    /// that write faster than their changes can be delivered are slowed, rather than every
+    /// subscriber's latency growing without bound.
     async fn rung(self) {
-        let live = self.live;
+        let live = self.live.filter(|_| self.held_back);
         drop(self);
         if let Some(live) = live {
             live.broker.wait_for_fan_out(FAN_OUT_PATIENCE).await;

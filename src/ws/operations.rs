@@ -27,8 +27,10 @@ const MAX_FRAMES_PER_TURN: usize = 1024;
 const MAX_DELIVERIES_PER_TURN: usize = 1024;
 
 /// A batch of framed deliveries is sent to the writer once it holds this many bytes: the
-/// outgoing queue (of frames and batches) then holds at most its capacity times this.
-const BATCH_BYTES: usize = 32 * 1024;
+/// outgoing queue (256 frames or batches) then holds about 1 MiB at most for a client that
+/// stops reading, before its subscriptions' deliveries wait in the inbox and then fall
+/// behind to the log.
+const BATCH_BYTES: usize = 4 * 1024;
 
 /// What an operation's stream gives the socket.
 pub(super) enum OpFrame {
