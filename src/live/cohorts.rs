@@ -34,7 +34,7 @@ use crate::pubsub::{Broker, ChangeEvent, FeedStats, TopicReceiver};
 
 /// Deliveries an inbox holds before the subscriptions that push to it leave their cohorts
 /// to catch up on their own (`Delivery::Behind`).
-pub const INBOX_LIMIT: usize = 4096;
+pub const INBOX_LIMIT: usize = 16_384;
 
 /// A driver with more of its topic's events waiting than this reports its topic as behind
 /// (`Broker::topic_lagging`), which makes this process's writers wait for it.
