@@ -34,7 +34,7 @@ use crate::pubsub::{Broker, ChangeEvent, FeedStats, TopicReceiver};
 
 /// Deliveries an inbox holds before the subscriptions that push to it leave their cohorts
 /// to catch up on their own (`Delivery::Behind`).
-pub const INBOX_LIMIT: usize = 16_384;
+pub const INBOX_LIMIT: usize = 4096;
 
 /// A driver with more of its topic's events waiting than this reports its topic as behind
 /// (`Broker::topic_lagging`), which makes this process's writers wait for it.
@@ -495,12 +495,14 @@ impl Driver {
                 }
                 start = end;
             }
+            // Counted before others run: what was pushed may be read at once.
+            FeedStats::add(&self.cohorts.broker.stats.delivered, delivered);
+            delivered = 0;
             if rendered.is_some() && many_shapes {
                 // A render per shape can take a while with many shapes: let others run.
                 tokio::task::yield_now().await;
             }
         }
-        FeedStats::add(&self.cohorts.broker.stats.delivered, delivered);
         if any_gone {
             self.remove_gone();
         }

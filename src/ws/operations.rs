@@ -30,7 +30,8 @@ const MAX_DELIVERIES_PER_TURN: usize = 1024;
 /// outgoing queue (256 frames or batches) then holds about 4 MiB at most for a client that
 /// stops reading, before its subscriptions' deliveries wait in the inbox and then fall
 /// behind to the log. (4 KiB batches sent busy but reading clients behind too often:
-/// saturation fell to 0.52-0.75x the ceiling.)
+/// saturation fell to 0.52-0.75x the ceiling.) A larger inbox instead (16,384) broke the
+/// bound on a stalled client's memory.
 const BATCH_BYTES: usize = 16 * 1024;
 
 /// What an operation's stream gives the socket.
